@@ -1,0 +1,28 @@
+# Set-up and entry points. `make demo` and `make test` work on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first, pinned, from the CPU build on disk: a resolver left alone would pull CUDA.
+TORCH := torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/fedrdma bench transfer
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(VENV)/bin/fedrdma bench transfer --size-mb 512 --modes grpc,rdma,rdma-e,rdma-e-pull --json results/transfer-512.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache

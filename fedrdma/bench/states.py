@@ -1,0 +1,42 @@
+"""States to move in benchmarks and tests: synthetic of a given size, or a GPT-2 from config."""
+
+from __future__ import annotations
+
+import torch
+
+from fedrdma.core.layout import FlatState, Layout
+
+SYNTHETIC_TENSOR_BYTES = 16 << 20
+"""Synthetic states are cut into float32 tensors of 16 MiB (the last shorter), roughly a
+GPT-2 small weight matrix, so layouts have many tensors as real models do."""
+
+GPT2_SMALL = "gpt2-small"
+
+
+def synthetic_layout(nbytes: int) -> Layout:
+    if nbytes < 4 or nbytes % 4:
+        raise ValueError(f"a synthetic state needs a positive multiple of 4 bytes, got {nbytes}")
+    items = []
+    remaining = nbytes
+    while remaining:
+        size = min(SYNTHETIC_TENSOR_BYTES, remaining)
+        items.append((f"layer{len(items)}.weight", torch.float32, (size // 4,)))
+        remaining -= size
+    return Layout.from_shapes(items)
+
+
+def gpt2_layout(name: str = GPT2_SMALL) -> Layout:
+    from fedrdma.fl.model import build_model
+
+    model = build_model(name, seed=0)
+    return Layout.from_tensors({n: p for n, p in model.named_parameters() if p.requires_grad})
+
+
+def make_state(layout: Layout, seed: int | None) -> FlatState:
+    """`seed=None`: zeros (a receiver). Otherwise reproducible random values (a sender)."""
+    state = FlatState.allocate(layout, fill=0)
+    if seed is not None:
+        gen = torch.Generator().manual_seed(seed)
+        for view in state.views.values():
+            view.copy_(torch.randn(view.shape, generator=gen, dtype=torch.float32).to(view.dtype))
+    return state

@@ -1,0 +1,178 @@
+"""`fedrdma bench transfer`: move one state with each mode between two processes, in one run.
+
+Every figure is a median over `repeat` transfers after one uncounted warm-up (memory on
+these VMs is slow on first touch), and every speed claim is read as a ratio against the
+raw NIXL references measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedrdma.bench.procs import PeerProcess, start_pair
+from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW
+
+DEFAULT_REPEAT = 3
+"""Counted transfers per mode: enough for a median on a noisy 2-core VM."""
+
+WARMUP = 1
+"""Uncounted first transfers per mode: first-touch page faults run at ~0.45 GB/s here."""
+
+LOOPBACK_TLS = "tcp"
+"""On loopback UCX would pick shared memory; tcp makes the benchmark measure a network path."""
+
+TRANSFER_TIMEOUT_S = 600.0
+"""Longest one transfer may take before the benchmark calls the run hung."""
+
+REFERENCES = {"reference": "raw-write", "reference_read": "raw-read"}
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    seconds: list[float]
+    cpu_seconds: list[float]
+    receiver_extra_rss: list[int]
+    sender_extra_rss: list[int]
+    identical: bool
+    extra: dict[str, list[float]]
+    bytes_posted: list[int]
+
+    def summary(self, nbytes: int) -> dict[str, Any]:
+        med = statistics.median(self.seconds)
+        out: dict[str, Any] = {
+            "seconds": med,
+            "seconds_min": min(self.seconds),
+            "goodput_gb_s": nbytes / med / 1e9,
+            "cpu_seconds": statistics.median(self.cpu_seconds),
+            "receiver_extra_rss_mb": max(self.receiver_extra_rss) / 2**20,
+            "sender_extra_rss_mb": max(self.sender_extra_rss) / 2**20,
+            "identical": self.identical,
+            "repeat": len(self.seconds),
+        }
+        if self.bytes_posted:
+            out["bytes_posted"] = max(self.bytes_posted)
+        for key, values in self.extra.items():
+            out[key] = statistics.median(values)
+        if "wire_seconds" in out:
+            out["goodput_wire_gb_s"] = nbytes / out["wire_seconds"] / 1e9
+        return out
+
+
+def run_mode(
+    mode: str,
+    size_args: Sequence[str],
+    chunk_size: int,
+    window: int,
+    repeat: int,
+    env: dict[str, str],
+    on_transfer: Callable[[], None] = lambda: None,
+    prefixes: tuple[Sequence[str], Sequence[str]] = ((), ()),
+    listen_host: str = "127.0.0.1",
+) -> ModeResult:
+    transfers = repeat + WARMUP
+    common = [*size_args, "--chunk-size", str(chunk_size), "--window", str(window), "--transfers", str(transfers)]
+    sender, receiver = start_pair(
+        mode, common, env=env, sender_prefix=prefixes[0], receiver_prefix=prefixes[1], listen_host=listen_host
+    )
+    try:
+        rows: dict[str, list[dict[str, Any]]] = {"sender": [], "receiver": []}
+        procs = {"sender": sender, "receiver": receiver}
+        for role, proc in procs.items():
+            while len(rows[role]) < transfers:
+                event = proc.next_event(TRANSFER_TIMEOUT_S)
+                if event is None or event["event"] == "error":
+                    other = procs["receiver" if role == "sender" else "sender"]
+                    raise RuntimeError(
+                        f"{mode} {role} failed: {event}\n{proc.stderr()}\n--- {other.proc.args[-1]}: {other.stderr()}"
+                    )
+                if event["event"] == "transfer":
+                    rows[role].append(event)
+                    if role == "sender":
+                        on_transfer()
+        for proc in procs.values():
+            proc.finish(60)
+    finally:
+        sender.kill()
+        receiver.kill()
+    s, r = rows["sender"][WARMUP:], rows["receiver"][WARMUP:]
+    # The time of a transfer is the initiator's: the raw READ is timed where it is posted.
+    timed = r if mode == "raw-read" else s
+    extra: dict[str, list[float]] = {}
+    for row in s:
+        for key, value in (row.get("extra") or {}).items():
+            extra.setdefault(key, []).append(float(value))
+    digest = s[0]["digest"]
+    return ModeResult(
+        mode=mode,
+        seconds=[row["seconds"] for row in timed],
+        cpu_seconds=[a["cpu_seconds"] + b["cpu_seconds"] for a, b in zip(s, r, strict=True)],
+        receiver_extra_rss=[row["extra_rss"] for row in r],
+        sender_extra_rss=[row["extra_rss"] for row in s],
+        identical=all(row["digest"] == digest for row in r),
+        extra=extra,
+        bytes_posted=[row["bytes_posted"] for row in s + r if row.get("bytes_posted")],
+    )
+
+
+def transfer_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("UCX_TLS", LOOPBACK_TLS)
+    return env
+
+
+def run(
+    size_args: Sequence[str],
+    nbytes: int,
+    modes: Sequence[str],
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    window: int = DEFAULT_WINDOW,
+    repeat: int = DEFAULT_REPEAT,
+    on_transfer: Callable[[], None] = lambda: None,
+    on_mode: Callable[[str], None] = lambda m: None,
+    env: dict[str, str] | None = None,
+    prefixes: tuple[Sequence[str], Sequence[str]] = ((), ()),
+    listen_host: str = "127.0.0.1",
+) -> dict[str, Any]:
+    env = env or transfer_env()
+    result: dict[str, Any] = {
+        "size_bytes": nbytes,
+        "chunk_size": chunk_size,
+        "window": window,
+        "repeat": repeat,
+        "ucx_tls": env.get("UCX_TLS", ""),
+        "modes": {},
+    }
+    for key, mode in REFERENCES.items():
+        on_mode(mode)
+        res = run_mode(mode, size_args, chunk_size, window, repeat, env, on_transfer, prefixes, listen_host)
+        result[key] = res.summary(nbytes)
+    for mode in modes:
+        on_mode(mode)
+        res = run_mode(mode, size_args, chunk_size, window, repeat, env, on_transfer, prefixes, listen_host)
+        result["modes"][mode] = res.summary(nbytes)
+    add_ratios(result)
+    return result
+
+
+def add_ratios(result: dict[str, Any]) -> None:
+    """Ratios against the same run's references and baseline: the figures worth quoting."""
+    ref = result["reference"]["goodput_gb_s"]
+    ref_read = result["reference_read"]["goodput_gb_s"]
+    grpc = result["modes"].get("grpc", {}).get("goodput_gb_s")
+    for mode, row in result["modes"].items():
+        base = ref_read if mode == "rdma-e-pull" else ref
+        row["vs_reference"] = row["goodput_gb_s"] / base
+        if grpc:
+            row["vs_grpc"] = row["goodput_gb_s"] / grpc
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")

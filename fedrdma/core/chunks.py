@@ -1,0 +1,108 @@
+"""Chunk plans, remote ranges and chunk checksums: what goes where, decided without I/O.
+
+A plan is frozen once built (like torch.distributed.checkpoint's `SavePlan`): both peers
+derive the same plan from (nbytes, chunk_size), so a chunk is named by its index alone on
+the wire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import xxhash
+
+from fedrdma.core.errors import PlanError, RangeError
+
+DEFAULT_CHUNK_SIZE = 4 << 20
+"""4 MiB: the best or near-best cell over UCX TCP measured here (NIXL-NOTES), small enough
+that a lost chunk on a WAN costs little. Tune per link: `fedrdma tune`."""
+
+DEFAULT_WINDOW = 8
+"""Chunks in flight at once: 8 x 4 MiB keeps a loopback or 1 Gbit/s, 20 ms path full."""
+
+MAX_WINDOW = 1024
+"""More outstanding chunks than this only grows descriptor tables; no path here needs it."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Consecutive chunks covering `[0, nbytes)`; the last one may be shorter."""
+
+    nbytes: int
+    chunk_size: int
+    chunks: tuple[Chunk, ...]
+
+    @classmethod
+    def build(cls, nbytes: int, chunk_size: int) -> ChunkPlan:
+        if nbytes <= 0:
+            raise PlanError(f"cannot plan a transfer of {nbytes} bytes; the state must not be empty")
+        if chunk_size <= 0:
+            raise PlanError(f"chunk size must be a positive number of bytes, got {chunk_size}")
+        if chunk_size > nbytes:
+            raise PlanError(
+                f"chunk size {chunk_size} is above the state size {nbytes}; "
+                f"use a chunk size of at most {nbytes} bytes"
+            )
+        chunks = tuple(
+            Chunk(i, off, min(chunk_size, nbytes - off)) for i, off in enumerate(range(0, nbytes, chunk_size))
+        )
+        return cls(nbytes, chunk_size, chunks)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+
+def check_window(window: int) -> int:
+    if not 1 <= window <= MAX_WINDOW:
+        raise PlanError(f"window must be between 1 and {MAX_WINDOW} chunks in flight, got {window}")
+    return window
+
+
+@dataclass(frozen=True)
+class Region:
+    """A peer's advertised pool: the only memory we may touch on its side."""
+
+    address: int
+    length: int
+
+    def __post_init__(self) -> None:
+        if self.address <= 0:
+            raise RangeError(f"advertised pool address {self.address:#x} is not a valid address")
+        if self.length <= 0:
+            raise RangeError(f"advertised pool length {self.length} must be positive")
+
+    def slice(self, offset: int, length: int) -> tuple[int, int]:
+        """The absolute (address, length) of `[offset, offset+length)` inside this region.
+
+        Every remote descriptor is built through here, so nothing outside the advertised
+        pool can ever be named in a transfer.
+        """
+        if length <= 0:
+            raise RangeError(f"a remote range needs a positive length, got {length}")
+        if offset < 0 or offset + length > self.length:
+            raise RangeError(
+                f"remote range [{offset}, {offset + length}) falls outside the advertised pool "
+                f"of {self.length} bytes; the peer's pool is smaller than this transfer"
+            )
+        return self.address + offset, length
+
+
+def chunk_checksum(data: memoryview | bytes) -> int:
+    """xxh3-64 of a chunk: ~30 GB/s here and GIL-free, so verification hides behind the wire."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def state_digest(data: memoryview | bytes) -> str:
+    """A whole-state digest for end-to-end checks (a different hash than the chunk one)."""
+    return xxhash.xxh3_128_hexdigest(data)

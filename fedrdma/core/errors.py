@@ -1,0 +1,31 @@
+"""Errors a user can act on: each message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class FedRDMAError(Exception):
+    """Base of every error fedrdma raises on purpose."""
+
+
+class LayoutError(FedRDMAError):
+    """Two sides disagree on what the bytes mean, or a layout cannot be built."""
+
+
+class PlanError(FedRDMAError, ValueError):
+    """A chunk plan or window setting that cannot work."""
+
+
+class RangeError(FedRDMAError, ValueError):
+    """A remote range that falls outside what the peer advertised."""
+
+
+class TransferError(FedRDMAError):
+    """A transfer that could not complete: retries used up, or the peer gone."""
+
+
+class PeerLost(TransferError):
+    """The peer stopped answering within its deadline."""
+
+
+class ProtocolError(FedRDMAError):
+    """A message that does not fit the session's protocol."""

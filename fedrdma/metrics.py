@@ -1,0 +1,72 @@
+"""What a process spent: CPU seconds (all threads) and peak resident memory.
+
+Peak memory comes from the kernel's own high-water mark (VmHWM), reset before each
+measured span through /proc/self/clear_refs, so no sampling thread can miss a spike.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+_PROC_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
+_RESET_HWM = "5"
+"""Writing this to clear_refs resets VmHWM to the current RSS (Linux >= 4.0)."""
+
+
+def _status_kib(field: str) -> int:
+    with open(_PROC_STATUS) as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from {_PROC_STATUS}")
+
+
+def rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+def reset_peak() -> bool:
+    try:
+        with open(_CLEAR_REFS, "w") as fh:
+            fh.write(_RESET_HWM)
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Span:
+    seconds: float
+    cpu_seconds: float
+    rss_before: int
+    peak_rss: int
+
+    @property
+    def extra_rss(self) -> int:
+        """Peak resident memory above what the process held when the span began."""
+        return max(0, self.peak_rss - self.rss_before)
+
+
+class Meter:
+    """Measure one span: `with Meter() as m: ...; m.span`."""
+
+    def __enter__(self) -> Meter:
+        reset_peak()
+        self._rss = rss_bytes()
+        self._cpu = time.process_time()
+        self._wall = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.span = Span(
+            time.perf_counter() - self._wall,
+            time.process_time() - self._cpu,
+            self._rss,
+            max(peak_rss_bytes(), self._rss),
+        )

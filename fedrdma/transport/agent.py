@@ -1,0 +1,181 @@
+"""One NIXL agent per process, and pools registered on it.
+
+The only module that imports NIXL. Everything here is a thin, checked layer over
+`nixl_cu12._api`: register once, describe memory by (address, length) integers, post
+chunk operations from prepared descriptor lists, and never wait without a deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedrdma.core.chunks import ChunkPlan, Region
+from fedrdma.core.errors import TransferError
+
+log = logging.getLogger(__name__)
+
+NIXL_LOG_LEVEL = logging.WARNING
+"""NIXL logs every agent creation at INFO on stderr; we report what matters ourselves."""
+
+MAX_REGISTRATION_BYTES = 4 << 30
+"""Register a large pool in slices of at most 4 GiB: single regions above ~4 GiB ran well
+below line rate on RDMA NICs with an IOMMU (NIXL-NOTES)."""
+
+
+def _quiet_nixl() -> None:
+    """NIXL configures its logger on import, to stdout; stdout is ours (JSON lines)."""
+    import nixl_cu12  # noqa: F401  (configures the logger we then adjust)
+
+    logger = logging.getLogger("nixl")
+    logger.setLevel(NIXL_LOG_LEVEL)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stderr)
+
+
+class Agent:
+    """This process's NIXL agent over UCX; UCX_* environment settings pass through untouched."""
+
+    def __init__(self, name: str | None = None) -> None:
+        _quiet_nixl()
+        from nixl_cu12 import nixl_agent, nixl_agent_config
+
+        self.name = name or f"fedrdma-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.nixl = nixl_agent(self.name, nixl_agent_config(backends=["UCX"]))
+        if "UCX" not in self.nixl.backends:
+            raise TransferError("NIXL has no UCX backend here; reinstall nixl-cu12 (make setup)")
+        self._lock = threading.Lock()
+        self._pools: list[Pool] = []
+
+    def metadata(self) -> bytes:
+        return bytes(self.nixl.get_agent_metadata())
+
+    def add_peer(self, metadata: bytes) -> str:
+        name = self.nixl.add_remote_agent(metadata)
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+    def remove_peer(self, name: str) -> None:
+        """Drop a peer's metadata and endpoint: later operations toward it fail fast."""
+        try:
+            self.nixl.remove_remote_agent(name)
+        except Exception as exc:  # already gone is fine: the goal is that it is gone
+            log.debug("remove_remote_agent(%s): %s", name, exc)
+
+    def register(self, buffer: torch.Tensor) -> Pool:
+        pool = Pool(self, buffer)
+        self._pools.append(pool)
+        return pool
+
+    def notifications(self) -> dict[str, list[bytes]]:
+        return self.nixl.get_new_notifs()
+
+    def close(self) -> None:
+        for pool in list(self._pools):
+            pool.close()
+
+    @property
+    def registered_pools(self) -> int:
+        return sum(1 for p in self._pools if p.registered)
+
+
+class Pool:
+    """A contiguous buffer registered with NIXL for as long as a session may use it.
+
+    Registration is the expensive step (pinning, keys); a pool is registered once and every
+    transfer reuses it. `close` deregisters: call it only after the peer said it is done or
+    was declared dead, since one-sided peers get no other signal.
+    """
+
+    def __init__(self, agent: Agent, buffer: torch.Tensor) -> None:
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or not buffer.is_contiguous():
+            raise TransferError("a pool must be a contiguous 1-D uint8 tensor")
+        self.agent = agent
+        self.buffer = buffer
+        self.region = Region(int(buffer.data_ptr()), int(buffer.numel()))
+        slices = [
+            (self.region.address + off, min(MAX_REGISTRATION_BYTES, self.region.length - off), 0, "")
+            for off in range(0, self.region.length, MAX_REGISTRATION_BYTES)
+        ]
+        self._reg = agent.nixl.register_memory(slices, "DRAM")
+        self.registered = True
+        self._local: dict[int, object] = {}
+
+    def local_dlist(self, plan: ChunkPlan) -> object:
+        """Prepared descriptors of this pool, one per chunk, cached per chunk size."""
+        handle = self._local.get(plan.chunk_size)
+        if handle is None:
+            descs = [(self.region.address + c.offset, c.length, 0) for c in plan.chunks]
+            handle = self.agent.nixl.prep_xfer_dlist("NIXL_INIT_AGENT", descs, "DRAM")
+            self._local[plan.chunk_size] = handle
+        return handle
+
+    def close(self) -> None:
+        if not self.registered:
+            return
+        for handle in self._local.values():
+            handle.release()  # type: ignore[attr-defined]
+        self._local.clear()
+        self.agent.nixl.deregister_memory(self._reg)
+        self.registered = False
+
+
+@dataclass
+class RemotePool:
+    """What a peer advertised: its agent name and the regions we may touch, per chunk."""
+
+    agent: Agent
+    peer: str
+    regions: Sequence[Region]
+    """One region (a pool: chunk i at its own offset) or one per chunk (staging buffers)."""
+
+    def dlist(self, plan: ChunkPlan) -> object:
+        """Prepared remote descriptors; every range is checked against what was advertised."""
+        if len(self.regions) == 1:
+            descs = [(*self.regions[0].slice(c.offset, c.length), 0) for c in plan.chunks]
+        elif len(self.regions) == len(plan):
+            descs = [(*r.slice(0, c.length), 0) for r, c in zip(self.regions, plan.chunks, strict=True)]
+        else:
+            raise TransferError(f"peer advertised {len(self.regions)} regions for a plan of {len(plan)} chunks")
+        return self.agent.nixl.prep_xfer_dlist(self.peer, descs, "DRAM")
+
+
+class Operation:
+    """One posted chunk operation; `state()` never blocks."""
+
+    def __init__(self, agent: Agent, op: str, local: object, remote: object, index: int, notif: bytes) -> None:
+        self.agent = agent
+        self.index = index
+        self.handle = agent.nixl.make_prepped_xfer(op, local, [index], remote, [index], notif)
+        status = agent.nixl.transfer(self.handle)
+        self._done = status == "DONE"
+        self._error = status == "ERR"
+        self.error = ""
+
+    def state(self) -> str:
+        if self._done or self._error:
+            return "DONE" if self._done else "ERR"
+        try:
+            status = self.agent.nixl.check_xfer_state(self.handle)
+        except Exception as exc:  # NIXL raises e.g. nixlRemoteDisconnectError for a dead peer
+            self.error = f"{type(exc).__name__}: {exc}"
+            status = "ERR"
+        self._done = status == "DONE"
+        self._error = status == "ERR"
+        return status
+
+    def release(self) -> bool:
+        """Free the handle (cancelling it if still in flight). False if NIXL refused."""
+        try:
+            self.agent.nixl.release_xfer_handle(self.handle)
+            return True
+        except Exception as exc:
+            log.warning("could not release chunk %d's handle: %s", self.index, exc)
+            return False

@@ -1,0 +1,171 @@
+"""The data plane's session messages, in the project's own schema.
+
+JSON validated by pydantic: a peer's bytes are parsed, never unpickled (NIXL's
+`get_serialized_descs` pickles, so remote memory is described here by plain integers).
+Notifications that ride with each chunk use a fixed ASCII form, parsed strictly.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from fedrdma.core.chunks import Region
+from fedrdma.core.errors import ProtocolError
+
+MODES = ("grpc", "rdma", "rdma-e", "rdma-e-pull")
+"""Transport modes: the gRPC baseline, FedRDMA (staged), FedRDMA-E push and pull."""
+
+Mode = Literal["grpc", "rdma", "rdma-e", "rdma-e-pull"]
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RegionMsg(_Msg):
+    address: int = Field(gt=0)
+    length: int = Field(gt=0)
+
+    def region(self) -> Region:
+        return Region(self.address, self.length)
+
+    @classmethod
+    def of(cls, region: Region) -> RegionMsg:
+        return cls(address=region.address, length=region.length)
+
+
+class Hello(_Msg):
+    """First message each way: who I am, what layout I hold, and what you may touch."""
+
+    type: Literal["hello"] = "hello"
+    mode: Mode
+    layout_id: str
+    nbytes: int = Field(gt=0)
+    agent: str = ""
+    metadata: str = ""
+    """Base64 NIXL agent metadata; only from a side whose memory the peer may touch."""
+    region: RegionMsg | None = None
+
+
+class Refuse(_Msg):
+    type: Literal["refuse"] = "refuse"
+    reason: str
+
+
+class Begin(_Msg):
+    """Sender to receiver: a transfer of the state starts (push, rdma and grpc)."""
+
+    type: Literal["begin"] = "begin"
+    transfer: int = Field(ge=0)
+    chunk_size: int = Field(gt=0)
+    nchunks: int = Field(gt=0)
+
+
+class Stage(_Msg):
+    """Receiver to sender in `rdma`: the staging buffers registered for this transfer."""
+
+    type: Literal["stage"] = "stage"
+    transfer: int = Field(ge=0)
+    metadata: str
+    regions: list[RegionMsg]
+
+
+class Offer(_Msg):
+    """Holder to receiver in `rdma-e-pull`: read my pool; checksums follow."""
+
+    type: Literal["offer"] = "offer"
+    transfer: int = Field(ge=0)
+    chunk_size: int = Field(gt=0)
+    nchunks: int = Field(gt=0)
+
+
+class Checksums(_Msg):
+    type: Literal["checksums"] = "checksums"
+    transfer: int = Field(ge=0)
+    start: int = Field(ge=0)
+    values: list[int]
+
+
+class Status(_Msg):
+    """The verifier's word: which chunks hold verified bytes, which were corrupt."""
+
+    type: Literal["status"] = "status"
+    transfer: int = Field(ge=0)
+    verified: list[int] = []
+    corrupt: list[int] = []
+    complete: bool = False
+    bytes_posted: int = Field(default=0, ge=0)
+    """Pull mode: what the initiator moved, retries included (the holder cannot see it)."""
+    seconds: dict[str, float] = {}
+    """Timings only the verifier knows (the baseline's join and deserialize)."""
+
+
+class Resume(_Msg):
+    """Initiator after a reconnect: tell me what you hold verified; older notices are void."""
+
+    type: Literal["resume"] = "resume"
+    transfer: int = Field(ge=0)
+    generation: int = Field(ge=0)
+
+
+class Abort(_Msg):
+    type: Literal["abort"] = "abort"
+    reason: str
+
+
+class Bye(_Msg):
+    type: Literal["bye"] = "bye"
+
+
+Message = Annotated[
+    Union[Hello, Refuse, Begin, Stage, Offer, Checksums, Status, Resume, Abort, Bye],
+    Field(discriminator="type"),
+]
+_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
+
+
+def encode(msg: _Msg) -> bytes:
+    return msg.model_dump_json().encode()
+
+
+def decode(data: bytes) -> Message:
+    try:
+        return _ADAPTER.validate_json(data)
+    except ValueError as exc:
+        raise ProtocolError(f"malformed session message from peer: {exc}") from exc
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError as exc:
+        raise ProtocolError("peer sent agent metadata that is not base64") from exc
+
+
+NOTICE_TAG = b"fr1"
+"""Prefix of our chunk notifications, so a stray notification is recognised and dropped."""
+
+
+def chunk_notice(transfer: int, generation: int, index: int, checksum: int) -> bytes:
+    return b"%s %d %d %d %d" % (NOTICE_TAG, transfer, generation, index, checksum)
+
+
+def parse_notice(data: bytes) -> tuple[int, int, int, int]:
+    """(transfer, generation, index, checksum) of a chunk notification."""
+    parts = data.split()
+    if len(parts) != 5 or parts[0] != NOTICE_TAG:
+        raise ProtocolError(f"not a chunk notification: {data[:40]!r}")
+    try:
+        transfer, generation, index, checksum = (int(p) for p in parts[1:])
+    except ValueError as exc:
+        raise ProtocolError(f"chunk notification with a non-integer field: {data[:60]!r}") from exc
+    if min(transfer, generation, index, checksum) < 0:
+        raise ProtocolError(f"chunk notification with a negative field: {data[:60]!r}")
+    return transfer, generation, index, checksum

@@ -1,0 +1,54 @@
+"""Shared helpers for tests that run real peer processes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from fedrdma.bench.procs import PeerProcess, peer_env, start_pair
+
+PAIR_TIMEOUT_S = 120.0
+"""A pair of small transfers finishes in seconds; this only bounds a hang."""
+
+
+@dataclass
+class PairResult:
+    sender: PeerProcess
+    receiver: PeerProcess
+    sender_rc: int
+    receiver_rc: int
+
+    def transfers(self, role: str) -> list[dict[str, Any]]:
+        return getattr(self, role).of("transfer")
+
+    def error(self, role: str) -> dict[str, Any]:
+        errors = getattr(self, role).of("error")
+        assert errors, f"{role} reported no error; stderr:\n{getattr(self, role).stderr()}"
+        return errors[0]
+
+
+def run_pair(
+    mode: str,
+    size: int = 8 << 20,
+    chunk: int = 1 << 20,
+    transfers: int = 1,
+    tls: str = "tcp",
+    sender_extra: tuple[str, ...] = (),
+    receiver_extra: tuple[str, ...] = (),
+    common_extra: tuple[str, ...] = (),
+) -> PairResult:
+    common = ["--size-bytes", str(size), "--chunk-size", str(chunk), "--transfers", str(transfers), *common_extra]
+    sender, receiver = start_pair(mode, common, sender_extra, receiver_extra, env=peer_env(tls))
+    try:
+        src = sender.finish(PAIR_TIMEOUT_S)
+        rrc = receiver.finish(PAIR_TIMEOUT_S)
+    finally:
+        sender.kill()
+        receiver.kill()
+    return PairResult(sender, receiver, src, rrc)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces (CI runs as root)")
