@@ -58,6 +58,16 @@ class Agent:
     def metadata(self) -> bytes:
         return bytes(self.nixl.get_agent_metadata())
 
+    def partial_metadata(self, pool: Pool | None) -> bytes:
+        """Connection info, plus keys to `pool` alone (none at all when `pool` is None)."""
+        if pool is None:
+            from nixl_cu12 import _bindings
+
+            descs = _bindings.nixlRegDList(_bindings.DRAM_SEG, [])
+        else:
+            descs = pool.reg_descs
+        return bytes(self.nixl.get_partial_agent_metadata(descs, True))
+
     def add_peer(self, metadata: bytes) -> str:
         name = self.nixl.add_remote_agent(metadata)
         return name.decode() if isinstance(name, bytes) else str(name)
@@ -104,7 +114,7 @@ class Pool:
             (self.region.address + off, min(MAX_REGISTRATION_BYTES, self.region.length - off), 0, "")
             for off in range(0, self.region.length, MAX_REGISTRATION_BYTES)
         ]
-        self._reg = agent.nixl.register_memory(slices, "DRAM")
+        self.reg_descs = agent.nixl.register_memory(slices, "DRAM")
         self.registered = True
         self._local: dict[int, object] = {}
 
@@ -123,7 +133,7 @@ class Pool:
         for handle in self._local.values():
             handle.release()  # type: ignore[attr-defined]
         self._local.clear()
-        self.agent.nixl.deregister_memory(self._reg)
+        self.agent.nixl.deregister_memory(self.reg_descs)
         self.registered = False
 
 

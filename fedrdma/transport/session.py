@@ -111,6 +111,7 @@ class Session:
         faults: Faults | None = None,
         peer_timeout: float = PEER_TIMEOUT_S,
         on_chunk: Callable[[int, int], None] | None = None,
+        pool: Pool | None = None,
     ) -> None:
         if mode not in wire.MODES:
             raise ValueError(f"unknown transport mode {mode!r}; choose one of {', '.join(wire.MODES)}")
@@ -130,7 +131,9 @@ class Session:
         self.peer_timeout = peer_timeout
         self.on_chunk = on_chunk
         """Called as (offset, length) for every verified chunk: streaming aggregation hooks here."""
-        self.pool: Pool | None = None
+        self.pool: Pool | None = pool
+        self._owns_pool = pool is None
+        """A pool handed in (one buffer serving several sessions) outlives this session."""
         self.remote: RemotePool | None = None
         self._remote_dlist: object | None = None
         self.peer_name = ""
@@ -156,13 +159,16 @@ class Session:
         """Exchange hellos; refuse a different layout or mode before any byte moves."""
         if self.mode in ("rdma-e", "rdma-e-pull"):
             assert self.agent is not None
-            self.pool = self.agent.register(self.state.buffer)
+            if self.pool is None:
+                self.pool = self.agent.register(self.state.buffer)
+            elif self.pool.buffer.data_ptr() != self.state.buffer.data_ptr():
+                raise TransferError("the pool handed to the session is not the state's buffer")
         hello = wire.Hello(
             mode=self.mode,  # type: ignore[arg-type]
             layout_id=self.state.layout_id,
             nbytes=self.state.nbytes,
             agent=self.agent.name if self.agent else "",
-            metadata=wire.b64(self.agent.metadata()) if self._target and self.agent else "",
+            metadata=wire.b64(self._metadata_for_peer()) if self._target and self.agent else "",
             region=self._advertised() if self._target and self.pool else None,
         )
         self.channel.send(hello)
@@ -199,6 +205,15 @@ class Session:
                 self.remote = RemotePool(self.agent, self.peer_name, [peer.region.region()])
                 self._set_remote_dlist(self.remote.dlist(self.plan))  # validates every range now
         self._opened = True
+
+    def _metadata_for_peer(self) -> bytes:
+        """Connection info plus this session's pool only (NIXL partial metadata).
+
+        A peer is handed keys to exactly the memory it may touch: an aggregator's other
+        inboxes and its global pool stay out of what a silo receives.
+        """
+        assert self.agent is not None
+        return self.agent.partial_metadata(self.pool)
 
     def _advertised(self) -> wire.RegionMsg:
         assert self.pool is not None
@@ -245,7 +260,7 @@ class Session:
         finally:
             if self.agent and self.peer_name:
                 self.agent.remove_peer(self.peer_name)
-            if self.pool is not None:
+            if self.pool is not None and self._owns_pool:
                 self.pool.close()
             self.channel.close()
 
@@ -257,7 +272,7 @@ class Session:
         """
         if self.agent and self.peer_name:
             self.agent.remove_peer(self.peer_name)
-        if self.pool is not None:
+        if self.pool is not None and self._owns_pool:
             self.pool.close()
         self.channel.close()
 
