@@ -4,9 +4,13 @@ PY := $(VENV)/bin/python
 # torch first, pinned, from the CPU build on disk: a resolver left alone would pull CUDA.
 TORCH := torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup lab-deps demo test bench clean
 
-setup: $(VENV)/.installed
+setup: lab-deps $(VENV)/.installed
+
+# Debian packages and the compiled delay element of the WAN lab (needs root; fast when present).
+lab-deps:
+	./scripts/lab-deps.sh
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

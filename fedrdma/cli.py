@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,15 @@ from fedrdma.transport.wire import MODES
 app = typer.Typer(help="Federated fine-tuning of LLMs over chunked one-sided RDMA (FedRDMA).", no_args_is_help=True)
 bench = typer.Typer(help="Benchmarks that print ratios measured in one run.", no_args_is_help=True)
 app.add_typer(bench, name="bench")
+
+
+def _add_lab() -> None:
+    from fedrdma.lab.cli import app as lab_app
+
+    app.add_typer(lab_app, name="lab", help="WAN lab: silos and an aggregator in network namespaces behind shaped links.")
+
+
+_add_lab()
 console = Console()
 
 DEFAULT_BENCH_MODEL = "gpt2-small"
@@ -81,6 +91,138 @@ def bench_transfer(
         console.print(f"wrote {json_path}")
     if not all(row["identical"] for row in result["modes"].values()):
         raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo(
+    rounds: int = typer.Option(3, min=1, help="Federated rounds per transport."),
+    model: str = typer.Option("gpt2-small", help="gpt2-tiny|gpt2-small|... or a local checkpoint dir."),
+    lora: bool = typer.Option(False, help="Fine-tune LoRA adapters only (only they travel)."),
+    silos: int = typer.Option(3, min=1, max=3, help="How many demo silos (hospital, bank, support)."),
+    transports: str = typer.Option("rdma-e,grpc", help="Comma list of transports to compare."),
+    upload: str = typer.Option("push", help="rdma-e uploads: push (silos WRITE) or pull (aggregator READs)."),
+    out: Path = typer.Option(Path("runs/demo"), help="Where configs, logs, checkpoints, metrics and plots go."),
+    json_path: Path = typer.Option(None, "--json", help="Write the comparison here as JSON."),
+) -> None:
+    """A local federation (aggregator + silos as processes) per transport, side by side."""
+    from fedrdma.fl.data import DEMO_SILOS
+    from fedrdma.fl.demo import run_demo
+    from fedrdma.plots import demo_plot
+
+    names = [t.strip() for t in transports.split(",") if t.strip()]
+    bad = [t for t in names if t not in ("grpc", "rdma", "rdma-e")]
+    if bad or not names:
+        raise typer.BadParameter(f"unknown transport(s) {bad}; choose from grpc, rdma, rdma-e")
+    if upload not in ("push", "pull"):
+        raise typer.BadParameter("--upload takes push or pull")
+    console.print(f"[bold]demo[/]: {model}{' + LoRA' if lora else ''}, {silos} silos, {rounds} rounds, "
+                  f"transports {', '.join(names)}; logs in {out}")
+
+    def show(transport: str, r: dict[str, Any]) -> None:
+        if r["round"] == 0:
+            console.print(f"  {transport:7} round 0  held-out loss {r['eval_loss']:.3f}")
+            return
+        console.print(
+            f"  {transport:7} round {r['round']}  held-out loss {r['eval_loss']:.3f}  "
+            f"comm {r['comm_seconds']:.2f} s  compute {r['compute_seconds']:.2f} s  "
+            f"comm share {100 * r['comm_share']:.0f} %  accepted {', '.join(r['accepted'])}"
+        )
+
+    result = run_demo(out, rounds, model, lora, names, upload, DEMO_SILOS[:silos], on_round=show)
+    console.print(demo_table(result))
+    png = demo_plot(result, out / "demo.png")
+    console.print(f"plot: {png}")
+    console.print(f"max |difference| between the transports' final models: {result['max_abs_diff_between_transports']:.2e}")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {json_path}")
+
+
+def demo_table(result: dict[str, Any]) -> Table:
+    transports = list(result["transports"])
+    table = Table(title="federated rounds, side by side")
+    table.add_column("round", justify="right")
+    for t in transports:
+        table.add_column(f"{t} loss", justify="right")
+        table.add_column(f"{t} round s", justify="right")
+        table.add_column(f"{t} comm %", justify="right")
+    if "grpc" in transports and len(transports) > 1:
+        for t in transports:
+            if t != "grpc":
+                table.add_column(f"comm speedup {t} vs grpc", justify="right")
+    rows = {t: {r["round"]: r for r in result["transports"][t]["rounds"]} for t in transports}
+    for rnd in sorted(set().union(*(r.keys() for r in rows.values()))):
+        cells = [str(rnd)]
+        for t in transports:
+            r = rows[t].get(rnd, {})
+            cells += [f"{r.get('eval_loss', float('nan')):.3f}", f"{r.get('round_seconds', 0.0):.1f}",
+                      f"{100 * r.get('comm_share', 0.0):.0f}"]
+        if "grpc" in transports and len(transports) > 1:
+            g = rows["grpc"].get(rnd, {}).get("comm_seconds", 0.0)
+            for t in transports:
+                if t != "grpc":
+                    mine = rows[t].get(rnd, {}).get("comm_seconds", 0.0)
+                    cells.append(f"{g / mine:.1f}x" if mine > 0 and g > 0 else "")
+        table.add_row(*cells)
+    return table
+
+
+def _silo_entry(text: str) -> dict[str, str]:
+    silo, sep, token = text.partition(":")
+    if not sep:
+        raise typer.BadParameter(f"--silos takes ID:TOKEN, got {text!r}")
+    return {"id": silo, "token": token}
+
+
+def _run_aggregator(cfg: Any) -> None:
+    from fedrdma.core.errors import FedRDMAError
+    from fedrdma.fl.aggregator import Aggregator
+    from fedrdma.fl.evaluate import evaluator
+
+    _logging()
+    try:
+        records = Aggregator(cfg, evaluator(cfg)).run()
+    except FedRDMAError as exc:
+        console.print(f"[red]aggregator failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"aggregator: {len(records)} round records in {cfg.out_dir}/metrics.jsonl")
+
+
+def _run_silo(cfg: Any) -> None:
+    from fedrdma.core.errors import FedRDMAError
+    from fedrdma.fl.silo import Silo
+
+    _logging()
+    try:
+        done = Silo(cfg).run()
+    except FedRDMAError as exc:
+        console.print(f"[red]silo {cfg.id} failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"silo {cfg.id}: took part in rounds {done}")
+
+
+def _logging() -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=Console(stderr=True))])
+
+
+def _register_settings_commands() -> None:
+    from fedrdma.config import AggregatorConfig, SiloConfig
+    from fedrdma.settings_cli import settings_command
+
+    app.command("aggregator", help="Run the aggregator: rounds of broadcast, local training, upload, FedAvg.")(
+        settings_command(AggregatorConfig, _run_aggregator, {"silos": _silo_entry})
+    )
+    app.command("silo", help="Run one silo: join the aggregator, train on local data, upload each round.")(
+        settings_command(SiloConfig, _run_silo, {})
+    )
+
+
+_register_settings_commands()
 
 
 def transfer_table(result: dict[str, Any]) -> Table:

@@ -70,3 +70,37 @@ class Meter:
             self._rss,
             max(peak_rss_bytes(), self._rss),
         )
+
+
+def memory_report(model: object, optimizer: object, pool_bytes: int, pool_is_model: bool = False) -> dict[str, int]:
+    """Peak RSS split into model, optimizer, registered pools and the rest, in bytes.
+
+    When the pool is the model's own parameters (a silo in rdma-e), it is counted once,
+    under `pools`, and `pool_is_model` says so.
+    """
+    import torch
+
+    model_bytes = 0
+    if isinstance(model, torch.nn.Module):
+        seen: set[int] = set()
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                model_bytes += t.numel() * t.element_size()
+    opt_bytes = 0
+    if isinstance(optimizer, torch.optim.Optimizer):
+        for st in optimizer.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor):
+                    opt_bytes += v.numel() * v.element_size()
+    if pool_is_model:
+        model_bytes = max(0, model_bytes - pool_bytes)
+    peak = peak_rss_bytes()
+    return {
+        "peak_rss": peak,
+        "model": model_bytes,
+        "optimizer": opt_bytes,
+        "pools": pool_bytes,
+        "rest": max(0, peak - model_bytes - opt_bytes - pool_bytes),
+        "pool_is_model": int(pool_is_model),
+    }

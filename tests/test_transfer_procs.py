@@ -87,7 +87,9 @@ def test_a_cut_endpoint_resumes_from_unverified_chunks(mode, side):
         receiver_extra=extra if side == "receiver" else (),
         common_extra=("--window", "4"),
     )
-    assert (res.sender_rc, res.receiver_rc) == (0, 0), res.sender.stderr() + res.receiver.stderr()
+    assert (res.sender_rc, res.receiver_rc) == (0, 0), (
+        f"{res.sender.events}\n{res.receiver.events}\n{res.sender.stderr()}{res.receiver.stderr()}"
+    )
     (received,) = res.transfers("receiver")
     assert received["digest"] == sender_digest(size)
     (initiator,) = res.transfers(side)

@@ -154,6 +154,16 @@ class FlatState:
                 p.data = state.views[name]
         return state
 
+    def bind(self, module: torch.nn.Module) -> None:
+        """Point `module`'s parameters at this state's views (after swapping buffers)."""
+        params = dict(module.named_parameters())
+        missing = [name for name in self.views if name not in params]
+        if missing:
+            raise LayoutError(f"the module has no parameters named {missing[:3]}; is it the same model?")
+        with torch.no_grad():
+            for name, view in self.views.items():
+                params[name].data = view
+
     @property
     def nbytes(self) -> int:
         return self.layout.nbytes

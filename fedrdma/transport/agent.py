@@ -53,6 +53,7 @@ class Agent:
         if "UCX" not in self.nixl.backends:
             raise TransferError("NIXL has no UCX backend here; reinstall nixl-cu12 (make setup)")
         self._lock = threading.Lock()
+        self._notes: dict[str, list[bytes]] = {}
         self._pools: list[Pool] = []
 
     def metadata(self) -> bytes:
@@ -84,8 +85,17 @@ class Agent:
         self._pools.append(pool)
         return pool
 
-    def notifications(self) -> dict[str, list[bytes]]:
-        return self.nixl.get_new_notifs()
+    def notifications(self, peer: str) -> list[bytes]:
+        """New notifications from `peer`; those of other peers wait for their own sessions.
+
+        NIXL hands out every peer's notifications at once, and an aggregator runs one
+        session per silo on one agent: without this, sessions would steal each other's.
+        """
+        with self._lock:
+            for name, notes in self.nixl.get_new_notifs().items():
+                key = name.decode() if isinstance(name, bytes) else str(name)
+                self._notes.setdefault(key, []).extend(notes)
+            return self._notes.pop(peer, [])
 
     def close(self) -> None:
         for pool in list(self._pools):

@@ -55,9 +55,26 @@ STATUS_EVERY_CHUNKS = 16
 CHECKSUM_BATCH = 64
 """Pull mode: chunk checksums travel in batches this large (one small message each)."""
 
-IDLE_SLEEP_S = 50e-6
-"""Poll interval when nothing progressed: shorter than a 4 MiB chunk at line rate, long
-enough to leave the second core to UCX's progress thread."""
+IDLE_MIN_S = 20e-6
+"""First poll pause after progress: completions of a window arrive in bursts."""
+
+IDLE_MAX_S = 500e-6
+"""Longest poll pause: well under a 4 MiB chunk's time at line rate, while an idle loop
+leaves the cores to UCX's progress threads (on 2 cores every spin costs goodput)."""
+
+
+class _Idle:
+    """Poll pauses that double while nothing happens and reset on progress."""
+
+    def __init__(self) -> None:
+        self.pause = IDLE_MIN_S
+
+    def __call__(self, progressed: bool) -> None:
+        if progressed:
+            self.pause = IDLE_MIN_S
+            return
+        time.sleep(self.pause)
+        self.pause = min(IDLE_MAX_S, self.pause * 2)
 
 PUSH_MODES = ("rdma", "rdma-e")
 
@@ -140,6 +157,7 @@ class Session:
         self._peer_metadata = b""
         self._transfer = 0
         self._generation = 0
+        self.peer_agent = ""
         self._opened = False
 
     # -- roles -----------------------------------------------------------------------
@@ -186,6 +204,10 @@ class Session:
             )
         elif peer.mode != self.mode:
             problem = f"mode mismatch: this side speaks {self.mode}, the peer speaks {peer.mode}"
+        self.peer_agent = peer.agent
+        self.peer_hello = peer
+        """What the peer handed us: the trust model's tests read it."""
+        """The peer's NIXL agent name: whose notifications are ours."""
         if problem:
             self.channel.send(wire.Refuse(reason=problem))
             try:  # let the refusal reach the peer before this side closes the stream
@@ -205,6 +227,22 @@ class Session:
                 self.remote = RemotePool(self.agent, self.peer_name, [peer.region.region()])
                 self._set_remote_dlist(self.remote.dlist(self.plan))  # validates every range now
         self._opened = True
+
+    def rebind(self, state: FlatState, pool: Pool | None) -> None:
+        """Send from another buffer of the same layout from the next transfer on.
+
+        The aggregator double-buffers its global state: the pool that collected a round's
+        average becomes the one it broadcasts from. Only a sender's local buffer can move;
+        the peer never learns this side's addresses when it is the initiator.
+        """
+        if not self.initiator or self.role != "sender":
+            raise TransferError("only the initiating sender can switch buffers between transfers")
+        if state.layout_id != self.state.layout_id:
+            raise LayoutError(f"cannot rebind to layout {state.layout_id}; the session moves {self.state.layout_id}")
+        if self.mode == "rdma-e" and (pool is None or pool.buffer.data_ptr() != state.buffer.data_ptr()):
+            raise TransferError("rdma-e needs the registered pool of the new buffer")
+        self.state = state
+        self.pool = pool
 
     def _metadata_for_peer(self) -> bytes:
         """Connection info plus this session's pool only (NIXL partial metadata).
@@ -372,11 +410,11 @@ class Session:
             meta = self.agent.nixl.get_partial_agent_metadata(staged_pool, True)
             regions = [wire.RegionMsg(address=int(t.data_ptr()), length=t.numel()) for t in staging]
             self.channel.send(wire.Stage(transfer=transfer, metadata=wire.b64(bytes(meta)), regions=regions))
-        generation = 0
         pending: list[int] = []
         corrupt: list[int] = []
         flipped: set[int] = set()
         last_sign = time.monotonic()
+        idle = _Idle()
 
         def view(index: int) -> memoryview:
             chunk = plan.chunks[index]
@@ -400,23 +438,22 @@ class Session:
         try:
             while True:
                 progressed = False
-                for peer, notes in self.agent.notifications().items():
-                    for note in notes:
-                        try:
-                            t, gen, index, checksum = wire.parse_notice(note)
-                        except ProtocolError as exc:
-                            log.warning("dropping notification from %s: %s", peer, exc)
-                            continue
-                        if t != transfer or gen != generation:
-                            continue  # an older transfer's or connection's late arrival
-                        progressed = True
-                        ledger.expect(index, checksum)
-                        if ledger.land(index):
-                            verify(index)
+                for note in self.agent.notifications(self.peer_agent):
+                    try:
+                        t, gen, index, checksum = wire.parse_notice(note)
+                    except ProtocolError as exc:
+                        log.warning("dropping notification from %s: %s", self.peer_agent, exc)
+                        continue
+                    if t != transfer or gen != self._generation:
+                        continue  # an older transfer's or connection's late arrival
+                    progressed = True
+                    ledger.expect(index, checksum)
+                    if ledger.land(index):
+                        verify(index)
                 for msg in self._drain():
                     progressed = True
                     if isinstance(msg, wire.Resume) and msg.transfer == transfer:
-                        generation = msg.generation
+                        self._generation = msg.generation
                         ledger.reset_unverified()
                         self.channel.send(wire.Status(transfer=transfer, verified=ledger.verified_indices()))
                         pending.clear()
@@ -436,8 +473,7 @@ class Session:
                         f"the sender went silent for {self.peer_timeout:.0f} s during transfer {transfer} "
                         f"({ledger.verified_count}/{len(plan)} chunks verified)"
                     )
-                if not progressed:
-                    time.sleep(IDLE_SLEEP_S)
+                idle(progressed)
             if staging:
                 self._rebuild(staging)
         finally:
@@ -554,6 +590,7 @@ class Session:
         landed_total = 0
         cut_done = False
         last_sign = time.monotonic()
+        idle = _Idle()
         try:
             while not sched.done:
                 now = time.monotonic()
@@ -606,8 +643,7 @@ class Session:
                         f"no progress for {self.peer_timeout:.0f} s during transfer {self._transfer} "
                         f"({len(sched.verified_indices())}/{len(self.plan)} chunks verified); is the peer alive?"
                     )
-                if not progressed:
-                    time.sleep(IDLE_SLEEP_S)
+                idle(progressed)
         finally:
             for operation in list(ops.values()) + zombies:
                 operation.release()

@@ -8,9 +8,10 @@ Notifications that ride with each chunk use a fixed ASCII form, parsed strictly.
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Literal, Union
+import json
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field
 
 from fedrdma.core.chunks import Region
 from fedrdma.core.errors import ProtocolError
@@ -22,10 +23,13 @@ Mode = Literal["grpc", "rdma", "rdma-e", "rdma-e-pull"]
 
 
 class _Msg(BaseModel):
+    type: str
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class RegionMsg(_Msg):
+class RegionMsg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     address: int = Field(gt=0)
     length: int = Field(gt=0)
 
@@ -120,11 +124,22 @@ class Bye(_Msg):
     type: Literal["bye"] = "bye"
 
 
-Message = Annotated[
-    Union[Hello, Refuse, Begin, Stage, Offer, Checksums, Status, Resume, Abort, Bye],
-    Field(discriminator="type"),
-]
-_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
+Message = _Msg
+"""Any message on our streams; each kind is named by its `type` field."""
+
+_KINDS: dict[str, type[_Msg]] = {}
+
+
+def register(*kinds: type[_Msg]) -> None:
+    """Make message kinds decodable; upper layers (the control plane) add their own."""
+    for kind in kinds:
+        name = kind.model_fields["type"].default
+        if name in _KINDS and _KINDS[name] is not kind:
+            raise ValueError(f"message type {name!r} registered twice")
+        _KINDS[name] = kind
+
+
+register(Hello, Refuse, Begin, Stage, Offer, Checksums, Status, Resume, Abort, Bye)
 
 
 def encode(msg: _Msg) -> bytes:
@@ -132,10 +147,14 @@ def encode(msg: _Msg) -> bytes:
 
 
 def decode(data: bytes) -> Message:
+    """Parse one message strictly: known kind, known fields, valid values."""
     try:
-        return _ADAPTER.validate_json(data)
-    except ValueError as exc:
-        raise ProtocolError(f"malformed session message from peer: {exc}") from exc
+        kind = _KINDS.get(str(json.loads(data).get("type")))
+        if kind is None:
+            raise ValueError(f"unknown message type in {data[:60]!r}")
+        return kind.model_validate_json(data)
+    except (ValueError, AttributeError) as exc:
+        raise ProtocolError(f"malformed message from peer: {exc}") from exc
 
 
 def b64(data: bytes) -> str:

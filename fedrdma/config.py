@@ -1,0 +1,164 @@
+"""Settings of the aggregator and the silos: one place for every default.
+
+Each setting is a key in the TOML file and a flag of the command (`--rounds 5` overrides
+`rounds = 5`); pydantic validates both, and a bad value is reported with its key and the
+form expected.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, MAX_WINDOW
+from fedrdma.core.errors import FedRDMAError
+
+DEFAULT_LISTEN = "127.0.0.1:7700"
+"""Loopback by default: exposing the control plane is a deliberate act."""
+
+DEFAULT_ROUNDS = 3
+DEFAULT_MIN_SILOS = 1
+"""A round closes once this many silos uploaded, or all of them before the deadline."""
+
+DEFAULT_ROUND_DEADLINE_S = 600.0
+"""A silo that has not uploaded this long after the round started is left out of it."""
+
+DEFAULT_JOIN_TIMEOUT_S = 120.0
+"""How long the aggregator waits for `min_silos` silos before the first round."""
+
+DEFAULT_GATHER_S = 2.0
+"""At a round's start, wait up to this long for configured silos that are not ready yet, so
+a silo that is rejoining catches the round instead of the next one."""
+
+DEFAULT_NORM_FACTOR = 10.0
+"""An update whose delta norm is this many times the others' median is rejected."""
+
+DEFAULT_MODEL = "gpt2-small"
+DEFAULT_LORA_R = 8
+DEFAULT_LORA_ALPHA = 16
+DEFAULT_LOCAL_STEPS = 4
+DEFAULT_BATCH_SIZE = 4
+DEFAULT_SEQ_LEN = 128
+DEFAULT_LR = 5e-4
+DEFAULT_SEED = 0
+DEFAULT_HEARTBEAT_S = 2.0
+"""Both sides say they are alive this often; three missed beats declare a peer dead."""
+
+DEFAULT_REJOIN_S = 120.0
+"""How long a silo keeps redialing a lost aggregator before it gives up."""
+
+Transport = Literal["grpc", "rdma", "rdma-e"]
+Upload = Literal["push", "pull"]
+
+
+class ConfigError(FedRDMAError):
+    """A setting that cannot be used; the message names the key and the expected form."""
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(_Settings):
+    model: str = Field(DEFAULT_MODEL, description="gpt2-tiny|gpt2-small|gpt2-medium|gpt2-large or a local checkpoint dir")
+    lora: bool = Field(False, description="train LoRA adapters only (only they travel)")
+    lora_r: int = Field(DEFAULT_LORA_R, ge=1, le=1024)
+    lora_alpha: int = Field(DEFAULT_LORA_ALPHA, ge=1)
+    seed: int = Field(DEFAULT_SEED, ge=0)
+
+
+class TransportSettings(_Settings):
+    transport: Transport = "rdma-e"
+    upload: Upload = Field("push", description="rdma-e only: silos WRITE their update (push) or the aggregator READs it (pull)")
+    chunk_size: int = Field(DEFAULT_CHUNK_SIZE, gt=0, description="bytes per chunk, a multiple of 8")
+    window: int = Field(DEFAULT_WINDOW, ge=1, le=MAX_WINDOW)
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError("must be a multiple of 8 bytes, so no chunk splits a tensor element")
+        return value
+
+    def download_mode(self) -> str:
+        return {"grpc": "grpc", "rdma": "rdma", "rdma-e": "rdma-e"}[self.transport]
+
+    def upload_mode(self) -> str:
+        if self.transport == "rdma-e" and self.upload == "pull":
+            return "rdma-e-pull"
+        return self.download_mode()
+
+
+class SiloEntry(_Settings):
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    token: str = Field(min_length=8, description="shared secret this silo presents at join")
+
+
+class AggregatorConfig(ModelSettings, TransportSettings):
+    listen: str = DEFAULT_LISTEN
+    rounds: int = Field(DEFAULT_ROUNDS, ge=1)
+    min_silos: int = Field(DEFAULT_MIN_SILOS, ge=1)
+    round_deadline_s: float = Field(DEFAULT_ROUND_DEADLINE_S, gt=0)
+    join_timeout_s: float = Field(DEFAULT_JOIN_TIMEOUT_S, gt=0)
+    gather_s: float = Field(DEFAULT_GATHER_S, ge=0)
+    norm_factor: float = Field(DEFAULT_NORM_FACTOR, gt=1)
+    heartbeat_s: float = Field(DEFAULT_HEARTBEAT_S, gt=0)
+    silos: list[SiloEntry] = Field(default_factory=list, description="silos allowed to join; flag form ID:TOKEN, repeatable")
+    eval_data: Path | None = Field(None, description="held-out text the aggregator scores the global model on")
+    seq_len: int = Field(DEFAULT_SEQ_LEN, ge=8)
+    out_dir: Path = Field(Path("runs/aggregator"), description="checkpoints, metrics.jsonl, plots")
+    resume: bool = Field(False, description="continue from the last checkpoint in out_dir")
+
+    @model_validator(mode="after")
+    def _check(self) -> AggregatorConfig:
+        ids = [s.id for s in self.silos]
+        if len(set(ids)) != len(ids):
+            raise ValueError("silo ids must be unique")
+        if self.silos and self.min_silos > len(self.silos):
+            raise ValueError(f"min_silos={self.min_silos} but only {len(self.silos)} silos are configured")
+        return self
+
+
+class SiloConfig(ModelSettings):
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    token: str = Field(min_length=8)
+    aggregator: str = DEFAULT_LISTEN
+    data: Path = Field(description="this silo's local text: .txt or .jsonl with a 'text' field")
+    local_steps: int = Field(DEFAULT_LOCAL_STEPS, ge=1)
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
+    seq_len: int = Field(DEFAULT_SEQ_LEN, ge=8)
+    lr: float = Field(DEFAULT_LR, gt=0)
+    heartbeat_s: float = Field(DEFAULT_HEARTBEAT_S, gt=0)
+    rejoin_s: float = Field(DEFAULT_REJOIN_S, ge=0)
+    out_dir: Path = Field(Path("runs/silo"), description="this silo's metrics")
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(file)"
+        got = e.get("input")
+        lines.append(f"{source}: `{key}`: {e['msg']} (got {got!r})")
+    return "\n".join(lines)
+
+
+def load(kind: type[BaseModel], path: Path | None, overrides: dict[str, Any]) -> Any:
+    """Settings from a TOML file (optional) with flag overrides on top, validated."""
+    data: dict[str, Any] = {}
+    source = "flags"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return kind.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None

@@ -1,0 +1,93 @@
+"""Control-plane messages: small, validated, never model bytes.
+
+They travel on the same kind of gRPC stream as the data plane's session messages (a silo
+dials one control stream and one stream per data-plane session); `Join` or `Attach`
+opens each stream and authenticates it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from fedrdma.transport import wire
+
+SILO_ID = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class Join(wire._Msg):
+    """Silo to aggregator, first on the control stream."""
+
+    type: Literal["join"] = "join"
+    silo: str = Field(pattern=SILO_ID)
+    token: str
+    layout_id: str
+    nbytes: int = Field(gt=0)
+
+
+class Welcome(wire._Msg):
+    """Aggregator to silo: accepted; how the data plane will run."""
+
+    type: Literal["welcome"] = "welcome"
+    silo: str
+    generation: int = Field(ge=0)
+    """Increases with every join of this silo: streams of an older join are refused."""
+    download_mode: str
+    upload_mode: str
+    chunk_size: int = Field(gt=0)
+    window: int = Field(gt=0)
+    heartbeat_s: float = Field(gt=0)
+
+
+class Attach(wire._Msg):
+    """Silo to aggregator, first on a data-plane stream: which session this stream carries."""
+
+    type: Literal["attach"] = "attach"
+    silo: str = Field(pattern=SILO_ID)
+    token: str
+    generation: int = Field(ge=0)
+    purpose: Literal["download", "upload"]
+
+
+class RoundStart(wire._Msg):
+    type: Literal["round_start"] = "round_start"
+    round: int = Field(ge=1)
+
+
+class Ready(wire._Msg):
+    """Silo to aggregator after local training: my update is in my pool, weigh it by n."""
+
+    type: Literal["ready"] = "ready"
+    round: int = Field(ge=1)
+    n_samples: int = Field(gt=0)
+    train_loss: float
+    train_seconds: float = Field(ge=0)
+    download_seconds: float = Field(ge=0)
+    cpu_seconds: float = Field(ge=0)
+    memory: dict[str, int] = {}
+
+
+class RoundEnd(wire._Msg):
+    type: Literal["round_end"] = "round_end"
+    round: int = Field(ge=1)
+    included: bool
+    reason: str = ""
+
+
+class Heartbeat(wire._Msg):
+    type: Literal["heartbeat"] = "heartbeat"
+
+
+class Finish(wire._Msg):
+    """Aggregator to silo: training is over; leave."""
+
+    type: Literal["finish"] = "finish"
+
+
+class Leave(wire._Msg):
+    type: Literal["leave"] = "leave"
+    reason: str = ""
+
+
+wire.register(Join, Welcome, Attach, RoundStart, Ready, RoundEnd, Heartbeat, Finish, Leave)

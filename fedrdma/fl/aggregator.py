@@ -1,0 +1,353 @@
+"""The aggregator process: rounds of broadcast, local training, upload and FedAvg.
+
+Memory: the global state lives in two pools registered once (double buffering): round r
+broadcasts from one while the silos' updates are folded, chunk by chunk as they land,
+into the other, which becomes the global when the round closes. Each silo has an inbox
+pool of its own. Nothing else holds a copy of the state, so the aggregator's footprint is
+its pools plus the working set of evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedrdma.config import AggregatorConfig
+from fedrdma.control import messages as m
+from fedrdma.control.hub import Hub, SiloLink
+from fedrdma.core.errors import FedRDMAError, PeerLost
+from fedrdma.core.fedavg import NotEnoughSilos, RoundAggregate
+from fedrdma.core.layout import FlatState
+from fedrdma.fl import checkpoint
+from fedrdma.fl.state import build_trainable
+from fedrdma.metrics import memory_report
+from fedrdma.transport.agent import Agent, Pool
+from fedrdma.transport.session import Session, TransferStats
+
+log = logging.getLogger(__name__)
+
+MAX_ROUND_RETRIES = 3
+"""A round that fails this often in a row (too few silos delivered) ends the run."""
+
+READY_GRACE_S = 1.0
+"""Poll interval while waiting for a silo's ready message (bounded by the round deadline)."""
+
+
+@dataclass
+class SiloState:
+    """What the aggregator keeps per silo across rounds and rejoins."""
+
+    silo: str
+    inbox: FlatState
+    pool: Pool | None
+    link: SiloLink | None = None
+    download: Session | None = None
+    upload: Session | None = None
+    busy: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class SiloRound:
+    silo: str
+    ok: bool = False
+    reason: str = ""
+    n_samples: int = 0
+    train_loss: float = float("nan")
+    download: TransferStats | None = None
+    upload: TransferStats | None = None
+    ready: m.Ready | None = None
+    finished_at: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"silo": self.silo, "ok": self.ok, "reason": self.reason}
+        if self.ready is not None:
+            out.update(
+                n_samples=self.ready.n_samples,
+                train_loss=self.ready.train_loss,
+                train_seconds=self.ready.train_seconds,
+                silo_download_seconds=self.ready.download_seconds,
+                silo_cpu_seconds=self.ready.cpu_seconds,
+                silo_memory=self.ready.memory,
+            )
+        for name, stats in (("broadcast", self.download), ("upload", self.upload)):
+            if stats is not None:
+                out[f"{name}_seconds"] = stats.seconds
+                out[f"{name}_bytes"] = stats.nbytes
+                out[f"{name}_goodput_gb_s"] = stats.goodput_gb_s
+                out[f"{name}_resent_bytes"] = stats.bytes_resent
+        if self.ready is not None and self.download is not None and self.upload is not None:
+            comm = self.download.seconds + self.upload.seconds
+            out["comm_share"] = comm / (comm + self.ready.train_seconds)
+        return out
+
+
+class Aggregator:
+    def __init__(self, cfg: AggregatorConfig, evaluate: Any = None) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(cfg.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.model, self.state = build_trainable(cfg)
+        self.spare = FlatState.allocate(self.state.layout, fill=0)
+        """The other half of the double-buffered global: the next average accumulates here."""
+        self.chunk_size = min(cfg.chunk_size, self.state.nbytes)
+        """A chunk larger than the state is the state: small (LoRA) states travel whole."""
+        self.rdma = cfg.transport != "grpc"
+        self.agent = Agent(f"aggregator-{id(self):x}") if self.rdma else None
+        self.pools: dict[int, Pool] = {}
+        self._pool(self.state)
+        self._pool(self.spare)
+        self.evaluate = evaluate
+        self.round = 0
+        if cfg.resume:
+            done = checkpoint.load_latest(self.out_dir, self.state)
+            if done is not None:
+                self.round = done
+                log.info("resumed from round %d", done)
+        self.silos: dict[str, SiloState] = {}
+        self._fold_lock = threading.Lock()
+        self._aggregate: RoundAggregate | None = None
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.hub = Hub(cfg.listen, cfg.silos, self.state.layout_id, self.state.nbytes, self._welcome, self._event)
+        self._event({"event": "pools", "global": [p.region.address for p in self.pools.values()],
+                     "nbytes": self.state.nbytes, "listen": self.hub.address})
+
+    # -- plumbing ----------------------------------------------------------------------
+    def _pool(self, state: FlatState) -> Pool | None:
+        if self.agent is None or self.cfg.transport != "rdma-e":
+            return None
+        key = state.address()
+        if key not in self.pools:
+            self.pools[key] = self.agent.register(state.buffer)
+        return self.pools[key]
+
+    def _accumulator(self) -> FlatState | None:
+        """The spare half of the global pool holds the running sum, when the layout allows."""
+        if all(spec.dtype == "float32" for spec in self.state.layout.specs):
+            return self.spare
+        return None
+
+    def _welcome(self, silo: str, generation: int) -> m.Welcome:
+        return m.Welcome(
+            silo=silo,
+            generation=generation,
+            download_mode=self.cfg.download_mode(),
+            upload_mode=self.cfg.upload_mode(),
+            chunk_size=self.chunk_size,
+            window=self.cfg.window,
+            heartbeat_s=self.cfg.heartbeat_s,
+        )
+
+    def _event(self, event: dict[str, Any]) -> None:
+        event = {"time": time.time(), "round": self.round + 1, **event}
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps(event) + "\n")
+
+    def _silo(self, link: SiloLink) -> SiloState:
+        st = self.silos.get(link.silo)
+        if st is None:
+            inbox = FlatState.allocate(self.state.layout, fill=0)
+            st = SiloState(link.silo, inbox, self._pool(inbox))
+            self.silos[link.silo] = st
+        if st.link is not link:
+            for session in (st.download, st.upload):
+                if session is not None:
+                    session.abort()
+            st.link = link
+            st.download = Session(
+                self.agent, self.state, link.data["download"], self.cfg.download_mode(), "sender",
+                self.chunk_size, self.cfg.window, pool=self._pool(self.state),
+            )
+            st.upload = Session(
+                self.agent, st.inbox, link.data["upload"], self.cfg.upload_mode(), "receiver",
+                self.chunk_size, self.cfg.window, pool=st.pool,
+                on_chunk=lambda off, n, silo=link.silo, inbox=st.inbox: self._fold(silo, inbox, off, n),
+            )
+            st.download.open()
+            st.upload.open()
+            self._event({"event": "sessions", "silo": link.silo,
+                         "inbox": st.pool.region.address if st.pool else 0})
+        return st
+
+    def _fold(self, silo: str, inbox: FlatState, offset: int, length: int) -> None:
+        with self._fold_lock:
+            if self._aggregate is not None:
+                self._aggregate.fold(silo, inbox, offset, length)
+
+    # -- one silo's round --------------------------------------------------------------
+    def _silo_round(self, link: SiloLink, rnd: int, deadline: float, out: SiloRound) -> None:
+        st: SiloState | None = None
+        try:
+            st = self._silo(link)
+            st.busy.set()
+            assert st.download is not None and st.upload is not None
+            link.control.send(m.RoundStart(round=rnd))
+            out.download = st.download.send()
+            ready = self._await_ready(link, rnd, deadline)
+            out.ready = ready
+            with self._fold_lock:
+                assert self._aggregate is not None
+                self._aggregate.start_silo(link.silo, ready.n_samples)
+            out.n_samples = ready.n_samples
+            out.upload = st.upload.receive()
+            out.ok = True
+        except Exception as exc:  # any failure is this silo's, never the round's
+            out.reason = f"{type(exc).__name__}: {exc}"
+            expected = isinstance(exc, (FedRDMAError, TimeoutError, OSError))
+            log.warning("round %d: silo %s failed: %s", rnd, link.silo, out.reason, exc_info=not expected)
+            self.hub.forget(link)
+            if st is not None:
+                st.link = None
+        finally:
+            out.finished_at = time.monotonic()
+            if st is not None:
+                st.busy.clear()
+
+    def _await_ready(self, link: SiloLink, rnd: int, deadline: float) -> m.Ready:
+        while True:
+            if not link.alive():
+                raise PeerLost(f"silo {link.silo} went silent before reporting ready")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"silo {link.silo} did not finish training before the round deadline")
+            try:
+                msg = link.inbox.get(timeout=READY_GRACE_S)
+            except Exception:
+                continue
+            if isinstance(msg, m.Ready) and msg.round == rnd:
+                return msg
+            if isinstance(msg, m.Leave):
+                raise PeerLost(f"silo {link.silo} left: {msg.reason}")
+
+    # -- rounds ----------------------------------------------------------------------------
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        cfg = self.cfg
+        links = self.hub.wait_for(cfg.min_silos, cfg.join_timeout_s)
+        if cfg.silos and len(links) < len(cfg.silos) and cfg.gather_s > 0:
+            links = self.hub.wait_for(len(cfg.silos), cfg.gather_s)
+        links = [link for link in links if not (link.silo in self.silos and self.silos[link.silo].busy.is_set())]
+        if len(links) < cfg.min_silos:
+            raise FedRDMAError(
+                f"round {rnd}: only {len(links)} silo(s) ready within {cfg.join_timeout_s:.0f} s, "
+                f"min_silos is {cfg.min_silos}; start more silos or lower min_silos"
+            )
+        start = time.monotonic()
+        deadline = start + cfg.round_deadline_s
+        with self._fold_lock:
+            self._aggregate = RoundAggregate(self.state, accumulator=self._accumulator())
+        results = {link.silo: SiloRound(link.silo) for link in links}
+        threads = [
+            threading.Thread(target=self._silo_round, args=(link, rnd, deadline, results[link.silo]), daemon=True)
+            for link in links
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        late = [r.silo for r in results.values() if r.finished_at == 0.0]
+        for silo in late:
+            results[silo].reason = "missed the round deadline"
+            st = self.silos.get(silo)
+            if st is not None and st.link is not None:
+                self.hub.forget(st.link)
+        with self._fold_lock:
+            aggregate, self._aggregate = self._aggregate, None
+        assert aggregate is not None
+        agg_start = time.monotonic()
+        for r in results.values():
+            if not r.ok and r.n_samples:  # started, so it may have folded chunks: retract them
+                aggregate.reject(r.silo, r.reason)
+        outcome = aggregate.finish(into=self.spare, min_silos=cfg.min_silos, norm_factor=cfg.norm_factor)
+        self.state, self.spare = self.spare, self.state
+        self.state.bind(self.model)
+        for st in self.silos.values():
+            if st.download is not None:
+                st.download.rebind(self.state, self._pool(self.state))
+        aggregation_seconds = time.monotonic() - agg_start
+        for silo, reason in outcome.rejected.items():
+            results[silo].ok = False
+            results[silo].reason = f"update rejected: {reason}"
+        checkpoint.save(self.out_dir, self.state, rnd)
+        eval_loss = self.evaluate(self.model) if self.evaluate else None
+        for r in results.values():
+            st = self.silos.get(r.silo)
+            if st is not None and st.link is not None:
+                try:
+                    st.link.control.send(m.RoundEnd(round=rnd, included=r.silo in outcome.accepted, reason=r.reason))
+                except PeerLost:
+                    pass
+        record = self._round_record(rnd, results, outcome, aggregation_seconds, eval_loss, time.monotonic() - start)
+        self._event({"event": "round", **record})
+        return record
+
+    def _round_record(self, rnd, results, outcome, aggregation_seconds, eval_loss, seconds) -> dict[str, Any]:
+        silos = [r.record() for r in results.values()]
+        ok = [s for s in silos if s["silo"] in outcome.accepted]
+        comm = [s["broadcast_seconds"] + s["upload_seconds"] for s in ok]
+        train = [s["train_seconds"] for s in ok]
+        comm_s = sum(comm) / len(comm) if comm else 0.0
+        compute_s = (sum(train) / len(train) if train else 0.0) + aggregation_seconds
+        return {
+            "round": rnd,
+            "transport": self.cfg.transport,
+            "upload": self.cfg.upload,
+            "accepted": sorted(outcome.accepted),
+            "rejected": outcome.rejected,
+            "eval_loss": eval_loss,
+            "eval_perplexity": float(torch.tensor(eval_loss).exp()) if eval_loss is not None else None,
+            "comm_seconds": comm_s,
+            "compute_seconds": compute_s,
+            "comm_share": comm_s / (comm_s + compute_s) if comm_s + compute_s > 0 else 0.0,
+            "aggregation_seconds": aggregation_seconds,
+            "round_seconds": seconds,
+            "state_bytes": self.state.nbytes,
+            "aggregator_memory": memory_report(
+                self.model, None, self._pool_bytes(), pool_is_model=self.cfg.transport == "rdma-e"
+            ),
+            "silos": silos,
+        }
+
+    def _pool_bytes(self) -> int:
+        return sum(p.region.length for p in self.pools.values() if p.registered)
+
+    def run(self) -> list[dict[str, Any]]:
+        records = []
+        initial = self.evaluate(self.model) if self.evaluate and self.round == 0 else None
+        if initial is not None:
+            self._event({"event": "round", "round": 0, "eval_loss": initial, "transport": self.cfg.transport})
+            records.append({"round": 0, "eval_loss": initial, "comm_seconds": 0.0, "compute_seconds": 0.0,
+                            "comm_share": 0.0})
+        failures = 0
+        try:
+            while self.round < self.cfg.rounds:
+                try:
+                    record = self.run_round(self.round + 1)
+                except NotEnoughSilos as exc:
+                    failures += 1
+                    self._event({"event": "round_failed", "reason": str(exc)})
+                    if failures > MAX_ROUND_RETRIES:
+                        raise
+                    log.warning("round %d failed (%s); running it again", self.round + 1, exc)
+                    continue
+                failures = 0
+                self.round += 1
+                records.append(record)
+        finally:
+            self.close()
+        return records
+
+    def close(self) -> None:
+        self.hub.close()
+        for st in self.silos.values():
+            for session in (st.download, st.upload):
+                if session is not None:
+                    session.abort()
+        for pool in self.pools.values():
+            pool.close()
+
+

@@ -1,0 +1,184 @@
+"""The silo process: join, receive the global state, train locally, upload, repeat.
+
+The silo's pool is its model's own parameters (a FlatState the model trains in): the
+aggregator's WRITE lands in the weights, training updates them in place, and the upload
+reads them from the same memory. No second copy exists for sending.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedrdma.config import SiloConfig
+from fedrdma.control import messages as m
+from fedrdma.control.link import AggregatorLink, JoinRefused
+from fedrdma.core.errors import FedRDMAError, PeerLost
+from fedrdma.fl.data import load_silo_data, load_tokenizer
+from fedrdma.fl.state import build_trainable
+from fedrdma.fl.trainer import LocalTrainer
+from fedrdma.metrics import memory_report
+from fedrdma.transport import wire
+from fedrdma.transport.agent import Agent, Pool
+from fedrdma.transport.session import Session
+
+log = logging.getLogger(__name__)
+
+REJOIN_PAUSE_S = 1.0
+"""Pause between attempts to reach a lost aggregator."""
+
+FAULT_ENV = "FEDRDMA_SILO_FAULT"
+"""Test hook: a fault this silo injects into its own rounds (see `_fault`); unset in use."""
+
+ADAM_MOMENTS = 2
+"""AdamW keeps two moments per trainable weight: the optimizer's share of memory."""
+
+
+class Silo:
+    def __init__(self, cfg: SiloConfig) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(cfg.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.model, self.state = build_trainable(cfg)
+        tokenizer = load_tokenizer(cfg.model)
+        self.data = load_silo_data(cfg.data, tokenizer, cfg.seq_len)
+        self.trainer = LocalTrainer(
+            self.model, self.data.train, cfg.lr, cfg.local_steps, cfg.batch_size, seed=cfg.seed
+        )
+        self.agent: Agent | None = None
+        self.pool: Pool | None = None
+        self.rounds_done: list[int] = []
+        self.metrics_path = self.out_dir / f"{cfg.id}.jsonl"
+
+    def _event(self, event: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps({"time": time.time(), "silo": self.cfg.id, **event}) + "\n")
+
+    def run(self) -> list[int]:
+        """Take part until the aggregator says finish; rejoin after a lost aggregator."""
+        lost_since: float | None = None
+        while True:
+            try:
+                finished = self._session()
+                if finished:
+                    return self.rounds_done
+                lost_since = None
+            except JoinRefused:
+                raise
+            except (PeerLost, TimeoutError, OSError) as exc:
+                now = time.monotonic()
+                lost_since = lost_since or now
+                if now - lost_since > self.cfg.rejoin_s:
+                    raise PeerLost(f"gave up on the aggregator after {self.cfg.rejoin_s:.0f} s: {exc}") from exc
+                log.info("silo %s: %s; rejoining", self.cfg.id, exc)
+                self._event({"event": "lost", "reason": str(exc)})
+                time.sleep(REJOIN_PAUSE_S)
+
+    def _session(self) -> bool:
+        cfg = self.cfg
+        link = AggregatorLink(cfg.aggregator, cfg.id, cfg.token, self.state.layout_id, self.state.nbytes)
+        welcome = link.welcome
+        self._event({"event": "joined", "generation": welcome.generation})
+        rdma = welcome.download_mode != "grpc"
+        if rdma and self.agent is None:
+            self.agent = Agent(f"silo-{cfg.id}-{int(time.time() * 1000) % 10**9}")
+        if welcome.download_mode == "rdma-e" and self.pool is None:
+            assert self.agent is not None
+            self.pool = self.agent.register(self.state.buffer)
+        pool = self.pool if welcome.download_mode == "rdma-e" else None
+        download = upload = None
+        try:
+            download = Session(
+                self.agent, self.state, link.attach("download"), welcome.download_mode, "receiver",
+                welcome.chunk_size, welcome.window, pool=pool,
+            )
+            upload = Session(
+                self.agent, self.state, link.attach("upload"), welcome.upload_mode, "sender",
+                welcome.chunk_size, welcome.window, pool=pool,
+            )
+            download.open()
+            upload.open()
+            self._event({"event": "handed", "generation": welcome.generation,
+                         "download": _handed(download), "upload": _handed(upload)})
+            while True:
+                msg = link.next()
+                if isinstance(msg, m.Finish):
+                    return True
+                if isinstance(msg, m.RoundEnd):
+                    self._event({"event": "round_end", "round": msg.round, "included": msg.included,
+                                 "reason": msg.reason})
+                    continue
+                if isinstance(msg, wire.Refuse):
+                    raise JoinRefused(f"the aggregator refused: {msg.reason}")
+                if not isinstance(msg, m.RoundStart):
+                    continue
+                self._round(link, download, upload, msg.round)
+        finally:
+            for session in (download, upload):
+                if session is not None:
+                    session.abort()
+            link.close()
+
+    def _write_outside(self, upload: Session, address: int) -> str:
+        """A misbehaving silo: WRITE to an aggregator address it was never handed.
+
+        Goes around our own range checks straight to NIXL, as a malicious silo would; only
+        the aggregator's registration keys stand in the way.
+        """
+        if self.agent is None or not upload.peer_name:
+            return "no one-sided access to the aggregator at all"
+        try:
+            remote = self.agent.nixl.prep_xfer_dlist(upload.peer_name, [(address, 4096, 0)], "DRAM")
+            local = self.agent.nixl.prep_xfer_dlist("NIXL_INIT_AGENT", [(self.state.address(), 4096, 0)], "DRAM")
+            handle = self.agent.nixl.make_prepped_xfer("WRITE", local, [0], remote, [0])
+            status = self.agent.nixl.transfer(handle)
+            deadline = time.monotonic() + 5
+            while status == "PROC" and time.monotonic() < deadline:
+                status = self.agent.nixl.check_xfer_state(handle)
+            return f"status {status}"
+        except Exception as exc:
+            return f"refused: {type(exc).__name__}: {exc}"
+
+    def _round(self, link: AggregatorLink, download: Session, upload: Session, rnd: int) -> None:
+        cpu0 = time.process_time()
+        got = download.receive()
+        fault = os.environ.get(FAULT_ENV, "")
+        if fault == f"exit-after-download:{rnd}":
+            os._exit(17)  # a silo that dies mid-round
+        n_samples, loss, train_seconds = self.trainer.train_round(rnd)
+        if fault.startswith("write-outside:"):
+            self._event({"event": "write_outside", "result": self._write_outside(upload, int(fault.split(":")[1]))})
+        elif fault == "nan":
+            next(iter(self.state.views.values())).view(-1)[0] = float("nan")
+        elif fault == "scale":
+            self.state.buffer.view(torch.float32).mul_(1000.0)
+        pool_bytes = self.pool.region.length if self.pool else 0
+        memory = memory_report(self.model, None, pool_bytes, pool_is_model=self.pool is not None)
+        memory["optimizer"] = ADAM_MOMENTS * self.state.nbytes
+        memory["rest"] = max(0, memory["rest"] - memory["optimizer"])
+        link.control.send(
+            m.Ready(
+                round=rnd, n_samples=n_samples, train_loss=loss, train_seconds=train_seconds,
+                download_seconds=got.seconds, cpu_seconds=time.process_time() - cpu0, memory=memory,
+            )
+        )
+        sent = upload.send()
+        self.rounds_done.append(rnd)
+        self._event({"event": "round", "round": rnd, "train_loss": loss, "train_seconds": train_seconds,
+                     "download_seconds": got.seconds, "upload_seconds": sent.seconds, "memory": memory})
+
+
+
+def _handed(session: Session) -> dict[str, Any]:
+    """What the aggregator handed this silo for a session: keys and ranges, in sizes."""
+    hello = session.peer_hello
+    return {
+        "metadata_bytes": len(hello.metadata),
+        "region": [hello.region.address, hello.region.length] if hello.region else None,
+    }

@@ -1,0 +1,20 @@
+"""The trainable state of a configured model, as a FlatState the model trains in."""
+
+from __future__ import annotations
+
+import torch
+
+from fedrdma.config import ModelSettings
+from fedrdma.core.layout import FlatState
+from fedrdma.fl.model import build_model
+
+
+def build_trainable(cfg: ModelSettings) -> tuple[torch.nn.Module, FlatState]:
+    """Model from config (LoRA applied if asked); only trainable tensors enter the state."""
+    model = build_model(cfg.model, seed=cfg.seed)
+    if cfg.lora:
+        from fedrdma.fl.model import apply_lora
+
+        torch.manual_seed(cfg.seed)
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha)
+    return model, FlatState.adopt(model)

@@ -1,0 +1,202 @@
+"""The federated runtime end to end: real aggregator and silo processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from fedrdma.fl import checkpoint
+from fedrdma.fl.demo import DEMO_SILOS, max_abs_diff, run_federation, write_configs, free_port
+
+MODEL = "gpt2-tiny"
+WAIT_S = 180.0
+"""Bounds a hang; a tiny federation round takes a few seconds here."""
+
+
+def events(path: Path, kind: str) -> list[dict]:
+    if not path.exists():
+        return []
+    return [e for e in map(json.loads, path.read_text().splitlines()) if e.get("event") == kind]
+
+
+def start(kind: str, config: Path, log: Path, env_extra: dict[str, str] | None = None, *flags: str) -> subprocess.Popen:
+    env = {**os.environ, "UCX_TLS": "tcp", **(env_extra or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedrdma.cli", kind, "--config", str(config), *flags],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+    )
+
+
+def wait(proc: subprocess.Popen, timeout: float = WAIT_S) -> int:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def test_transports_give_the_same_model_and_loss_falls(tmp_path):
+    finals = {}
+    for transport in ("rdma-e", "grpc"):
+        records = run_federation(tmp_path / transport, transport, "push", 2, MODEL, False, DEMO_SILOS[:2])
+        losses = [r["eval_loss"] for r in records]
+        assert [r["round"] for r in records] == [0, 1, 2]
+        assert losses[-1] < losses[0], losses
+        assert all(sorted(r["accepted"]) == sorted(DEMO_SILOS[:2]) for r in records[1:])
+        finals[transport] = checkpoint.path_for(tmp_path / transport / "aggregator", 2)
+    assert max_abs_diff(finals["rdma-e"], finals["grpc"]) < 1e-4
+
+
+@pytest.mark.parametrize("upload", ["push", "pull"])
+def test_what_each_silo_is_handed(tmp_path, upload):
+    records = run_federation(tmp_path, "rdma-e", upload, 1, MODEL, False, DEMO_SILOS[:2])
+    assert records[-1]["accepted"] == sorted(DEMO_SILOS[:2])
+    agg_events = tmp_path / "aggregator" / "metrics.jsonl"
+    pools = events(agg_events, "pools")[0]
+    nbytes = pools["nbytes"]
+    inboxes = {e["silo"]: e["inbox"] for e in events(agg_events, "sessions")}
+    handed = {s: events(tmp_path / "silos" / f"{s}.jsonl", "handed")[0] for s in DEMO_SILOS[:2]}
+    for silo, h in handed.items():
+        # the aggregator initiates the broadcast: no key to its memory comes with it
+        assert h["download"] == {"metadata_bytes": 0, "region": None}
+        if upload == "pull":
+            assert h["upload"] == {"metadata_bytes": 0, "region": None}
+        else:
+            address, length = h["upload"]["region"]
+            assert (address, length) == (inboxes[silo], nbytes)  # its own inbox, nothing more
+            assert address not in pools["global"]
+            assert all(address != a for s, a in inboxes.items() if s != silo)
+            assert h["upload"]["metadata_bytes"] > 0
+
+
+def test_a_silo_writing_outside_its_inbox_is_refused_and_changes_nothing(tmp_path):
+    clean = run_federation(tmp_path / "clean", "rdma-e", "push", 1, MODEL, False, DEMO_SILOS[:2])
+    assert clean[-1]["accepted"] == sorted(DEMO_SILOS[:2])
+    # the same federation, where one silo also tries to WRITE into the aggregator's global pool
+    root = tmp_path / "attack"
+    port = free_port()
+    agg_cfg, silo_cfgs = write_configs(root, "rdma-e", "push", 1, MODEL, False, DEMO_SILOS[:2], port)
+    agg = start("aggregator", agg_cfg, root / "agg.log")
+    metrics = root / "aggregator" / "metrics.jsonl"
+    deadline = time.monotonic() + WAIT_S
+    while not events(metrics, "pools"):
+        assert time.monotonic() < deadline and agg.poll() is None, (root / "agg.log").read_text()
+        time.sleep(0.2)
+    target = events(metrics, "pools")[0]["global"][0]
+    bad = start("silo", silo_cfgs[0], root / "bad.log", {"FEDRDMA_SILO_FAULT": f"write-outside:{target}"})
+    good = start("silo", silo_cfgs[1], root / "good.log")
+    assert wait(agg) == 0, (root / "agg.log").read_text()
+    wait(bad), wait(good)
+    attempt = events(root / "silos" / f"{DEMO_SILOS[0]}.jsonl", "write_outside")
+    assert attempt and attempt[0]["result"].startswith("refused"), attempt
+    a = load_file(str(checkpoint.path_for(tmp_path / "clean" / "aggregator", 1)))
+    b = load_file(str(checkpoint.path_for(root / "aggregator", 1)))
+    assert all(bool((a[k] == b[k]).all()) for k in a)  # byte-identical: nothing landed
+
+
+@pytest.mark.parametrize("fault,reason", [("nan", "NaN"), ("scale", "norm")])
+def test_a_bad_update_is_rejected_before_aggregation(tmp_path, fault, reason):
+    port = free_port()
+    agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", "push", 1, MODEL, False, DEMO_SILOS[:3], port)
+    agg = start("aggregator", agg_cfg, tmp_path / "agg.log", None, "--min-silos", "2")
+    silos = [start("silo", silo_cfgs[0], tmp_path / "bad.log", {"FEDRDMA_SILO_FAULT": fault})]
+    silos += [start("silo", c, tmp_path / f"s{i}.log") for i, c in enumerate(silo_cfgs[1:])]
+    assert wait(agg) == 0, (tmp_path / "agg.log").read_text()
+    for s in silos:
+        wait(s)
+    (record,) = events(tmp_path / "aggregator" / "metrics.jsonl", "round")[1:]
+    assert sorted(record["accepted"]) == sorted(DEMO_SILOS[1:3])
+    assert reason in record["rejected"][DEMO_SILOS[0]]
+    final = load_file(str(checkpoint.path_for(tmp_path / "aggregator", 1)))
+    assert all(bool(t.isfinite().all()) for t in final.values())
+    assert max(float(t.abs().max()) for t in final.values()) < 100  # no x1000 update leaked in
+
+
+def test_refused_joins_name_the_reason_and_the_round_goes_on(tmp_path):
+    port = free_port()
+    agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", "push", 1, MODEL, False, DEMO_SILOS[:1], port)
+    agg = start("aggregator", agg_cfg, tmp_path / "agg.log")
+    wrong_token = start("silo", silo_cfgs[0], tmp_path / "token.log", None, "--token", "not-the-token", "--rejoin-s", "0")
+    unknown = start("silo", silo_cfgs[0], tmp_path / "unknown.log", None, "--id", "stranger", "--rejoin-s", "0")
+    other_layout = start("silo", silo_cfgs[0], tmp_path / "layout.log", None, "--lora", "--rejoin-s", "0")
+    for proc in (wrong_token, unknown, other_layout):
+        assert wait(proc) == 1
+    good = start("silo", silo_cfgs[0], tmp_path / "good.log")
+    assert wait(agg) == 0 and wait(good) == 0
+    refused = {e["reason"] for e in events(tmp_path / "aggregator" / "metrics.jsonl", "refused")}
+    assert any("wrong token" in r for r in refused)
+    assert any("unknown silo id 'stranger'" in r for r in refused)
+    assert any("layout mismatch" in r for r in refused)
+    assert "wrong token" in (tmp_path / "token.log").read_text()
+    assert "unknown silo id" in (tmp_path / "unknown.log").read_text()
+    assert "layout mismatch" in (tmp_path / "layout.log").read_text()
+    rounds = events(tmp_path / "aggregator" / "metrics.jsonl", "round")
+    assert rounds[-1]["accepted"] == [DEMO_SILOS[0]]
+
+
+def test_a_killed_silo_is_left_out_and_rejoins(tmp_path):
+    port = free_port()
+    agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", "push", 2, MODEL, False, DEMO_SILOS[:3], port)
+    agg = start("aggregator", agg_cfg, tmp_path / "agg.log", None,
+                "--min-silos", "2", "--round-deadline-s", "60", "--gather-s", "60")
+    steady = [start("silo", c, tmp_path / f"steady{i}.log") for i, c in enumerate(silo_cfgs[:2])]
+    victim = start("silo", silo_cfgs[2], tmp_path / "victim.log", {"FEDRDMA_SILO_FAULT": "exit-after-download:1"})
+    assert wait(victim) == 17  # died in round 1, after the broadcast
+    again = start("silo", silo_cfgs[2], tmp_path / "again.log")
+    assert wait(agg) == 0, (tmp_path / "agg.log").read_text()
+    for s in (*steady, again):
+        wait(s)
+    rounds = events(tmp_path / "aggregator" / "metrics.jsonl", "round")[1:]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["accepted"] == sorted(DEMO_SILOS[:2])
+    assert DEMO_SILOS[2] in rounds[0]["rejected"] or any(
+        s["silo"] == DEMO_SILOS[2] and not s["ok"] for s in rounds[0]["silos"]
+    )
+    assert sorted(rounds[1]["accepted"]) == sorted(DEMO_SILOS[:3])  # it rejoined the next round
+
+
+def test_aggregator_restarted_with_resume_continues_without_repeating_a_round(tmp_path):
+    port = free_port()
+    agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", "push", 3, MODEL, False, DEMO_SILOS[:2], port)
+    out = tmp_path / "aggregator"
+    agg = start("aggregator", agg_cfg, tmp_path / "agg1.log")
+    silos = [start("silo", c, tmp_path / f"s{i}.log") for i, c in enumerate(silo_cfgs)]
+    deadline = time.monotonic() + WAIT_S
+    while checkpoint.rounds(out) != [1] or not events(out / "metrics.jsonl", "round")[1:]:
+        assert time.monotonic() < deadline and agg.poll() is None
+        time.sleep(0.05)
+    agg.kill()
+    agg.wait()
+    saved = load_file(str(checkpoint.path_for(out, 1)))
+    agg = start("aggregator", agg_cfg, tmp_path / "agg2.log", None, "--resume")
+    assert wait(agg) == 0, (tmp_path / "agg2.log").read_text()
+    for s in silos:
+        wait(s)
+    rounds = [r["round"] for r in events(out / "metrics.jsonl", "round") if r["round"] > 0]
+    assert rounds.count(1) == 1 and rounds[-2:] == [2, 3], rounds
+    assert checkpoint.rounds(out)[-1] == 3
+    assert any(not bool((saved[k] == v).all()) for k, v in load_file(str(checkpoint.path_for(out, 3))).items())
+
+
+def test_a_malformed_config_names_the_field_and_the_form(tmp_path):
+    bad = tmp_path / "agg.toml"
+    bad.write_text('rounds = "three"\nwindow = 0\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedrdma.cli", "aggregator", "--config", str(bad)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "`rounds`" in proc.stderr and "integer" in proc.stderr
+    assert "`window`" in proc.stderr and "greater than or equal to 1" in proc.stderr
+    broken = tmp_path / "broken.toml"
+    broken.write_text("rounds = [\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedrdma.cli", "silo", "--config", str(broken)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "not valid TOML" in proc.stderr
