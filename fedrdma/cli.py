@@ -26,7 +26,16 @@ def _add_lab() -> None:
     app.add_typer(lab_app, name="lab", help="WAN lab: silos and an aggregator in network namespaces behind shaped links.")
 
 
+def _add_sim() -> None:
+    from fedrdma.sim.cli import sim as sim_command
+    from fedrdma.sim.cli import tune as tune_command
+
+    app.command("tune", help="Recommend a chunk size and window for a path (RoCE go-back-N model).")(tune_command)
+    app.command("sim", help="The RoCE go-back-N model's goodput by chunk size over a grid of paths.")(sim_command)
+
+
 _add_lab()
+_add_sim()
 console = Console()
 
 DEFAULT_BENCH_MODEL = "gpt2-small"

@@ -72,8 +72,23 @@ class Meter:
         )
 
 
+_RUNTIME_RSS = [0]
+
+
+def mark_runtime() -> None:
+    """Remember the RSS of the interpreter and its libraries, before any model exists."""
+    import grpc  # noqa: F401  (loaded here so that `runtime` includes every library we use)
+    import nixl_cu12  # noqa: F401
+    import transformers  # noqa: F401
+
+    _RUNTIME_RSS[0] = rss_bytes()
+
+
 def memory_report(model: object, optimizer: object, pool_bytes: int, pool_is_model: bool = False) -> dict[str, int]:
-    """Peak RSS split into model, optimizer, registered pools and the rest, in bytes.
+    """Peak RSS split into runtime, model, optimizer, registered pools and the rest, in bytes.
+
+    `runtime` is the interpreter with torch, transformers, gRPC and NIXL loaded, before any
+    model existed (`mark_runtime`); `rest` is what is left: activations, buffers, copies.
 
     When the pool is the model's own parameters (a silo in rdma-e), it is counted once,
     under `pools`, and `pool_is_model` says so.
@@ -96,11 +111,13 @@ def memory_report(model: object, optimizer: object, pool_bytes: int, pool_is_mod
     if pool_is_model:
         model_bytes = max(0, model_bytes - pool_bytes)
     peak = peak_rss_bytes()
+    runtime = _RUNTIME_RSS[0]
     return {
         "peak_rss": peak,
+        "runtime": runtime,
         "model": model_bytes,
         "optimizer": opt_bytes,
         "pools": pool_bytes,
-        "rest": max(0, peak - model_bytes - opt_bytes - pool_bytes),
+        "rest": max(0, peak - runtime - model_bytes - opt_bytes - pool_bytes),
         "pool_is_model": int(pool_is_model),
     }

@@ -96,9 +96,13 @@ def test_a_silo_writing_outside_its_inbox_is_refused_and_changes_nothing(tmp_pat
     wait(bad), wait(good)
     attempt = events(root / "silos" / f"{DEMO_SILOS[0]}.jsonl", "write_outside")
     assert attempt and attempt[0]["result"].startswith("refused"), attempt
-    a = load_file(str(checkpoint.path_for(tmp_path / "clean" / "aggregator", 1)))
-    b = load_file(str(checkpoint.path_for(root / "aggregator", 1)))
-    assert all(bool((a[k] == b[k]).all()) for k in a)  # byte-identical: nothing landed
+    (record,) = events(metrics, "round")[1:]
+    assert record["accepted"] == sorted(DEMO_SILOS[:2]), record
+    # Nothing landed: the attack would have put 1e6 into the global; the two runs differ at
+    # most by the order in which chunks were folded (float32 rounding, ~1e-7).
+    diff = max_abs_diff(checkpoint.path_for(tmp_path / "clean" / "aggregator", 1),
+                        checkpoint.path_for(root / "aggregator", 1))
+    assert diff < 1e-5, diff
 
 
 @pytest.mark.parametrize("fault,reason", [("nan", "NaN"), ("scale", "norm")])

@@ -24,7 +24,7 @@ from fedrdma.metrics import Meter
 from fedrdma.transport import wire
 from fedrdma.transport.agent import Agent
 from fedrdma.transport.channel import Channel, Listener, dial
-from fedrdma.transport.session import PEER_TIMEOUT_S, Faults, Session
+from fedrdma.transport.session import PEER_TIMEOUT_S, Faults, Session, recv_progressing
 
 RAW_MODES = ("raw-write", "raw-read")
 """References: the whole state in one NIXL operation, no chunks, no checks."""
@@ -61,7 +61,7 @@ def raw_reference(args: argparse.Namespace, agent: Agent, state: FlatState, chan
             )
         )
     else:
-        hello = channel.recv(PEER_TIMEOUT_S)
+        hello = recv_progressing(channel, agent, PEER_TIMEOUT_S)
         assert isinstance(hello, wire.Hello) and hello.region is not None
         peer = agent.add_peer(wire.unb64(hello.metadata))
         remote = Region(hello.region.address, hello.region.length).slice(0, state.nbytes)
@@ -81,7 +81,7 @@ def raw_reference(args: argparse.Namespace, agent: Agent, state: FlatState, chan
                     raise FedRDMAError(f"raw {op} ended in state {status}")
                 channel.send(wire.Status(transfer=0, complete=True))
             else:
-                msg = channel.recv(RAW_DEADLINE_S)
+                msg = recv_progressing(channel, agent, RAW_DEADLINE_S)  # our worker serves the peer
                 assert isinstance(msg, wire.Status)
         report(args, state, meter, {"seconds": meter.span.seconds})
     pool.close()

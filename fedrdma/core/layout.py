@@ -114,6 +114,11 @@ class FlatState:
             raise LayoutError(f"buffer has {buffer.numel()} bytes, layout needs {layout.nbytes}")
         self.layout = layout
         self.buffer = buffer
+        self.version = 0
+        """Bumped by whoever changes the bytes (`touch`); cached chunk checksums name it."""
+        self.checksums: dict[int, tuple[int, list[int]]] = {}
+        """chunk size -> (version, checksum per chunk): a sender hashes an unchanged state
+        once however often it sends it (the aggregator broadcasts one global to every silo)."""
         self.views: dict[str, torch.Tensor] = {
             s.name: buffer[s.offset : s.offset + s.nbytes].view(s.torch_dtype).view(s.shape)
             for s in layout.specs
@@ -153,6 +158,15 @@ class FlatState:
             for name, p in params:
                 p.data = state.views[name]
         return state
+
+    def touch(self) -> None:
+        """Declare the bytes changed (training, a received transfer, an aggregation).
+
+        Forgetting it is loud, not silent: stale checksums make every chunk fail its
+        verification at the receiver, and the transfer ends in an error.
+        """
+        self.version += 1
+        self.checksums.clear()
 
     def bind(self, module: torch.nn.Module) -> None:
         """Point `module`'s parameters at this state's views (after swapping buffers)."""

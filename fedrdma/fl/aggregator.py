@@ -27,7 +27,7 @@ from fedrdma.core.fedavg import NotEnoughSilos, RoundAggregate
 from fedrdma.core.layout import FlatState
 from fedrdma.fl import checkpoint
 from fedrdma.fl.state import build_trainable
-from fedrdma.metrics import memory_report
+from fedrdma.metrics import mark_runtime, memory_report
 from fedrdma.transport.agent import Agent, Pool
 from fedrdma.transport.session import Session, TransferStats
 
@@ -90,6 +90,7 @@ class SiloRound:
 
 class Aggregator:
     def __init__(self, cfg: AggregatorConfig, evaluate: Any = None) -> None:
+        mark_runtime()
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -108,6 +109,7 @@ class Aggregator:
         if cfg.resume:
             done = checkpoint.load_latest(self.out_dir, self.state)
             if done is not None:
+                self.state.touch()
                 self.round = done
                 log.info("resumed from round %d", done)
         self.silos: dict[str, SiloState] = {}
@@ -263,6 +265,7 @@ class Aggregator:
             if not r.ok and r.n_samples:  # started, so it may have folded chunks: retract them
                 aggregate.reject(r.silo, r.reason)
         outcome = aggregate.finish(into=self.spare, min_silos=cfg.min_silos, norm_factor=cfg.norm_factor)
+        self.spare.touch()
         self.state, self.spare = self.spare, self.state
         self.state.bind(self.model)
         for st in self.silos.values():

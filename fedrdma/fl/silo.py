@@ -23,7 +23,7 @@ from fedrdma.core.errors import FedRDMAError, PeerLost
 from fedrdma.fl.data import load_silo_data, load_tokenizer
 from fedrdma.fl.state import build_trainable
 from fedrdma.fl.trainer import LocalTrainer
-from fedrdma.metrics import memory_report
+from fedrdma.metrics import mark_runtime, memory_report
 from fedrdma.transport import wire
 from fedrdma.transport.agent import Agent, Pool
 from fedrdma.transport.session import Session
@@ -42,6 +42,7 @@ ADAM_MOMENTS = 2
 
 class Silo:
     def __init__(self, cfg: SiloConfig) -> None:
+        mark_runtime()
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,9 +134,11 @@ class Silo:
         """
         if self.agent is None or not upload.peer_name:
             return "no one-sided access to the aggregator at all"
+        junk = torch.full((1024,), 1e6, dtype=torch.float32)  # unmistakable if it ever lands
+        scratch = self.agent.nixl.register_memory([(junk.data_ptr(), 4096, 0, "")], "DRAM")
         try:
             remote = self.agent.nixl.prep_xfer_dlist(upload.peer_name, [(address, 4096, 0)], "DRAM")
-            local = self.agent.nixl.prep_xfer_dlist("NIXL_INIT_AGENT", [(self.state.address(), 4096, 0)], "DRAM")
+            local = self.agent.nixl.prep_xfer_dlist("NIXL_INIT_AGENT", [(junk.data_ptr(), 4096, 0)], "DRAM")
             handle = self.agent.nixl.make_prepped_xfer("WRITE", local, [0], remote, [0])
             status = self.agent.nixl.transfer(handle)
             deadline = time.monotonic() + 5
@@ -144,6 +147,8 @@ class Silo:
             return f"status {status}"
         except Exception as exc:
             return f"refused: {type(exc).__name__}: {exc}"
+        finally:
+            self.agent.nixl.deregister_memory(scratch)
 
     def _round(self, link: AggregatorLink, download: Session, upload: Session, rnd: int) -> None:
         cpu0 = time.process_time()
@@ -162,6 +167,7 @@ class Silo:
         memory = memory_report(self.model, None, pool_bytes, pool_is_model=self.pool is not None)
         memory["optimizer"] = ADAM_MOMENTS * self.state.nbytes
         memory["rest"] = max(0, memory["rest"] - memory["optimizer"])
+        self.state.touch()  # training (and any injected fault) changed the bytes
         link.control.send(
             m.Ready(
                 round=rnd, n_samples=n_samples, train_loss=loss, train_seconds=train_seconds,

@@ -47,6 +47,10 @@ shrink frozen-looking embeddings of byte ids a silo never sees."""
 EVAL_BATCH_SIZE = 16
 """Blocks per forward pass in evaluation: bounds activation memory, does not change the loss."""
 
+EVAL_LOGITS_BYTES = 32 << 20
+"""Logits allowed per evaluation batch: GPT-2's 50257-word vocabulary makes logits, not
+weights, the peak of an evaluation; this keeps it well inside the aggregator's budget."""
+
 ROUND_SEED_STRIDE = 1_000_003
 """Round seeds are `seed * stride + round_no`: a prime stride keeps (seed, round) pairs from
 colliding for any realistic number of rounds."""
@@ -187,10 +191,13 @@ def evaluate(model: torch.nn.Module, eval_blocks: torch.Tensor, threads: int = T
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
+    per_block = max(1, eval_blocks.shape[1] * vocab * 4)
+    step = max(1, min(EVAL_BATCH_SIZE, EVAL_LOGITS_BYTES // per_block))
     try:
-        with reproducible(threads):
-            for i in range(0, eval_blocks.shape[0], EVAL_BATCH_SIZE):
-                batch = eval_blocks[i : i + EVAL_BATCH_SIZE]
+        with reproducible(threads), torch.no_grad():
+            for i in range(0, eval_blocks.shape[0], step):
+                batch = eval_blocks[i : i + step]
                 loss = model(input_ids=batch, labels=batch).loss
                 total += float(loss) * batch.shape[0]
                 count += batch.shape[0]

@@ -76,6 +76,7 @@ def receive_serialized(session: Session) -> TransferStats:
     with torch.no_grad():
         for name, tensor in tensors.items():
             session.state.views[name].copy_(tensor)
+    session.state.touch()
     del tensors
     done = time.perf_counter()
     session.channel.send(

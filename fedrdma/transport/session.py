@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -49,18 +50,87 @@ HANDSHAKE_TIMEOUT_S = 60.0
 REFUSE_LINGER_S = 2.0
 """After refusing, wait this long for the peer's own refusal, so ours is not lost on close."""
 
-STATUS_EVERY_CHUNKS = 16
-"""The receiver reports verified chunks in batches of this many, or sooner when idle."""
+STATUS_EVERY_CHUNKS = 32
+"""The receiver reports verified chunks in batches of this many (corrupt ones at once, and
+all at completion): the sender needs them only to resume, and each report is a gRPC send."""
 
 CHECKSUM_BATCH = 64
 """Pull mode: chunk checksums travel in batches this large (one small message each)."""
 
-IDLE_MIN_S = 20e-6
+IDLE_MIN_S = 5e-6
 """First poll pause after progress: completions of a window arrive in bursts."""
 
-IDLE_MAX_S = 500e-6
-"""Longest poll pause: well under a 4 MiB chunk's time at line rate, while an idle loop
-leaves the cores to UCX's progress threads (on 2 cores every spin costs goodput)."""
+IDLE_MAX_S = 50e-6
+"""Longest poll pause during a transfer. Without a progress thread our polls are what
+moves UCX (it refills the socket and drains the receive side only when polled), so the
+pause must stay far below the time one socket buffer takes to drain at line rate."""
+
+
+def recv_progressing(channel: Channel, agent: Agent | None, timeout: float) -> wire.Message | Blob:
+    """`channel.recv`, while driving NIXL progress so that one-sided peers are served.
+
+    Without a progress thread (see `agent.PROGRESS_THREAD`) the memory owner's UCX worker
+    moves only when polled: over TCP it must answer emulated READs and connection set-up.
+    """
+    if agent is None:
+        return channel.recv(timeout)
+    deadline = time.monotonic() + timeout
+    idle = _Idle()
+    while True:
+        msg = channel.poll()
+        if msg is not None:
+            return msg
+        if channel.closed.is_set():
+            return channel.recv(0)  # raises PeerLost with the reason
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no message from {channel.peer} within {timeout:.1f} s")
+        agent.progress()
+        idle(False)
+
+
+class ChunkHasher:
+    """The sender's chunk checksums: from the state's cache, or computed ahead of the posts.
+
+    xxh3 releases the GIL, so hashing runs on the second core instead of delaying each post
+    (and, without a progress thread, each poll that moves UCX). Results are cached on the
+    state under its version, so an unchanged state is hashed once for any number of sends.
+    """
+
+    def __init__(self, state: FlatState, plan: ChunkPlan) -> None:
+        self._state = state
+        self._plan = plan
+        self._version = state.version
+        cached = state.checksums.get(plan.chunk_size)
+        self._cached = cached[1] if cached and cached[0] == state.version else None
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: list[Future[int]] = []
+        if self._cached is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-hash")
+            self._futures = [
+                self._pool.submit(chunk_checksum, state.memoryview(c.offset, c.length)) for c in plan.chunks
+            ]
+        self._staged: set[int] = set()
+
+    def checksum(self, index: int) -> int:
+        if self._cached is not None:
+            return self._cached[index]
+        return self._futures[index].result()
+
+    def staged(self, index: int) -> bool:
+        """True once for each chunk after its first staging copy (rdma mode)."""
+        if index in self._staged:
+            return True
+        self._staged.add(index)
+        return False
+
+    def close(self) -> None:
+        if self._pool is None:
+            return
+        for future in self._futures:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        if self._state.version == self._version and all(f.done() and not f.cancelled() for f in self._futures):
+            self._state.checksums[self._plan.chunk_size] = (self._version, [f.result() for f in self._futures])
 
 
 class _Idle:
@@ -290,7 +360,7 @@ class Session:
                 self.channel.send(wire.Bye())
                 deadline = time.monotonic() + timeout
                 while time.monotonic() < deadline:
-                    msg = self.channel.recv(max(0.0, deadline - time.monotonic()))
+                    msg = self.recv_progressing(max(0.0, deadline - time.monotonic()))
                     if isinstance(msg, wire.Bye):
                         break
         except (PeerLost, TimeoutError):
@@ -325,7 +395,7 @@ class Session:
         """The next message of `kind`; a Refuse or Abort from the peer becomes an error."""
         wait = self.peer_timeout if timeout is None else timeout
         try:
-            msg = self.channel.recv(wait)
+            msg = self.recv_progressing(wait)
         except TimeoutError:
             raise PeerLost(f"the peer sent no {kind.__name__} within {wait:.0f} s; is it alive?") from None
         if isinstance(msg, (wire.Abort, wire.Refuse)):
@@ -333,6 +403,9 @@ class Session:
         if not isinstance(msg, kind):
             raise ProtocolError(f"expected {kind.__name__} from the peer, got {type(msg).__name__}")
         return msg
+
+    def recv_progressing(self, timeout: float) -> wire.Message | Blob:
+        return recv_progressing(self.channel, self.agent, timeout)
 
     def _drain(self) -> list[wire.Message | Blob]:
         out = []
@@ -366,15 +439,13 @@ class Session:
         else:
             assert self.pool is not None
             local = self.pool.local_dlist(plan)
-        checksums: list[int | None] = [None] * len(plan)
+        hasher = ChunkHasher(self.state, plan)  # checksums run ahead on another core
 
         def notice(index: int, generation: int) -> bytes:
-            if checksums[index] is None:
+            if staging and not hasher.staged(index):
                 chunk = plan.chunks[index]
-                if staging:
-                    staging[index].copy_(self.state.buffer[chunk.offset : chunk.end])
-                checksums[index] = chunk_checksum(self.state.memoryview(chunk.offset, chunk.length))
-            return wire.chunk_notice(transfer, generation, index, checksums[index])  # type: ignore[arg-type]
+                staging[index].copy_(self.state.buffer[chunk.offset : chunk.end])
+            return wire.chunk_notice(transfer, generation, index, hasher.checksum(index))
 
         def on_message(sched: Scheduler, msg: object, now: float) -> None:
             if isinstance(msg, wire.Status) and msg.transfer == transfer:
@@ -386,6 +457,7 @@ class Session:
         try:
             sched = self._drive("WRITE", local, notice, on_message, ledger=None)
         finally:
+            hasher.close()
             if staged_pool is not None:
                 local.release()  # type: ignore[attr-defined]
                 self.agent.nixl.deregister_memory(staged_pool)
@@ -422,18 +494,29 @@ class Session:
                 return self._view(staging[index], 0, chunk.length)
             return self._view(target, chunk.offset, chunk.length)
 
+        checks: dict[int, Future[int]] = {}
+        verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-verify")
+
         def verify(index: int) -> None:
+            """Hash the landed chunk on a helper thread, so this loop keeps polling UCX."""
             if index in self.faults.corrupt_once and index not in flipped:
                 flipped.add(index)
                 v = view(index)
                 v[0] ^= 0xFF
-            if ledger.check(index, chunk_checksum(view(index))):
-                pending.append(index)
-                if self.on_chunk and not staging:
-                    chunk = plan.chunks[index]
-                    self.on_chunk(chunk.offset, chunk.length)
-            else:
-                corrupt.append(index)
+            checks[index] = verifier.submit(chunk_checksum, view(index))
+
+        def settle() -> bool:
+            """Record the verdicts of finished hashes; True if there were any."""
+            finished = [i for i, f in checks.items() if f.done()]
+            for index in finished:
+                if ledger.check(index, checks.pop(index).result()):
+                    pending.append(index)
+                    if self.on_chunk and not staging:
+                        chunk = plan.chunks[index]
+                        self.on_chunk(chunk.offset, chunk.length)
+                else:
+                    corrupt.append(index)
+            return bool(finished)
 
         try:
             while True:
@@ -450,10 +533,14 @@ class Session:
                     ledger.expect(index, checksum)
                     if ledger.land(index):
                         verify(index)
+                progressed = settle() or progressed
                 for msg in self._drain():
                     progressed = True
                     if isinstance(msg, wire.Resume) and msg.transfer == transfer:
                         self._generation = msg.generation
+                        for future in checks.values():
+                            future.result()  # let hashes of torn chunks finish; their verdicts are void
+                        checks.clear()
                         ledger.reset_unverified()
                         self.channel.send(wire.Status(transfer=transfer, verified=ledger.verified_indices()))
                         pending.clear()
@@ -463,7 +550,7 @@ class Session:
                 if ledger.complete:
                     self.channel.send(wire.Status(transfer=transfer, verified=pending, corrupt=corrupt, complete=True))
                     break
-                if corrupt or len(pending) >= STATUS_EVERY_CHUNKS or (pending and not progressed):
+                if corrupt or len(pending) >= STATUS_EVERY_CHUNKS:
                     self.channel.send(wire.Status(transfer=transfer, verified=pending, corrupt=corrupt))
                     pending, corrupt = [], []
                 if self.channel.closed.is_set():
@@ -474,9 +561,11 @@ class Session:
                         f"({ledger.verified_count}/{len(plan)} chunks verified)"
                     )
                 idle(progressed)
+            self.state.touch()
             if staging:
                 self._rebuild(staging)
         finally:
+            verifier.shutdown(wait=True, cancel_futures=True)
             if staged_pool is not None:
                 self.agent.nixl.deregister_memory(staged_pool)
         return TransferStats(transfer, self.mode, time.perf_counter() - start, plan.nbytes, corrupt=ledger.corrupt_count)
@@ -501,16 +590,18 @@ class Session:
         transfer = self._transfer
         plan = self.plan
         self.channel.send(wire.Offer(transfer=transfer, chunk_size=plan.chunk_size, nchunks=len(plan)))
-        for first in range(0, len(plan), CHECKSUM_BATCH):
-            values = [
-                chunk_checksum(self.state.memoryview(c.offset, c.length))
-                for c in plan.chunks[first : first + CHECKSUM_BATCH]
-            ]
-            self.channel.send(wire.Checksums(transfer=transfer, start=first, values=values))
-        # The receiver may READ our pool until it says it is done: wait for that word.
+        hasher = ChunkHasher(self.state, plan)
+        try:
+            for first in range(0, len(plan), CHECKSUM_BATCH):
+                values = [hasher.checksum(i) for i in range(first, min(len(plan), first + CHECKSUM_BATCH))]
+                self.channel.send(wire.Checksums(transfer=transfer, start=first, values=values))
+        finally:
+            hasher.close()
+        # The receiver may READ our pool until it says it is done: wait for that word, and
+        # meanwhile let UCX serve the READs (over TCP the memory owner's worker answers them).
         while True:
             try:
-                msg = self.channel.recv(self.peer_timeout)
+                msg = self.recv_progressing(self.peer_timeout)
             except TimeoutError:
                 raise PeerLost(f"the receiver went silent for {self.peer_timeout:.0f} s during transfer {transfer}") from None
             if isinstance(msg, (wire.Abort, wire.Refuse)):
@@ -555,6 +646,7 @@ class Session:
             if ledger.land(index):
                 verify(sched, index, now)
 
+        self.state.touch()  # bytes land from the first READ on
         sched = self._drive("READ", self.pool.local_dlist(plan), lambda i, g: b"", on_message, ledger, on_landed)
         self.channel.send(wire.Status(transfer=transfer, complete=True, bytes_posted=sched.bytes_posted))
         stats = self._stats(transfer, start, sched)
