@@ -1,0 +1,33 @@
+"""The command line: every command is there, and bad input is refused with the fix named."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from fedrdma.cli import app
+
+runner = CliRunner()
+
+
+def test_every_command_is_listed():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("aggregator", "silo", "demo", "bench", "lab", "tune", "sim"):
+        assert command in result.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--chunk-size", "0"], "positive"),
+        (["--chunk-size", str(8 << 20)], "above the state size"),
+        (["--window", "0"], "window must be between 1"),
+        (["--modes", "rdma-e,carrier-pigeon"], "unknown mode"),
+        (["--size-mb", "-1"], "must be positive"),
+    ],
+)
+def test_bench_transfer_refuses_bad_settings_before_starting_anything(args, message):
+    result = runner.invoke(app, ["bench", "transfer", "--size-mb", "4", *args])
+    assert result.exit_code == 2
+    assert message in result.output.replace("\n", " ")
