@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/fedrdma bench transfer
+	$(VENV)/bin/fedrdma demo --json runs/demo/demo.json
 
 test: setup
 	$(PY) -m pytest

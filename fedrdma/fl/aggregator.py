@@ -27,7 +27,7 @@ from fedrdma.core.fedavg import NotEnoughSilos, RoundAggregate
 from fedrdma.core.layout import FlatState
 from fedrdma.fl import checkpoint
 from fedrdma.fl.state import build_trainable
-from fedrdma.metrics import mark_runtime, memory_report
+from fedrdma.metrics import mark_runtime, memory_report, reset_peak
 from fedrdma.transport.agent import Agent, Pool
 from fedrdma.transport.session import Session, TransferStats
 
@@ -238,6 +238,7 @@ class Aggregator:
                 f"round {rnd}: only {len(links)} silo(s) ready within {cfg.join_timeout_s:.0f} s, "
                 f"min_silos is {cfg.min_silos}; start more silos or lower min_silos"
             )
+        reset_peak()  # the memory figures are this round's peak, not start-up's
         start = time.monotonic()
         deadline = start + cfg.round_deadline_s
         with self._fold_lock:

@@ -23,7 +23,7 @@ from fedrdma.core.errors import FedRDMAError, PeerLost
 from fedrdma.fl.data import load_silo_data, load_tokenizer
 from fedrdma.fl.state import build_trainable
 from fedrdma.fl.trainer import LocalTrainer
-from fedrdma.metrics import mark_runtime, memory_report
+from fedrdma.metrics import mark_runtime, memory_report, reset_peak
 from fedrdma.transport import wire
 from fedrdma.transport.agent import Agent, Pool
 from fedrdma.transport.session import Session
@@ -152,6 +152,7 @@ class Silo:
 
     def _round(self, link: AggregatorLink, download: Session, upload: Session, rnd: int) -> None:
         cpu0 = time.process_time()
+        reset_peak()  # the memory figures are this round's peak, not start-up's
         got = download.receive()
         fault = os.environ.get(FAULT_ENV, "")
         if fault == f"exit-after-download:{rnd}":

@@ -52,11 +52,18 @@ class Agent:
 
     def __init__(self, name: str | None = None) -> None:
         _quiet_nixl()
-        from nixl_cu12 import nixl_agent, nixl_agent_config
+        from nixl_cu12 import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
         self.name = name or f"fedrdma-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.nixl = nixl_agent(
-            self.name, nixl_agent_config(enable_prog_thread=PROGRESS_THREAD, backends=["UCX"])
+            self.name,
+            nixl_agent_config(
+                enable_prog_thread=PROGRESS_THREAD,
+                backends=["UCX"],
+                # One agent serves several sessions on their own threads (the aggregator: two
+                # per silo); without a progress thread each of them drives the UCX worker.
+                sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
+            ),
         )
         if "UCX" not in self.nixl.backends:
             raise TransferError("NIXL has no UCX backend here; reinstall nixl-cu12 (make setup)")
