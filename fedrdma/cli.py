@@ -189,13 +189,47 @@ def _run_aggregator(cfg: Any) -> None:
     from fedrdma.fl.aggregator import Aggregator
     from fedrdma.fl.evaluate import evaluator
 
+    from rich.live import Live
+
+    from fedrdma.plots import demo_plot
+
     _logging()
+    table = round_table(cfg.transport)
     try:
-        records = Aggregator(cfg, evaluator(cfg)).run()
+        with Live(table, console=console, refresh_per_second=2):
+            records = Aggregator(cfg, evaluator(cfg)).run(on_round=lambda r: add_round_row(table, r))
     except FedRDMAError as exc:
         console.print(f"[red]aggregator failed:[/] {exc}")
         raise typer.Exit(1) from None
-    console.print(f"aggregator: {len(records)} round records in {cfg.out_dir}/metrics.jsonl")
+    png = demo_plot({"transports": {cfg.transport: {"rounds": records}}}, Path(cfg.out_dir) / "rounds.png") \
+        if any(r.get("eval_loss") is not None for r in records) else None
+    console.print(f"aggregator: {len(records)} rounds; metrics in {cfg.out_dir}/metrics.jsonl"
+                  + (f", plot {png}" if png else ""))
+
+
+def round_table(transport: str) -> Table:
+    table = Table(title=f"rounds ({transport})")
+    for col in ("round", "held-out loss", "broadcast s", "train s", "upload s", "aggregate s", "comm %", "accepted",
+                "rejected"):
+        table.add_column(col, justify="left" if col in ("accepted", "rejected") else "right")
+    return table
+
+
+def add_round_row(table: Table, r: dict[str, Any]) -> None:
+    from fedrdma.plots import mean_over_silos as _mean
+
+    loss = r.get("eval_loss")
+    table.add_row(
+        str(r["round"]),
+        f"{loss:.3f}" if loss is not None else "",
+        f"{_mean(r, 'broadcast_seconds'):.2f}",
+        f"{_mean(r, 'train_seconds'):.2f}",
+        f"{_mean(r, 'upload_seconds'):.2f}",
+        f"{r.get('aggregation_seconds', 0.0):.2f}",
+        f"{100 * r.get('comm_share', 0.0):.0f}",
+        ", ".join(r.get("accepted", [])),
+        "; ".join(f"{k}: {v}" for k, v in (r.get("rejected") or {}).items()),
+    )
 
 
 def _run_silo(cfg: Any) -> None:

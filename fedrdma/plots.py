@@ -30,7 +30,7 @@ def demo_plot(result: dict[str, Any], path: Path) -> Path:
         xs = [r["round"] for r in rounds]
         bottom = [0.0] * len(rounds)
         for phase in PHASES:
-            vals = [_mean(r, phase) for r in rounds]
+            vals = [mean_over_silos(r, phase) for r in rounds]
             ax.bar(xs, vals, bottom=bottom, label=phase.replace("_seconds", ""))
             bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
         agg = [r.get("aggregation_seconds", 0.0) for r in rounds]
@@ -46,6 +46,6 @@ def demo_plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def _mean(record: dict[str, Any], key: str) -> float:
+def mean_over_silos(record: dict[str, Any], key: str) -> float:
     vals = [s[key] for s in record.get("silos", []) if s.get("ok") and key in s]
     return sum(vals) / len(vals) if vals else 0.0

@@ -171,10 +171,11 @@ def test_aggregator_restarted_with_resume_continues_without_repeating_a_round(tm
     agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", "push", 3, MODEL, False, DEMO_SILOS[:2], port)
     out = tmp_path / "aggregator"
     agg = start("aggregator", agg_cfg, tmp_path / "agg1.log")
-    silos = [start("silo", c, tmp_path / f"s{i}.log") for i, c in enumerate(silo_cfgs)]
+    stall = {"FEDRDMA_SILO_FAULT": "stall-once:2:8"}  # round 2 takes 8 s: the aggregator dies in it
+    silos = [start("silo", c, tmp_path / f"s{i}.log", stall) for i, c in enumerate(silo_cfgs)]
     deadline = time.monotonic() + WAIT_S
     while checkpoint.rounds(out) != [1] or not events(out / "metrics.jsonl", "round")[1:]:
-        assert time.monotonic() < deadline and agg.poll() is None
+        assert time.monotonic() < deadline and agg.poll() is None, (tmp_path / "agg1.log").read_text()
         time.sleep(0.05)
     agg.kill()
     agg.wait()

@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,13 +320,15 @@ class Aggregator:
     def _pool_bytes(self) -> int:
         return sum(p.region.length for p in self.pools.values() if p.registered)
 
-    def run(self) -> list[dict[str, Any]]:
-        records = []
+    def run(self, on_round: Callable[[dict[str, Any]], None] = lambda r: None) -> list[dict[str, Any]]:
+        """Rounds until `cfg.rounds`; `on_round` sees each round's record as it closes."""
+        records: list[dict[str, Any]] = []
         initial = self.evaluate(self.model) if self.evaluate and self.round == 0 else None
         if initial is not None:
             self._event({"event": "round", "round": 0, "eval_loss": initial, "transport": self.cfg.transport})
             records.append({"round": 0, "eval_loss": initial, "comm_seconds": 0.0, "compute_seconds": 0.0,
                             "comm_share": 0.0})
+            on_round(records[-1])
         failures = 0
         try:
             while self.round < self.cfg.rounds:
@@ -341,6 +344,7 @@ class Aggregator:
                 failures = 0
                 self.round += 1
                 records.append(record)
+                on_round(record)
         finally:
             self.close()
         return records

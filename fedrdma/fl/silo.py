@@ -55,6 +55,7 @@ class Silo:
         self.agent: Agent | None = None
         self.pool: Pool | None = None
         self.rounds_done: list[int] = []
+        self._stalled: set[int] = set()
         self.metrics_path = self.out_dir / f"{cfg.id}.jsonl"
 
     def _event(self, event: dict[str, Any]) -> None:
@@ -157,6 +158,9 @@ class Silo:
         fault = os.environ.get(FAULT_ENV, "")
         if fault == f"exit-after-download:{rnd}":
             os._exit(17)  # a silo that dies mid-round
+        if fault.startswith(f"stall-once:{rnd}:") and rnd not in self._stalled:
+            self._stalled.add(rnd)  # a slow round, once per process: a window to kill the aggregator
+            time.sleep(float(fault.split(":")[2]))
         n_samples, loss, train_seconds = self.trainer.train_round(rnd)
         if fault.startswith("write-outside:"):
             self._event({"event": "write_outside", "result": self._write_outside(upload, int(fault.split(":")[1]))})
