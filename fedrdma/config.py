@@ -50,6 +50,9 @@ DEFAULT_HEARTBEAT_S = 2.0
 DEFAULT_REJOIN_S = 120.0
 """How long a silo keeps redialing a lost aggregator before it gives up."""
 
+SILO_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+"""Silo ids appear in file names, metrics and logs: keep them short and plain."""
+
 Transport = Literal["grpc", "rdma", "rdma-e"]
 Upload = Literal["push", "pull"]
 
@@ -93,11 +96,18 @@ class TransportSettings(_Settings):
 
 
 class SiloEntry(_Settings):
-    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    id: str = Field(pattern=SILO_ID_PATTERN)
     token: str = Field(min_length=8, description="shared secret this silo presents at join")
 
 
-class AggregatorConfig(ModelSettings, TransportSettings):
+class RuntimeSettings(ModelSettings):
+    """Settings both processes have."""
+
+    seq_len: int = Field(DEFAULT_SEQ_LEN, ge=8)
+    heartbeat_s: float = Field(DEFAULT_HEARTBEAT_S, gt=0)
+
+
+class AggregatorConfig(RuntimeSettings, TransportSettings):
     listen: str = DEFAULT_LISTEN
     rounds: int = Field(DEFAULT_ROUNDS, ge=1)
     min_silos: int = Field(DEFAULT_MIN_SILOS, ge=1)
@@ -105,10 +115,8 @@ class AggregatorConfig(ModelSettings, TransportSettings):
     join_timeout_s: float = Field(DEFAULT_JOIN_TIMEOUT_S, gt=0)
     gather_s: float = Field(DEFAULT_GATHER_S, ge=0)
     norm_factor: float = Field(DEFAULT_NORM_FACTOR, gt=1)
-    heartbeat_s: float = Field(DEFAULT_HEARTBEAT_S, gt=0)
     silos: list[SiloEntry] = Field(default_factory=list, description="silos allowed to join; flag form ID:TOKEN, repeatable")
     eval_data: Path | None = Field(None, description="held-out text the aggregator scores the global model on")
-    seq_len: int = Field(DEFAULT_SEQ_LEN, ge=8)
     out_dir: Path = Field(Path("runs/aggregator"), description="checkpoints, metrics.jsonl, plots")
     resume: bool = Field(False, description="continue from the last checkpoint in out_dir")
 
@@ -122,16 +130,14 @@ class AggregatorConfig(ModelSettings, TransportSettings):
         return self
 
 
-class SiloConfig(ModelSettings):
-    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+class SiloConfig(RuntimeSettings):
+    id: str = Field(pattern=SILO_ID_PATTERN)
     token: str = Field(min_length=8)
     aggregator: str = DEFAULT_LISTEN
     data: Path = Field(description="this silo's local text: .txt or .jsonl with a 'text' field")
     local_steps: int = Field(DEFAULT_LOCAL_STEPS, ge=1)
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
-    seq_len: int = Field(DEFAULT_SEQ_LEN, ge=8)
     lr: float = Field(DEFAULT_LR, gt=0)
-    heartbeat_s: float = Field(DEFAULT_HEARTBEAT_S, gt=0)
     rejoin_s: float = Field(DEFAULT_REJOIN_S, ge=0)
     out_dir: Path = Field(Path("runs/silo"), description="this silo's metrics")
 

@@ -11,9 +11,8 @@ from typing import Literal
 
 from pydantic import Field
 
+from fedrdma.config import SILO_ID_PATTERN as SILO_ID
 from fedrdma.transport import wire
-
-SILO_ID = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
 class Join(wire._Msg):
