@@ -28,6 +28,7 @@ from fedrdma.core.fedavg import NotEnoughSilos, RoundAggregate
 from fedrdma.core.layout import FlatState
 from fedrdma.fl import checkpoint
 from fedrdma.fl.state import build_trainable
+from fedrdma.memory import pin_mmap_threshold
 from fedrdma.metrics import mark_runtime, memory_report, reset_peak
 from fedrdma.transport.agent import Agent, Pool
 from fedrdma.transport.session import Session, TransferStats
@@ -91,6 +92,7 @@ class SiloRound:
 
 class Aggregator:
     def __init__(self, cfg: AggregatorConfig, evaluate: Any = None) -> None:
+        pin_mmap_threshold()
         mark_runtime()
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)

@@ -23,6 +23,7 @@ from fedrdma.core.errors import FedRDMAError, PeerLost
 from fedrdma.fl.data import load_silo_data, load_tokenizer
 from fedrdma.fl.state import build_trainable
 from fedrdma.fl.trainer import LocalTrainer
+from fedrdma.memory import pin_mmap_threshold
 from fedrdma.metrics import mark_runtime, memory_report, reset_peak
 from fedrdma.transport import wire
 from fedrdma.transport.agent import Agent, Pool
@@ -42,6 +43,7 @@ ADAM_MOMENTS = 2
 
 class Silo:
     def __init__(self, cfg: SiloConfig) -> None:
+        pin_mmap_threshold()
         mark_runtime()
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)
