@@ -20,6 +20,7 @@ from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, Region, stat
 from fedrdma.core.errors import FedRDMAError
 from fedrdma.core.layout import FlatState
 from fedrdma.core.scheduler import RetryPolicy
+from fedrdma.memory import pin_mmap_threshold
 from fedrdma.metrics import Meter
 from fedrdma.transport import wire
 from fedrdma.transport.agent import Agent
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if bool(args.listen) == bool(args.connect):
         p.error("give exactly one of --listen and --connect")
+    if args.mode != "grpc":  # as in the runtime; see fedrdma.memory for why not for grpc
+        pin_mmap_threshold()
     listener = None
     session: Session | None = None
     agent: Agent | None = None

@@ -92,7 +92,8 @@ class SiloRound:
 
 class Aggregator:
     def __init__(self, cfg: AggregatorConfig, evaluate: Any = None) -> None:
-        pin_mmap_threshold()
+        if cfg.transport != "grpc":  # see fedrdma.memory for why not for grpc
+            pin_mmap_threshold()
         mark_runtime()
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)

@@ -43,7 +43,6 @@ ADAM_MOMENTS = 2
 
 class Silo:
     def __init__(self, cfg: SiloConfig) -> None:
-        pin_mmap_threshold()
         mark_runtime()
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)
@@ -89,6 +88,8 @@ class Silo:
         link = AggregatorLink(cfg.aggregator, cfg.id, cfg.token, self.state.layout_id, self.state.nbytes)
         welcome = link.welcome
         self._event({"event": "joined", "generation": welcome.generation})
+        if welcome.download_mode != "grpc":  # see fedrdma.memory for why not for grpc
+            pin_mmap_threshold()
         rdma = welcome.download_mode != "grpc"
         if rdma and self.agent is None:
             self.agent = Agent(f"silo-{cfg.id}-{int(time.time() * 1000) % 10**9}")
