@@ -77,7 +77,7 @@ def test_expired_reports_in_flight_chunks_past_their_deadline():
 def test_disconnect_then_resume_sends_only_unverified_chunks():
     s = make(n=6, window=3)
     land_and_verify(s, s.poll(0.0))  # 0,1,2 verified
-    posts = s.poll(0.0)  # 3,4,5 in flight
+    s.poll(0.0)  # 3,4,5 in flight
     s.landed(3, 0)
     s.disconnected(1.0)
     assert s.generation == 1 and s.in_flight == 0

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedrdma.bench.procs import PeerProcess, start_pair
+from fedrdma.bench.procs import start_pair
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW
 
 DEFAULT_REPEAT = 3

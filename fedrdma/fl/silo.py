@@ -19,7 +19,7 @@ import torch
 from fedrdma.config import SiloConfig
 from fedrdma.control import messages as m
 from fedrdma.control.link import AggregatorLink, JoinRefused
-from fedrdma.core.errors import FedRDMAError, PeerLost
+from fedrdma.core.errors import PeerLost
 from fedrdma.fl.data import load_silo_data, load_tokenizer
 from fedrdma.fl.state import build_trainable
 from fedrdma.fl.trainer import LocalTrainer
