@@ -16,10 +16,10 @@ from fedrdma.core.layout import FlatState, Layout
 SHAPES = [("w", torch.float32, (37, 11)), ("b", torch.float32, (11,)), ("h", torch.float16, (5, 13))]
 
 
-def make_state(seed: int, scale: float = 1.0, base: FlatState | None = None) -> FlatState:
+def make_state(seed: int, scale: float = 1.0, base: FlatState | None = None, shapes=None) -> FlatState:
     """A state with the test layout: `base` plus a seeded delta of size `scale` (or random)."""
     gen = torch.Generator().manual_seed(seed)
-    state = FlatState.allocate(Layout.from_shapes(SHAPES), fill=0xAB)  # padding bytes are junk on purpose
+    state = FlatState.allocate(Layout.from_shapes(shapes or SHAPES), fill=0xAB)  # padding bytes are junk on purpose
     for name, view in state.views.items():
         noise = torch.randn(view.shape, generator=gen) * scale
         if base is not None:
@@ -316,14 +316,11 @@ def test_an_accepted_silo_rewriting_its_buffer_is_caught_when_the_sum_is_rebuilt
         assert torch.allclose(into.views[name].float(), ref.float(), atol=1e-6, rtol=0), name
 
 
+F32_SHAPES = [("w", torch.float32, (37, 11)), ("b", torch.float32, (13,))]
+
+
 def float32_state(seed: int, base: FlatState | None = None, scale: float = 1.0) -> FlatState:
-    gen = torch.Generator().manual_seed(seed)
-    layout = Layout.from_shapes([("w", torch.float32, (37, 11)), ("b", torch.float32, (13,))])
-    state = FlatState.allocate(layout)
-    for name, view in state.views.items():
-        noise = torch.randn(view.shape, generator=gen) * scale
-        view.copy_(noise + (base.views[name] if base is not None else 0))
-    return state
+    return make_state(seed, scale, base, shapes=F32_SHAPES)
 
 
 def test_in_place_accumulator_holds_the_sum_and_finishes_into_itself():

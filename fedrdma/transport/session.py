@@ -109,19 +109,11 @@ class ChunkHasher:
             self._futures = [
                 self._pool.submit(chunk_checksum, state.memoryview(c.offset, c.length)) for c in plan.chunks
             ]
-        self._staged: set[int] = set()
 
     def checksum(self, index: int) -> int:
         if self._cached is not None:
             return self._cached[index]
         return self._futures[index].result()
-
-    def staged(self, index: int) -> bool:
-        """True once for each chunk after its first staging copy (rdma mode)."""
-        if index in self._staged:
-            return True
-        self._staged.add(index)
-        return False
 
     def close(self) -> None:
         if self._pool is None:
@@ -415,9 +407,6 @@ class Session:
             out.append(msg)
         return out
 
-    def _view(self, buffer: torch.Tensor, offset: int, length: int) -> memoryview:
-        return memoryview(buffer.numpy()).cast("B")[offset : offset + length]
-
     # -- push: sender (rdma-e, rdma) -------------------------------------------------
     def _push(self) -> TransferStats:
         assert self.agent is not None
@@ -440,9 +429,11 @@ class Session:
             assert self.pool is not None
             local = self.pool.local_dlist(plan)
         hasher = ChunkHasher(self.state, plan)  # checksums run ahead on another core
+        staged: set[int] = set()  # rdma: chunks already copied into their staging buffer
 
         def notice(index: int, generation: int) -> bytes:
-            if staging and not hasher.staged(index):
+            if staging and index not in staged:
+                staged.add(index)
                 chunk = plan.chunks[index]
                 staging[index].copy_(self.state.buffer[chunk.offset : chunk.end])
             return wire.chunk_notice(transfer, generation, index, hasher.checksum(index))
@@ -473,7 +464,6 @@ class Session:
         transfer = begin.transfer
         self._transfer = transfer
         ledger = Ledger(plan)
-        target = self.state.buffer
         staging: list[torch.Tensor] = []
         staged_pool = None
         if self.mode == "rdma":
@@ -491,8 +481,8 @@ class Session:
         def view(index: int) -> memoryview:
             chunk = plan.chunks[index]
             if staging:
-                return self._view(staging[index], 0, chunk.length)
-            return self._view(target, chunk.offset, chunk.length)
+                return memoryview(staging[index].numpy()).cast("B")
+            return self.state.memoryview(chunk.offset, chunk.length)
 
         checks: dict[int, Future[int]] = {}
         verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-verify")
