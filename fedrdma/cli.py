@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +61,18 @@ def bench_transfer(
     window: int = typer.Option(DEFAULT_WINDOW, help="Chunks in flight at once."),
     repeat: int = typer.Option(3, min=1, help="Counted transfers per mode (after one warm-up); figures are medians."),
     json_path: Path = typer.Option(None, "--json", help="Write the results here as JSON."),
+    rate: str = typer.Option(None, help="Run the peers in a lab path of this line rate (1gbit, 500mbit) "
+                                        "instead of on loopback; needs root."),
+    rtt: str = typer.Option(None, help="With --rate: round-trip time the path adds (20ms); default 0."),
+    loss: str = typer.Option(None, help="With --rate: drop probability per packet each way (0.01 = 1 %); default 0."),
+    mtu: int = typer.Option(None, help="With --rate: MTU of the lab links; default the lab's (9000)."),
+    references: bool = typer.Option(True, help="Also time raw NIXL WRITE and READ (the ceiling the modes are read against)."),
 ) -> None:
-    """Move one state between two processes with each mode and with raw NIXL references."""
+    """Move one state between two processes with each mode and with raw NIXL references.
+
+    With --rate the sender runs in a silo namespace and the receiver in the aggregator's,
+    joined by a path shaped in the lab's router; figures are then also read against the line.
+    """
     from fedrdma.bench import transfer
 
     mode_list = _parse_modes(modes)
@@ -81,18 +93,21 @@ def bench_transfer(
         check_window(window)
     except PlanError as exc:
         raise typer.BadParameter(str(exc)) from None
+    shape = _path_shape(rate, rtt, loss, mtu)
     env = transfer.transfer_env()
     console.print(f"[bold]bench transfer[/]: {what}; chunk {chunk_size} B, window {window}, "
                   f"{repeat} counted + 1 warm-up per mode; UCX_TLS={env['UCX_TLS']}")
-    total = (len(mode_list) + 2) * (repeat + transfer.WARMUP)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
+    total = (len(mode_list) + (2 if references else 0)) * (repeat + transfer.WARMUP)
+    with _placement(shape, mtu) as where, Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        console.print(f"peers on {where.describe()}")
         task = progress.add_task("starting", total=total)
         result = transfer.run(
             size_args, nbytes, mode_list, chunk_size, window, repeat,
             on_transfer=lambda: progress.advance(task),
             on_mode=lambda m: progress.update(task, description=f"[cyan]{m}"),
-            env=env,
+            env=env, where=where, references=references,
         )
     console.print(transfer_table(result))
     if json_path:
@@ -100,6 +115,47 @@ def bench_transfer(
         console.print(f"wrote {json_path}")
     if not all(row["identical"] for row in result["modes"].values()):
         raise typer.Exit(1)
+
+
+def _path_shape(rate: str | None, rtt: str | None, loss: str | None, mtu: int | None) -> Any:
+    """The lab path the flags ask for, or None for loopback; bad values fail before anything starts."""
+    if rate is None:
+        given = [flag for flag, value in (("--rtt", rtt), ("--loss", loss), ("--mtu", mtu)) if value is not None]
+        if given:
+            verb = "shapes" if len(given) == 1 else "shape"
+            raise typer.BadParameter(f"{', '.join(given)} {verb} a lab path, which also needs --rate (e.g. --rate 1gbit)")
+        return None
+    from pydantic import ValidationError
+
+    from fedrdma.lab.cli import describe_validation
+    from fedrdma.lab.config import LabConfig, PathShape
+
+    try:
+        shape = PathShape.of(rate, rtt or 0, loss or 0)
+        if mtu is not None:
+            LabConfig(mtu=mtu, paths=(shape,))
+    except (ValidationError, ValueError) as exc:
+        text = describe_validation(exc) if isinstance(exc, ValidationError) else str(exc)
+        raise typer.BadParameter(text) from None
+    return shape
+
+
+@contextmanager
+def _placement(shape: Any, mtu: int | None) -> Iterator[Any]:
+    """Loopback, or a one-path lab that is taken down however the benchmark ends."""
+    from fedrdma.bench.wan import LOOPBACK, shaped_path
+    from fedrdma.lab.config import DEFAULT_MTU
+    from fedrdma.lab.errors import LabError
+
+    if shape is None:
+        yield LOOPBACK
+        return
+    try:
+        with shaped_path(shape, mtu or DEFAULT_MTU, log=lambda m: console.print(f"[dim]lab: {m}")) as where:
+            yield where
+    except LabError as exc:
+        console.print(f"[bold red]lab:[/] {exc}")
+        raise typer.Exit(1) from None
 
 
 @app.command("demo")
@@ -269,19 +325,32 @@ _register_settings_commands()
 
 
 def transfer_table(result: dict[str, Any]) -> Table:
-    table = Table(title=f"{result['size_bytes'] / 2**20:.0f} MiB, medians of {result['repeat']}")
-    for col in ("mode", "seconds (min)", "GB/s", "vs reference", "vs grpc", "CPU s", "recv +RSS MiB", "identical"):
+    on_line = result.get("link_rate_gbit") is not None
+    table = Table(title=f"{result['size_bytes'] / 2**20:.0f} MiB over {result.get('path', 'loopback')}, "
+                        f"medians of {result['repeat']}")
+    cols = ["mode", "seconds (min)", "GB/s", *(["of line"] if on_line else []), "vs reference", "vs grpc",
+            "CPU s", "recv +RSS MiB", "identical"]
+    for col in cols:
         table.add_column(col, justify="left" if col == "mode" else "right")
-    for label, row in [("raw WRITE", result["reference"]), ("raw READ", result["reference_read"])]:
+
+    def line(row: dict[str, Any]) -> list[str]:
+        return [f"{row['vs_line']:.3f}"] if on_line else []
+
+    for label, key in [("raw WRITE", "reference"), ("raw READ", "reference_read")]:
+        if key not in result:
+            continue
+        row = result[key]
         table.add_row(label, f"{row['seconds']:.3f} ({row['seconds_min']:.3f})", f"{row['goodput_gb_s']:.2f}",
-                      "1.00", "", f"{row['cpu_seconds']:.2f}", f"{row['receiver_extra_rss_mb']:.0f}", "", style="dim")
+                      *line(row), "1.00", "", f"{row['cpu_seconds']:.2f}", f"{row['receiver_extra_rss_mb']:.0f}", "",
+                      style="dim")
     for mode, row in result["modes"].items():
         label = mode if "goodput_wire_gb_s" not in row else f"{mode} (wire only {row['goodput_wire_gb_s']:.2f} GB/s)"
         table.add_row(
             label,
             f"{row['seconds']:.3f} ({row['seconds_min']:.3f})",
-            f"{row['goodput_gb_s']:.2f}",
-            f"{row['vs_reference']:.2f}",
+            f"{row['goodput_gb_s']:.3f}",
+            *line(row),
+            f"{row['vs_reference']:.2f}" if "vs_reference" in row else "",
             f"{row['vs_grpc']:.1f}x" if "vs_grpc" in row else "",
             f"{row['cpu_seconds']:.2f}",
             f"{row['receiver_extra_rss_mb']:.0f}",

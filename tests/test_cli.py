@@ -25,6 +25,12 @@ def test_every_command_is_listed():
         (["--window", "0"], "window must be between 1"),
         (["--modes", "rdma-e,carrier-pigeon"], "unknown mode"),
         (["--size-mb", "-1"], "must be positive"),
+        (["--rtt", "20ms"], "also needs --rate"),
+        (["--loss", "0.01", "--mtu", "1500"], "--loss, --mtu shape a lab path"),
+        (["--rate", "1gbps"], "rate"),
+        (["--rate", "1gbit", "--rtt", "5 minutes"], "rtt"),
+        (["--rate", "1gbit", "--loss", "1.5"], "loss"),
+        (["--rate", "1gbit", "--mtu", "100"], "mtu"),
     ],
 )
 def test_bench_transfer_refuses_bad_settings_before_starting_anything(args, message):

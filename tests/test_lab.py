@@ -247,6 +247,8 @@ def test_lab_topology_mtu_offloads_buffers_exec(clean_slate: dict[str, object]) 
             assert f"{feat}: off" in features
         rmem = netns.run(netns.in_ns(links.silo_ns, ["sysctl", "-n", "net.ipv4.tcp_rmem"])).stdout.split()
         assert int(rmem[2]) == lab.config.tcp_buffer_max
+        idle = netns.run(netns.in_ns(links.agg_ns, ["sysctl", "-n", "net.ipv4.tcp_slow_start_after_idle"]))
+        assert idle.stdout.strip() == "0"
         cli = subprocess.run([sys.executable, "-m", "fedrdma.lab.cli", "exec", "--name", TEST_LAB, "silo1", "--",
                               "ping", "-c", "1", "-W", "2", lab.address("agg", silo=1)],
                              capture_output=True, text=True, timeout=30)
@@ -315,3 +317,36 @@ def test_down_after_killed_up_removes_everything(clean_slate: dict[str, object])
                           capture_output=True, text=True, timeout=60)
     assert down.returncode == 0, down.stderr
     assert not delay.element_alive(state.element)
+
+
+# --- the transfer benchmark on a lab path -------------------------------------------------------
+
+BENCH_BYTES = 24 * 2**20
+"""Long enough on a 500 Mbit/s line (~0.4 s) that TBF's burst cannot carry it alone."""
+
+TBF_BURST_SLACK = 1.05
+"""Goodput may exceed the line by the one burst TBF lets through at once, never by more."""
+
+
+@needs_lab
+def test_bench_transfer_crosses_shaped_path() -> None:
+    """Both peers run in lab namespaces: bytes arrive intact, no faster than the line, and
+    the JSON says which path carried them; the lab is gone afterwards."""
+    from fedrdma.bench import transfer
+    from fedrdma.bench.wan import BENCH_LAB_NAME, shaped_path
+
+    shape = PathShape.of("500mbit", "4ms", 0.0)
+    with shaped_path(shape, mtu=9000) as where:
+        assert where.listen_host == "198.19.1.1"
+        seen = netns.run(netns.in_ns(f"{BENCH_LAB_NAME}-agg", ["ip", "-o", "addr"])).stdout
+        assert where.listen_host in seen
+        result = transfer.run(["--size-bytes", str(BENCH_BYTES)], BENCH_BYTES, ["rdma-e", "grpc"],
+                              chunk_size=2**20, window=4, repeat=1, where=where, references=False)
+    assert not [ns for ns in netns.list_namespaces() if ns.startswith(f"{BENCH_LAB_NAME}-")]
+    assert LabState.load(BENCH_LAB_NAME) is None
+    assert result["link_rate_gbit"] == 0.5 and result["rtt_ms"] == 4.0 and result["loss"] == 0.0
+    assert result["mtu"] == 9000 and "reference" not in result
+    for mode in ("rdma-e", "grpc"):
+        row = result["modes"][mode]
+        assert row["identical"], mode
+        assert 0 < row["vs_line"] <= TBF_BURST_SLACK, f"{mode} moved {row['vs_line']:.2f}x the line: not shaped"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrdma.bench.procs import start_pair
+from fedrdma.bench.wan import LOOPBACK, Placement
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW
 
 DEFAULT_REPEAT = 3
@@ -73,13 +74,13 @@ def run_mode(
     repeat: int,
     env: dict[str, str],
     on_transfer: Callable[[], None] = lambda: None,
-    prefixes: tuple[Sequence[str], Sequence[str]] = ((), ()),
-    listen_host: str = "127.0.0.1",
+    where: Placement = LOOPBACK,
 ) -> ModeResult:
     transfers = repeat + WARMUP
     common = [*size_args, "--chunk-size", str(chunk_size), "--window", str(window), "--transfers", str(transfers)]
     sender, receiver = start_pair(
-        mode, common, env=env, sender_prefix=prefixes[0], receiver_prefix=prefixes[1], listen_host=listen_host
+        mode, common, env=env, sender_prefix=where.sender_prefix, receiver_prefix=where.receiver_prefix,
+        listen_host=where.listen_host,
     )
     try:
         rows: dict[str, list[dict[str, Any]]] = {"sender": [], "receiver": []}
@@ -137,9 +138,10 @@ def run(
     on_transfer: Callable[[], None] = lambda: None,
     on_mode: Callable[[str], None] = lambda m: None,
     env: dict[str, str] | None = None,
-    prefixes: tuple[Sequence[str], Sequence[str]] = ((), ()),
-    listen_host: str = "127.0.0.1",
+    where: Placement = LOOPBACK,
+    references: bool = True,
 ) -> dict[str, Any]:
+    """Every mode (and, unless told not to, the raw references) between two fresh processes."""
     env = env or transfer_env()
     result: dict[str, Any] = {
         "size_bytes": nbytes,
@@ -147,28 +149,34 @@ def run(
         "window": window,
         "repeat": repeat,
         "ucx_tls": env.get("UCX_TLS", ""),
+        "path": where.describe(),
+        **where.fields(),
         "modes": {},
     }
-    for key, mode in REFERENCES.items():
+    for key, mode in REFERENCES.items() if references else ():
         on_mode(mode)
-        res = run_mode(mode, size_args, chunk_size, window, repeat, env, on_transfer, prefixes, listen_host)
+        res = run_mode(mode, size_args, chunk_size, window, repeat, env, on_transfer, where)
         result[key] = res.summary(nbytes)
     for mode in modes:
         on_mode(mode)
-        res = run_mode(mode, size_args, chunk_size, window, repeat, env, on_transfer, prefixes, listen_host)
+        res = run_mode(mode, size_args, chunk_size, window, repeat, env, on_transfer, where)
         result["modes"][mode] = res.summary(nbytes)
-    add_ratios(result)
+    add_ratios(result, where.line_bytes_per_s())
     return result
 
 
-def add_ratios(result: dict[str, Any]) -> None:
-    """Ratios against the same run's references and baseline: the figures worth quoting."""
-    ref = result["reference"]["goodput_gb_s"]
-    ref_read = result["reference_read"]["goodput_gb_s"]
+def add_ratios(result: dict[str, Any], line_bytes_per_s: float | None = None) -> None:
+    """Ratios against the same run's references, baseline and line: the figures worth quoting."""
     grpc = result["modes"].get("grpc", {}).get("goodput_gb_s")
-    for mode, row in result["modes"].items():
-        base = ref_read if mode == "rdma-e-pull" else ref
-        row["vs_reference"] = row["goodput_gb_s"] / base
+    rows = {**{key: result[key] for key in REFERENCES if key in result}, **result["modes"]}
+    for mode, row in rows.items():
+        if line_bytes_per_s:
+            row["vs_line"] = row["goodput_gb_s"] * 1e9 / line_bytes_per_s
+        if mode in REFERENCES:
+            continue
+        base_key = "reference_read" if mode == "rdma-e-pull" else "reference"
+        if base_key in result:
+            row["vs_reference"] = row["goodput_gb_s"] / result[base_key]["goodput_gb_s"]
         if grpc:
             row["vs_grpc"] = row["goodput_gb_s"] / grpc
 

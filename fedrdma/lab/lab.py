@@ -33,6 +33,10 @@ next 9.7 Gbit/s; other tenants' load only ever lowers a figure, so the maximum i
 ELEMENT_BACKEND, NETEM_BACKEND, NO_DELAY = "element", "netem", "none"
 """How a lab delays packets: the userspace element, the kernel's netem, or not at all."""
 
+SLOW_START_AFTER_IDLE = "0"
+"""Keep a connection's window across idle gaps (training between rounds): otherwise every
+upload restarts slow start, ~10 RTTs before a 5 Gbit/s x 20 ms path is full. Real hosts want the same."""
+
 REQUIRED_TOOLS = ("ip", "tc", "ethtool", "sysctl")
 """Needed to build any lab."""
 
@@ -237,7 +241,8 @@ class Lab:
         netns.set_sysctls(self.router, {"net.ipv4.ip_forward": "1"})
         buffers = f"4096 131072 {cfg.tcp_buffer_max}"
         for ns in [self.aggregator, *self.silos]:
-            netns.set_sysctls(ns, {"net.ipv4.tcp_rmem": buffers, "net.ipv4.tcp_wmem": buffers})
+            netns.set_sysctls(ns, {"net.ipv4.tcp_rmem": buffers, "net.ipv4.tcp_wmem": buffers,
+                                   "net.ipv4.tcp_slow_start_after_idle": SLOW_START_AFTER_IDLE})
         for p in self.paths:
             _checkpoint(f"path:{p.silo}")
             netns.build_path(p.links, cfg.mtu)
