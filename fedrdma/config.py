@@ -78,6 +78,8 @@ class TransportSettings(_Settings):
     upload: Upload = Field("push", description="rdma-e only: silos WRITE their update (push) or the aggregator READs it (pull)")
     chunk_size: int = Field(DEFAULT_CHUNK_SIZE, gt=0, description="bytes per chunk, a multiple of 8")
     window: int = Field(DEFAULT_WINDOW, ge=1, le=MAX_WINDOW)
+    tuning: Path | None = Field(None, description="JSON written by `fedrdma tune --json` (model or --probe): "
+                                                  "its chunk_size and window apply unless set here")
 
     @field_validator("chunk_size")
     @classmethod
@@ -93,6 +95,23 @@ class TransportSettings(_Settings):
         if self.transport == "rdma-e" and self.upload == "pull":
             return "rdma-e-pull"
         return self.download_mode()
+
+
+def read_tuning(path: Path) -> dict[str, int]:
+    """`chunk_size` and `window` from a `fedrdma tune --json` file, or a ValueError naming the fix."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"tuning file {path} does not exist: write one with `fedrdma tune ... --json {path}`") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"tuning file {path} is not readable JSON ({exc}): rewrite it with `fedrdma tune --json`") from None
+    config = data.get("config") if isinstance(data, dict) else None
+    if not isinstance(config, dict) or not {"chunk_size", "window"} <= set(config):
+        raise ValueError(f"tuning file {path} has no `config` with chunk_size and window: "
+                         "it must come from `fedrdma tune --json`")
+    return {"chunk_size": int(config["chunk_size"]), "window": int(config["window"])}
 
 
 class SiloEntry(_Settings):
@@ -164,6 +183,11 @@ def load(kind: type[BaseModel], path: Path | None, overrides: dict[str, Any]) ->
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if data.get("tuning") and "tuning" in kind.model_fields:
+        try:  # the tuning file fills only what the file and the flags left unset
+            data = read_tuning(Path(data["tuning"])) | data
+        except ValueError as exc:
+            raise ConfigError(f"{source}: `tuning`: {exc}") from None
     try:
         return kind.model_validate(data)
     except ValidationError as exc:

@@ -330,12 +330,6 @@ def test_cli_tune_bad_input_errors_clearly() -> None:
     assert unlimited.exit_code == 2 and "finite" in unlimited.output
 
 
-def test_cli_tune_probe_is_not_there_yet() -> None:
-    result = runner.invoke(app, ["tune", "--probe", "--rate", "1gbit", "--rtt", "20ms"])
-    assert result.exit_code == 2
-    assert "not yet: needs the lab" in result.output
-
-
 def test_cli_sim_table_and_plot(tmp_path: Path) -> None:
     png = tmp_path / "sim.png"
     result = runner.invoke(app, ["sim", "--rates", "1gbit", "--rtts", "20ms", "--losses", "0,0.01",

@@ -88,6 +88,19 @@ def raw_reference(args: argparse.Namespace, agent: Agent, state: FlatState, chan
     pool.close()
 
 
+def parse_cells(text: str) -> list[tuple[int, int]]:
+    """`4194304:8,1048576:32` -> [(chunk size, window), ...]; empty text, no sweep."""
+    cells = []
+    for item in filter(None, text.split(",")):
+        chunk, _, window = item.partition(":")
+        cells.append((int(chunk), int(window)))
+    return cells
+
+
+def format_cells(cells: list[tuple[int, int]]) -> str:
+    return ",".join(f"{chunk}:{window}" for chunk, window in cells)
+
+
 def report(args: argparse.Namespace, state: FlatState, meter: Meter, fields: dict[str, Any]) -> None:
     span = meter.span
     emit(
@@ -113,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW)
     p.add_argument("--transfers", type=int, default=1)
+    p.add_argument("--cells", default="",
+                   help="sender: CHUNK:WINDOW,... settings to sweep, --transfers each, on one connection")
     p.add_argument("--peer-timeout", type=float, default=PEER_TIMEOUT_S)
     p.add_argument("--chunk-timeout", type=float, default=RetryPolicy().chunk_timeout_s)
     p.add_argument("--corrupt-once", default="", help="comma list of chunk indices to corrupt once (test fault)")
@@ -154,17 +169,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         session.open()
         pools = agent.registered_pools if agent else 0
-        for _ in range(args.transfers):
-            with Meter() as meter:
-                stats = session.send() if args.role == "sender" else session.receive()
-            report(
-                args, state, meter,
-                {
-                    "seconds": stats.seconds, "nbytes": stats.nbytes, "bytes_posted": stats.bytes_posted,
-                    "reconnects": stats.reconnects, "corrupt": stats.corrupt, "extra": stats.extra,
-                    "registered_pools": agent.registered_pools if agent else 0,
-                },
-            )
+        for chunk_size, window in parse_cells(args.cells) or [(args.chunk_size, args.window)]:
+            if args.cells and args.role == "sender":
+                session.retune(chunk_size, window)
+            for _ in range(args.transfers):
+                with Meter() as meter:
+                    stats = session.send() if args.role == "sender" else session.receive()
+                report(
+                    args, state, meter,
+                    {
+                        "seconds": stats.seconds, "nbytes": stats.nbytes, "bytes_posted": stats.bytes_posted,
+                        "reconnects": stats.reconnects, "corrupt": stats.corrupt, "extra": stats.extra,
+                        "registered_pools": agent.registered_pools if agent else 0,
+                        "chunk_size": session.plan.chunk_size, "window": window,
+                    },
+                )
         session.close()
         emit("closed", registered_pools_before=pools, registered_pools=agent.registered_pools if agent else 0)
         return 0

@@ -35,8 +35,6 @@ SIM_RTTS = "1ms,20ms,80ms"
 SIM_LOSSES = "0,0.001,0.01"
 """Clean, mildly and badly lossy WAN paths."""
 
-PROBE_EXIT = 2
-"""`tune --probe` is not implemented yet: a usage-style exit, so scripts do not take it for success."""
 
 
 def _console() -> Console:
@@ -92,30 +90,96 @@ def tune(
     rtt: str = typer.Option(None, help="Round-trip time of the path: 20ms."),
     loss: str = typer.Option("0", help="Drop probability per packet: 0.01 or 1%."),
     size_mb: float = typer.Option(None, help="State size in MiB; default: GPT-2 small in fp32 (~475 MiB)."),
-    probe: bool = typer.Option(False, "--probe", help="Measure on the live path with trial transfers instead."),
+    probe: bool = typer.Option(False, "--probe", help="Measure on a live lab path with short trial transfers "
+                                                      "instead of asking the model (needs root)."),
+    lab: str = typer.Option(None, help="With --probe: probe a running lab (`fedrdma lab up`) instead of "
+                                       "building a path from --rate/--rtt/--loss."),
+    silo: int = typer.Option(1, min=1, help="With --probe --lab: whose path to probe."),
     json_path: Path = typer.Option(None, "--json", help="Write the recommendation here as JSON."),
     proc_root: Path = typer.Option(Path("/proc"), hidden=True, help="Where to read the TCP sysctls (tests)."),
 ) -> None:
-    """Recommend a chunk size and window for a path from the RoCE model, and check TCP buffers."""
+    """Recommend a chunk size and window for a path, and check TCP buffers against its BDP.
+
+    From the RoCE model by default; with --probe from trial transfers on a live path. The
+    JSON's `config` holds `chunk_size` and `window`: give the file to the aggregator as
+    `tuning = "FILE"` (or `--tuning FILE`).
+    """
     console = _console()
     if probe:
-        console.print("tune --probe: not yet: needs the lab")
-        raise typer.Exit(PROBE_EXIT)
-    if rate is None or rtt is None:
-        raise typer.BadParameter("give the path: --rate (e.g. 1gbit) and --rtt (e.g. 20ms)",
-                                 param_hint="--rate/--rtt")
-    bps, seconds, fraction = _rate(rate), _duration(rtt), _loss(loss)
-    state = _state_bytes(size_mb)
-    rec = recommend(bps, seconds, fraction, state_bytes=state)
-    console.print(recommendation_table(rec))
-    tcp = tcp_check(bps, seconds, proc_root)
-    console.print(tcp_table(tcp, bps, seconds))
+        data = _probe(console, rate, rtt, loss, size_mb, lab, silo, proc_root)
+    else:
+        if lab is not None:
+            raise typer.BadParameter("--lab names a path to measure: it needs --probe", param_hint="--lab")
+        if rate is None or rtt is None:
+            raise typer.BadParameter("give the path: --rate (e.g. 1gbit) and --rtt (e.g. 20ms)",
+                                     param_hint="--rate/--rtt")
+        bps, seconds, fraction = _rate(rate), _duration(rtt), _loss(loss)
+        state = _state_bytes(size_mb)
+        rec = recommend(bps, seconds, fraction, state_bytes=state)
+        console.print(recommendation_table(rec))
+        tcp = tcp_check(bps, seconds, proc_root)
+        console.print(tcp_table(tcp, bps, seconds))
+        data = rec.to_json() | {"method": "model", "tcp_buffers": tcp}
     if json_path:
-        data = rec.to_json()
-        data["tcp_buffers"] = tcp
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(data, indent=2) + "\n")
         console.print(f"wrote {json_path}")
+
+
+def _probe(console: Console, rate: str | None, rtt: str | None, loss: str, size_mb: float | None,
+           lab_name: str | None, silo: int, proc_root: Path) -> dict[str, Any]:
+    """Trial transfers on a running lab's path, or on a one-path lab built for the occasion."""
+    from contextlib import nullcontext
+
+    from fedrdma.bench.probe import probe
+    from fedrdma.bench.wan import placement, shaped_path
+    from fedrdma.lab.config import PathShape
+    from fedrdma.lab.errors import LabError
+    from fedrdma.lab.lab import Lab
+
+    nbytes = None if size_mb is None else _state_bytes(size_mb)
+    try:
+        if lab_name is not None:
+            if rate is not None or rtt is not None:
+                raise typer.BadParameter("--lab probes the lab's own path: drop --rate/--rtt", param_hint="--lab")
+            running = Lab.attach(lab_name)
+            if silo > len(running.paths):
+                raise typer.BadParameter(f"lab {lab_name!r} has {len(running.paths)} silo path(s)", param_hint="--silo")
+            where_cm: Any = nullcontext(placement(running, silo))
+        else:
+            if rate is None:
+                raise typer.BadParameter("--probe needs a path: --rate (and --rtt, --loss) to build one, "
+                                         "or --lab NAME to use a running lab", param_hint="--rate/--lab")
+            _rate(rate), _duration(rtt or "0"), _loss(loss)  # refuse bad input with the model's messages
+            shape = PathShape.of(rate, rtt or "0", loss)
+            where_cm = shaped_path(shape, log=lambda m: console.print(f"[dim]lab: {m}"))
+        with where_cm as where:
+            console.print(f"probing {where.describe()} with trial transfers ...")
+            result = probe(where, nbytes)
+    except LabError as exc:
+        console.print(f"[bold red]tune --probe:[/] {exc}")
+        raise typer.Exit(1) from None
+    console.print(probe_table(result, where.describe()))
+    data = result.to_json(where)
+    if where.shape is not None and where.shape.rate_bps is not None:
+        tcp = tcp_check(where.shape.rate_bps, where.shape.rtt_s, proc_root)
+        console.print(tcp_table(tcp, where.shape.rate_bps, where.shape.rtt_s))
+        data["tcp_buffers"] = tcp
+    return data
+
+
+def probe_table(result: Any, path: str) -> Table:
+    table = Table(title=f"tune --probe: {path}, trials of {_mib(result.nbytes)}, "
+                        f"median of {len(result.chosen.seconds)} after a warm-up")
+    for col in ("chunk", "window", "goodput", "of line", ""):
+        table.add_column(col, justify="right")
+    for cell in result.cells:
+        row = cell.row(result.nbytes, result.line_bps)
+        chosen = cell is result.chosen
+        table.add_row(_mib(cell.chunk_size), str(cell.window), format_rate(row["goodput_gbit_s"] * 1e9),
+                      f"{row['vs_line']:.3f}" if "vs_line" in row else "-", "chosen" if chosen else "",
+                      style="bold green" if chosen else None)
+    return table
 
 
 def recommendation_table(rec: Recommendation) -> Table:

@@ -308,6 +308,22 @@ class Session:
         self.state = state
         self.pool = pool
 
+    def retune(self, chunk_size: int, window: int) -> None:
+        """Use another chunk size and window from the next transfer on.
+
+        A sweep (T2, `tune --probe`) tries many settings on one warm connection: a fresh
+        connection per setting would measure TCP's slow start, not the setting. The
+        receiver follows the chunk size each transfer's Begin announces.
+        """
+        if self.role != "sender" or self.mode not in PUSH_MODES:
+            raise TransferError("only a pushing sender sets the chunk size; a receiver follows its Begin")
+        plan = ChunkPlan.build(self.state.nbytes, chunk_size)
+        self.window = check_window(window)
+        if plan.chunk_size != self.plan.chunk_size:
+            self.plan = plan
+            if self.remote is not None:
+                self._set_remote_dlist(self.remote.dlist(plan))
+
     def _metadata_for_peer(self) -> bytes:
         """Connection info plus this session's pool only (NIXL partial metadata).
 
