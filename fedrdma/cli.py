@@ -117,6 +117,46 @@ def bench_transfer(
         raise typer.Exit(1)
 
 
+@bench.command("paper")
+def bench_paper(
+    out: Path = typer.Option(Path("results/paper"), help="Where paper.json, report.md and the PNGs go."),
+    tables: str = typer.Option("T1,T2,T3,T4", help="Comma list of the tables to measure (T4 comes from T3's runs)."),
+    repeat: int = typer.Option(3, help="Counted runs per figure (at least 3), after one warm-up."),
+    mtu: int = typer.Option(9000, help="MTU of the lab links."),
+) -> None:
+    """The FedRDMA paper's tables T1-T4, measured in the WAN lab: report, JSON and plots.
+
+    Needs root (the lab) and about 35 minutes on a 2-core host.
+    """
+    import os
+    import shlex
+    import sys
+
+    from fedrdma.bench.paper import MIN_REPEAT, TABLES, Step, run_paper
+
+    wanted = [t.strip().upper() for t in tables.split(",") if t.strip()]
+    bad = [t for t in wanted if t not in TABLES]
+    if bad or not wanted:
+        raise typer.BadParameter(f"unknown table(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TABLES)}")
+    if repeat < MIN_REPEAT:
+        raise typer.BadParameter(f"--repeat {repeat}: the report states min and median of at least {MIN_REPEAT} runs")
+    if os.geteuid() != 0:
+        console.print("[bold red]bench paper:[/] needs root to build the WAN lab's namespaces: run it with sudo")
+        raise typer.Exit(1)
+    command = "fedrdma " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        current: list[Any] = []
+
+        def start(description: str, total: int) -> None:
+            if current:
+                progress.update(current[-1], completed=progress.tasks[-1].total)
+            current.append(progress.add_task(description, total=total))
+
+        result = run_paper(out, wanted, repeat, mtu, Step(start, lambda: progress.advance(current[-1])), command)
+    console.print(f"wrote {out / 'report.md'} ({result['minutes']:.0f} min)")
+
+
 def _path_shape(rate: str | None, rtt: str | None, loss: str | None, mtu: int | None) -> Any:
     """The lab path the flags ask for, or None for loopback; bad values fail before anything starts."""
     if rate is None:

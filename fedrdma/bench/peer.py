@@ -42,7 +42,7 @@ def emit(event: str, **fields: Any) -> None:
 
 
 def build_state(args: argparse.Namespace) -> FlatState:
-    layout = gpt2_layout(args.model) if args.model else synthetic_layout(args.size_bytes)
+    layout = gpt2_layout(args.model, args.lora) if args.model else synthetic_layout(args.size_bytes)
     seed = SENDER_SEED if args.role == "sender" else None
     if args.layout_skew:
         layout = synthetic_layout(layout.nbytes + args.layout_skew)
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connect", help="HOST:PORT of the listening peer")
     p.add_argument("--size-bytes", type=int, default=64 << 20)
     p.add_argument("--model", default="")
+    p.add_argument("--lora", action="store_true", help="with --model: move the LoRA adapters only")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW)
     p.add_argument("--transfers", type=int, default=1)

@@ -25,10 +25,12 @@ def synthetic_layout(nbytes: int) -> Layout:
     return Layout.from_shapes(items)
 
 
-def gpt2_layout(name: str = GPT2_SMALL) -> Layout:
-    from fedrdma.fl.model import build_model
+def gpt2_layout(name: str = GPT2_SMALL, lora: bool = False) -> Layout:
+    """The trainable state the runtime would move: all weights, or the LoRA adapters only."""
+    from fedrdma.config import ModelSettings
+    from fedrdma.fl.state import build_trainable
 
-    model = build_model(name, seed=0)
+    model, _ = build_trainable(ModelSettings(model=name, lora=lora))
     return Layout.from_tensors({n: p for n, p in model.named_parameters() if p.requires_grad})
 
 

@@ -9,10 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fedrdma.lab.config import DEFAULT_MTU, LabConfig, PathShape
 from fedrdma.lab.lab import Lab
+from fedrdma.lab.lab import lab as running_lab
 from fedrdma.lab.netns import SILO_IFACE, PathLinks
+
+if TYPE_CHECKING:
+    from fedrdma.fl.demo import Hosts
 
 BENCH_LAB_NAME = "frbench"
 """Benchmarks build their own lab so a user's `fedrdma lab up` (named `frl`) is never touched."""
@@ -78,9 +83,19 @@ def placement(lab: Lab, silo: int = BENCH_SILO) -> Placement:
 def shaped_path(shape: PathShape, mtu: int = DEFAULT_MTU,
                 log: Callable[[str], None] | None = None) -> Iterator[Placement]:
     """A one-silo lab shaped as asked, up for the duration of the block and down afterwards."""
-    config = LabConfig(name=BENCH_LAB_NAME, mtu=mtu, paths=(shape,))
-    lab = Lab.up(config, log=log)
-    try:
+    with running_lab(LabConfig(name=BENCH_LAB_NAME, mtu=mtu, paths=(shape,)), log) as lab:
         yield placement(lab)
-    finally:
-        lab.down()
+
+
+def federation_hosts(lab: Lab) -> Hosts:
+    """The aggregator in the lab's aggregator namespace, silo k in silo k's, each on its path."""
+    from fedrdma.fl.demo import Hosts
+
+    paths = lab.paths
+    agg_devices = ",".join(PathLinks(lab.config.name, p.silo).agg_iface for p in paths)
+    return Hosts(
+        listen_host="0.0.0.0",
+        agg_prefix=_with_device(lab.exec_prefix("agg"), agg_devices),
+        silo_prefixes=[_with_device(lab.exec_prefix(p.silo_ns), SILO_IFACE) for p in paths],
+        dial_hosts=[p.agg_addr for p in paths],
+    )

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +61,37 @@ def _toml(values: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class Hosts:
+    """Where a federation's processes run: all on loopback, or in lab namespaces.
+
+    `dial_hosts[k]` is how silo k reaches the aggregator; prefixes run a process inside a
+    namespace (with its UCX device) and are empty on this host.
+    """
+
+    listen_host: str = "127.0.0.1"
+    agg_prefix: Sequence[str] = ()
+    silo_prefixes: Sequence[Sequence[str]] = ()
+    dial_hosts: Sequence[str] = ()
+
+    def silo(self, k: int) -> tuple[Sequence[str], str]:
+        prefix = self.silo_prefixes[k] if self.silo_prefixes else ()
+        host = self.dial_hosts[k] if self.dial_hosts else self.listen_host
+        return prefix, host
+
+
+LOCAL = Hosts()
+
+
 def write_configs(
-    root: Path, transport: str, upload: str, rounds: int, model: str, lora: bool, silos: Sequence[str], port: int
+    root: Path, transport: str, upload: str, rounds: int, model: str, lora: bool, silos: Sequence[str], port: int,
+    hosts: Hosts = LOCAL, local_steps: int = DEMO_LOCAL_STEPS,
 ) -> tuple[Path, list[Path]]:
     root.mkdir(parents=True, exist_ok=True)
     common = {"model": model, "lora": lora, "seed": 0}
     agg = {
         **common,
-        "listen": f"127.0.0.1:{port}",
+        "listen": f"{hosts.listen_host}:{port}",
         "rounds": rounds,
         "min_silos": len(silos),
         "transport": transport,
@@ -81,14 +105,14 @@ def write_configs(
     agg_path = root / "aggregator.toml"
     agg_path.write_text(_toml(agg))
     silo_paths = []
-    for silo in silos:
+    for k, silo in enumerate(silos):
         cfg = {
             **common,
             "id": silo,
             "token": TOKEN_PREFIX + silo,
-            "aggregator": f"127.0.0.1:{port}",
+            "aggregator": f"{hosts.silo(k)[1]}:{port}",
             "data": str(demo_corpus(silo)),
-            "local_steps": DEMO_LOCAL_STEPS,
+            "local_steps": local_steps,
             "batch_size": DEMO_BATCH_SIZE,
             "seq_len": DEMO_SEQ_LEN,
             "lr": DEMO_LR,
@@ -107,18 +131,23 @@ def _command(kind: str, config: Path) -> list[str]:
 def run_federation(
     root: Path, transport: str, upload: str, rounds: int, model: str, lora: bool, silos: Sequence[str],
     on_round: Callable[[dict[str, Any]], None] = lambda r: None,
+    hosts: Hosts = LOCAL, local_steps: int = DEMO_LOCAL_STEPS,
 ) -> list[dict[str, Any]]:
     """One aggregator and its silos as processes; returns the aggregator's round records."""
-    agg_path, silo_paths = write_configs(root, transport, upload, rounds, model, lora, silos, free_port())
+    agg_path, silo_paths = write_configs(
+        root, transport, upload, rounds, model, lora, silos, free_port(), hosts, local_steps
+    )
     metrics = root / "aggregator" / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     env = dict(os.environ)
     env.setdefault("UCX_TLS", "tcp")
     logs = [open(root / f"{name}.log", "w") for name in ["aggregator", *silos]]  # noqa: SIM115
-    procs = [subprocess.Popen(_command("aggregator", agg_path), stdout=logs[0], stderr=subprocess.STDOUT, env=env)]
+    procs = [subprocess.Popen([*hosts.agg_prefix, *_command("aggregator", agg_path)], stdout=logs[0],
+                              stderr=subprocess.STDOUT, env=env)]
     time.sleep(0.5)
-    for path, log in zip(silo_paths, logs[1:], strict=True):
-        procs.append(subprocess.Popen(_command("silo", path), stdout=log, stderr=subprocess.STDOUT, env=env))
+    for k, (path, log) in enumerate(zip(silo_paths, logs[1:], strict=True)):
+        prefix = hosts.silo(k)[0]
+        procs.append(subprocess.Popen([*prefix, *_command("silo", path)], stdout=log, stderr=subprocess.STDOUT, env=env))
     seen = 0
     deadline = time.monotonic() + PROCESS_TIMEOUT_S
     try:

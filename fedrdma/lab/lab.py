@@ -349,9 +349,9 @@ def _check_collisions(config: LabConfig) -> None:
 
 
 @contextmanager
-def lab(config: LabConfig) -> Iterator[Lab]:
+def lab(config: LabConfig, log: Callable[[str], None] | None = None) -> Iterator[Lab]:
     """`with lab(cfg) as l:` for benchmarks: always down afterwards."""
-    built = Lab.up(config)
+    built = Lab.up(config, log=log)
     try:
         yield built
     finally:

@@ -1,0 +1,253 @@
+"""`fedrdma bench paper`: the FedRDMA paper's tables, measured in the WAN lab of this host.
+
+T1 communication share of a round, T2 goodput by chunk size and window per path (with the
+RoCE model beside it), T3 transfer time per mode, T4 CPU and memory per transfer. Every
+figure is a median with its minimum over at least `repeat` runs, and every row says the
+link it was measured on. The results go to DIR/paper.json, DIR/report.md and PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedrdma.bench import transfer
+from fedrdma.bench.sweep import best, run_cells
+from fedrdma.bench.wan import LOOPBACK, federation_hosts, placement
+from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW
+from fedrdma.lab.config import LabConfig, PathShape
+from fedrdma.lab.lab import lab as running_lab
+from fedrdma.lab.units import format_duration, format_rate
+
+TABLES = ("T1", "T2", "T3", "T4")
+PAPER_LAB = "frpaper"
+"""The paper benchmark's own lab name: it never touches a user's lab."""
+
+MIN_REPEAT = 3
+"""The issue's floor: at least 3 counted runs per figure, reported as min and median."""
+
+REFERENCE_RATE, REFERENCE_RTT = "1gbit", "20ms"
+"""The reference WAN path every T2 variation departs from, and T3's WAN column."""
+
+T2_RATES = ("100mbit", REFERENCE_RATE, "ceiling")
+T2_RTTS = ("1ms", "80ms")
+T2_LOSSES = (0.001, 0.01)
+"""One factor at a time around the reference path: rate, then RTT, then loss."""
+
+T2_CHUNKS = (256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
+T2_WINDOWS = (2, 8, 32)
+"""256 KiB-64 MiB chunks (plus unchunked) and windows from 2 to 32 in flight."""
+
+CEILING_HEADROOM = 0.8
+"""T2's fastest path runs at this fraction of the delay element's ceiling, in 0.5 Gbit/s
+steps: at the ceiling itself the lab would measure the element, not the link."""
+
+T2_SECONDS = 1.0
+"""Each T2 transfer lasts about this long on its line (the state is sized for it)."""
+
+T2_MIN_BYTES, T2_MAX_BYTES = 32 << 20, 256 << 20
+"""State bounds for T2: 32 MiB keeps 100 Mbit/s cells under 3 s, 256 MiB fills fast paths."""
+
+T1_RATES = (REFERENCE_RATE, "5gbit")
+T1_TRANSPORTS = ("grpc", "rdma", "rdma-e")
+T1_MODEL = "gpt2-small"
+T1_LOCAL_STEPS = 2
+"""A few local steps, as in the demo: on 2 CPU cores a GPT-2 small step takes seconds."""
+
+T1_SILOS = 1
+"""One silo: real silos train on their own hardware; two here would split 2 cores and
+inflate compute, and share one delay element."""
+
+T3_MODELS = ("gpt2-small", "gpt2-medium")
+T3_MODES = ("grpc", "rdma", "rdma-e", "rdma-e-pull")
+T4_MODES = ("grpc", "rdma", "rdma-e")
+
+
+@dataclass(frozen=True)
+class Step:
+    """Progress callbacks: a new step (with its number of transfers) and one transfer done."""
+
+    start: Callable[[str, int], None]
+    advance: Callable[[], None]
+
+
+def _quiet() -> Step:
+    return Step(lambda _d, _n: None, lambda: None)
+
+
+def _path_label(shape: PathShape) -> str:
+    return f"{format_rate(shape.rate_bps)} / {format_duration(shape.rtt_s)} / loss {shape.loss:g}"
+
+
+# --- T2 -------------------------------------------------------------------------------------
+
+
+def t2_paths(ceiling_bps: float) -> list[PathShape]:
+    top = math.floor(CEILING_HEADROOM * ceiling_bps / 0.5e9) * 0.5e9
+    paths = []
+    for rate in T2_RATES:
+        paths.append(PathShape.of(int(top) if rate == "ceiling" else rate, REFERENCE_RTT, 0))
+    paths += [PathShape.of(REFERENCE_RATE, rtt, 0) for rtt in T2_RTTS]
+    paths += [PathShape.of(REFERENCE_RATE, REFERENCE_RTT, loss) for loss in T2_LOSSES]
+    return paths
+
+
+def t2_state_bytes(rate_bps: float) -> int:
+    want = int(rate_bps / 8 * T2_SECONDS)
+    return max(T2_MIN_BYTES, min(T2_MAX_BYTES, want)) >> 20 << 20
+
+
+def t2_cells(nbytes: int) -> list[tuple[int, int]]:
+    """Chunk x window, leaving out windows that hold more than the state; unchunked once."""
+    cells = [(c, w) for c in T2_CHUNKS for w in T2_WINDOWS if c < nbytes and c * (w - 1) < nbytes]
+    return cells + [(nbytes, 1)]
+
+
+def run_t2(repeat: int, step: Step, mtu: int) -> dict[str, Any]:
+    from fedrdma.sim.tune import recommend
+
+    out: dict[str, Any] = {"paths": [], "mtu": mtu, "repeat": repeat}
+    ceiling = None
+    with running_lab(LabConfig(name=PAPER_LAB, mtu=mtu, paths=(PathShape.of(REFERENCE_RATE, REFERENCE_RTT, 0),))) as lab:
+        ceiling = lab.ceiling_bps
+    if not ceiling:
+        raise RuntimeError("the lab did not report its delay element's ceiling")
+    out["ceiling_bps"] = ceiling
+    for shape in t2_paths(ceiling):
+        assert shape.rate_bps is not None
+        nbytes = t2_state_bytes(shape.rate_bps)
+        cells = t2_cells(nbytes)
+        step.start(f"T2 {_path_label(shape)}", len(cells) * (repeat + transfer.WARMUP))
+        with running_lab(LabConfig(name=PAPER_LAB, mtu=mtu, paths=(shape,))) as lab:
+            results = run_cells(nbytes, cells, repeat, placement(lab), on_transfer=step.advance)
+        top = best(results, nbytes)
+        model = recommend(shape.rate_bps, shape.rtt_s, shape.loss, state_bytes=nbytes)
+        out["paths"].append({
+            "rate_bps": shape.rate_bps, "rtt_s": shape.rtt_s, "loss": shape.loss, "state_bytes": nbytes,
+            "label": _path_label(shape),
+            "cells": [r.row(nbytes, shape.rate_bps) for r in results],
+            "best": {"chunk_size": top.chunk_size, "window": top.window},
+            "model": {
+                "chunk_size": model.chunk_size, "window": model.window,
+                "goodput_fraction": model.goodput_fraction,
+                "by_chunk": [{"chunk_size": row.chunk_bytes or nbytes, "unchunked": row.chunk_bytes is None,
+                              "goodput_fraction": row.result.goodput_bps / shape.rate_bps,
+                              "p_fail": row.result.p_fail} for row in model.rows],
+            },
+        })
+    return out
+
+
+# --- T3 and T4 ------------------------------------------------------------------------------
+
+
+def run_t3(repeat: int, step: Step, mtu: int) -> dict[str, Any]:
+    from fedrdma.bench.states import gpt2_layout
+
+    configs = [(m, lora) for m in T3_MODELS for lora in (False, True)]
+    sizes = {c: gpt2_layout(*c).nbytes for c in configs}
+    out: dict[str, Any] = {"repeat": repeat, "rows": []}
+
+    def measure(where_label: str, where: Any) -> None:
+        for model, lora in configs:
+            nbytes = sizes[(model, lora)]
+            step.start(f"T3 {model}{' LoRA' if lora else ''} on {where_label}",
+                       len(T3_MODES) * (repeat + transfer.WARMUP))
+            size_args = ["--model", model, *(["--lora"] if lora else [])]
+            res = transfer.run(size_args, nbytes, T3_MODES, min(DEFAULT_CHUNK_SIZE, nbytes), DEFAULT_WINDOW,
+                               repeat, on_transfer=step.advance, where=where, references=False)
+            out["rows"].append({"model": model, "lora": lora, "state_bytes": nbytes, "path": where_label,
+                                "modes": res["modes"]})
+
+    measure("loopback", LOOPBACK)
+    shape = PathShape.of(REFERENCE_RATE, REFERENCE_RTT, 0)
+    with running_lab(LabConfig(name=PAPER_LAB, mtu=mtu, paths=(shape,))) as lab:
+        measure(_path_label(shape), placement(lab))
+    return out
+
+
+def t4_from_t3(t3: dict[str, Any]) -> dict[str, Any]:
+    """CPU and memory per transfer: T3's loopback runs, where nothing but the host limits them."""
+    rows = []
+    for row in t3["rows"]:
+        if row["path"] != "loopback" or row["lora"]:
+            continue
+        for mode in T4_MODES:
+            m = row["modes"][mode]
+            rows.append({"model": row["model"], "state_bytes": row["state_bytes"], "mode": mode,
+                         "cpu_seconds": m["cpu_seconds"], "receiver_extra_rss_mb": m["receiver_extra_rss_mb"],
+                         "sender_extra_rss_mb": m["sender_extra_rss_mb"], "seconds": m["seconds"]})
+    return {"repeat": t3["repeat"], "rows": rows}
+
+
+# --- T1 -------------------------------------------------------------------------------------
+
+
+def run_t1(rounds: int, step: Step, mtu: int, out_dir: Path) -> dict[str, Any]:
+    from fedrdma.fl.data import DEMO_SILOS
+    from fedrdma.fl.demo import run_federation
+
+    out: dict[str, Any] = {"rounds": rounds, "model": T1_MODEL, "local_steps": T1_LOCAL_STEPS,
+                           "silos": T1_SILOS, "rows": []}
+    for rate in T1_RATES:
+        shape = PathShape.of(rate, REFERENCE_RTT, 0)
+        with running_lab(LabConfig(name=PAPER_LAB, mtu=mtu, paths=(shape,) * T1_SILOS)) as lab:
+            for transport in T1_TRANSPORTS:
+                step.start(f"T1 {transport} on {_path_label(shape)}", rounds)
+                records = run_federation(
+                    out_dir / "t1" / f"{rate}-{transport}", transport, "push", rounds, T1_MODEL, False,
+                    DEMO_SILOS[:T1_SILOS], on_round=lambda r: step.advance() if r["round"] > 0 else None,
+                    hosts=federation_hosts(lab), local_steps=T1_LOCAL_STEPS,
+                )
+                done = [r for r in records if r["round"] > 0]
+                out["rows"].append({
+                    "rate_bps": shape.rate_bps, "rtt_s": shape.rtt_s, "transport": transport,
+                    "path": _path_label(shape),
+                    "rounds": [{k: r[k] for k in ("round", "comm_seconds", "compute_seconds", "comm_share",
+                                                  "round_seconds") if k in r} for r in done],
+                })
+    return out
+
+
+# --- the whole run --------------------------------------------------------------------------
+
+
+def run_paper(out_dir: Path, tables: Sequence[str] = TABLES, repeat: int = MIN_REPEAT, mtu: int = 9000,
+              step: Step | None = None, command: str = "") -> dict[str, Any]:
+    step = step or _quiet()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    result: dict[str, Any] = {
+        "command": command,
+        "host": {"machine": platform.machine(), "python": sys.version.split()[0], "cpus": _cpus()},
+        "mtu": mtu, "repeat": repeat, "tables": {},
+    }
+    if "T2" in tables:
+        result["tables"]["T2"] = run_t2(repeat, step, mtu)
+    if "T3" in tables or "T4" in tables:
+        t3 = run_t3(repeat, step, mtu)
+        if "T3" in tables:
+            result["tables"]["T3"] = t3
+        if "T4" in tables:
+            result["tables"]["T4"] = t4_from_t3(t3)
+    if "T1" in tables:
+        result["tables"]["T1"] = run_t1(repeat, step, mtu, out_dir)
+    result["minutes"] = (time.time() - started) / 60
+    (out_dir / "paper.json").write_text(json.dumps(result, indent=2) + "\n")
+    from fedrdma.bench.report import write_report
+
+    write_report(result, out_dir)
+    return result
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0))
+
