@@ -30,7 +30,7 @@ def test_t2_paths_vary_one_factor_around_the_reference() -> None:
 
 def test_t2_state_and_cells() -> None:
     assert t2_state_bytes(100e6) == T2_MIN_BYTES
-    assert t2_state_bytes(1e9) == 119 * MIB
+    assert t2_state_bytes(1e9) == 59 * MIB
     assert t2_state_bytes(40e9) == T2_MAX_BYTES
     cells = t2_cells(32 * MIB)
     assert cells[-1] == (32 * MIB, 1)  # unchunked, once

@@ -206,7 +206,7 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
         t2 = tables["T2"]
         t2_plot(t2, out / "t2.png")
         lines += ["", f"## T2: goodput by chunk size and window (paper: {PAPER_FIGURES['T2']})", "",
-                  f"rdma-e push, one warm connection per path, the state sized to ~1 s on the line. The "
+                  f"rdma-e push, one warm connection per path, the state sized to ~0.5 s on the line (32-256 MiB). The "
                   f"fastest path runs at 80 % of the delay element's ceiling "
                   f"({t2['ceiling_bps'] / 1e9:.2f} Gbit/s here). The last column is `fedrdma sim`'s RoCE "
                   "go-back-N model for the same path and state: what these machines cannot show.", "",
