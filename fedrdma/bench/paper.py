@@ -116,7 +116,6 @@ def run_t2(repeat: int, step: Step, mtu: int) -> dict[str, Any]:
     from fedrdma.sim.tune import recommend
 
     out: dict[str, Any] = {"paths": [], "mtu": mtu, "repeat": repeat}
-    ceiling = None
     with running_lab(LabConfig(name=PAPER_LAB, mtu=mtu, paths=(PathShape.of(REFERENCE_RATE, REFERENCE_RTT, 0),))) as lab:
         ceiling = lab.ceiling_bps
     if not ceiling:

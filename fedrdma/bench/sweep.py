@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedrdma.bench.peer import format_cells
-from fedrdma.bench.procs import start_pair
-from fedrdma.bench.transfer import TRANSFER_TIMEOUT_S, WARMUP, transfer_env
+from fedrdma.bench.transfer import WARMUP, run_pair_events, transfer_env
 from fedrdma.bench.wan import LOOPBACK, Placement
 from fedrdma.core.scheduler import CHUNK_TIMEOUT_S
 
@@ -78,27 +77,7 @@ def run_cells(
         "--size-bytes", str(nbytes), "--transfers", str(per_cell), "--cells", format_cells(list(cells)),
         "--chunk-timeout", f"{chunk_timeout(cells, line * 8 if line else None):.1f}",
     ]
-    sender, receiver = start_pair(
-        SWEEP_MODE, common, env=env or transfer_env(), sender_prefix=where.sender_prefix,
-        receiver_prefix=where.receiver_prefix, listen_host=where.listen_host,
-    )
-    total = per_cell * len(cells)
-    rows: dict[str, list[dict[str, Any]]] = {"sender": [], "receiver": []}
-    try:
-        for role, proc in (("sender", sender), ("receiver", receiver)):
-            while len(rows[role]) < total:
-                event = proc.next_event(TRANSFER_TIMEOUT_S)
-                if event is None or event["event"] == "error":
-                    raise RuntimeError(f"sweep {role} failed: {event}\n{proc.stderr()}")
-                if event["event"] == "transfer":
-                    rows[role].append(event)
-                    if role == "sender":
-                        on_transfer()
-        sender.finish(60)
-        receiver.finish(60)
-    finally:
-        sender.kill()
-        receiver.kill()
+    rows = run_pair_events(SWEEP_MODE, common, per_cell * len(cells), env or transfer_env(), where, on_transfer)
     out = []
     for k, (chunk, window) in enumerate(cells):
         sent = rows["sender"][k * per_cell : (k + 1) * per_cell]

@@ -66,18 +66,19 @@ class ModeResult:
         return out
 
 
-def run_mode(
+def run_pair_events(
     mode: str,
-    size_args: Sequence[str],
-    chunk_size: int,
-    window: int,
-    repeat: int,
+    common: Sequence[str],
+    transfers: int,
     env: dict[str, str],
-    on_transfer: Callable[[], None] = lambda: None,
     where: Placement = LOOPBACK,
-) -> ModeResult:
-    transfers = repeat + WARMUP
-    common = [*size_args, "--chunk-size", str(chunk_size), "--window", str(window), "--transfers", str(transfers)]
+    on_transfer: Callable[[], None] = lambda: None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Start a sender and a receiver at `where`, and gather each side's `transfer` events.
+
+    Both processes are gone on return, however it ends; a failed side raises with both
+    sides' stderr, since the cause is often on the other one.
+    """
     sender, receiver = start_pair(
         mode, common, env=env, sender_prefix=where.sender_prefix, receiver_prefix=where.receiver_prefix,
         listen_host=where.listen_host,
@@ -102,6 +103,22 @@ def run_mode(
     finally:
         sender.kill()
         receiver.kill()
+    return rows
+
+
+def run_mode(
+    mode: str,
+    size_args: Sequence[str],
+    chunk_size: int,
+    window: int,
+    repeat: int,
+    env: dict[str, str],
+    on_transfer: Callable[[], None] = lambda: None,
+    where: Placement = LOOPBACK,
+) -> ModeResult:
+    transfers = repeat + WARMUP
+    common = [*size_args, "--chunk-size", str(chunk_size), "--window", str(window), "--transfers", str(transfers)]
+    rows = run_pair_events(mode, common, transfers, env, where, on_transfer)
     s, r = rows["sender"][WARMUP:], rows["receiver"][WARMUP:]
     # The time of a transfer is the initiator's: the raw READ is timed where it is posted.
     timed = r if mode == "raw-read" else s

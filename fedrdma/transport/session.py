@@ -319,10 +319,7 @@ class Session:
             raise TransferError("only a pushing sender sets the chunk size; a receiver follows its Begin")
         plan = ChunkPlan.build(self.state.nbytes, chunk_size)
         self.window = check_window(window)
-        if plan.chunk_size != self.plan.chunk_size:
-            self.plan = plan
-            if self.remote is not None:
-                self._set_remote_dlist(self.remote.dlist(plan))
+        self._use_plan(plan)
 
     def _metadata_for_peer(self) -> bytes:
         """Connection info plus this session's pool only (NIXL partial metadata).
@@ -665,11 +662,15 @@ class Session:
         plan = ChunkPlan.build(self.state.nbytes, chunk_size)
         if len(plan) != nchunks:
             raise ProtocolError(f"peer plans {nchunks} chunks, but {chunk_size}-byte chunks make {len(plan)}")
-        if chunk_size != self.plan.chunk_size:
+        self._use_plan(plan)
+        return plan
+
+    def _use_plan(self, plan: ChunkPlan) -> None:
+        """Switch to `plan` for the next transfer; remote descriptors follow a new chunk size."""
+        if plan.chunk_size != self.plan.chunk_size:
             self.plan = plan
             if self.remote is not None:
                 self._set_remote_dlist(self.remote.dlist(plan))
-        return plan
 
     # -- the initiator's loop ----------------------------------------------------------
     def _drive(
