@@ -123,16 +123,22 @@ def bench_paper(
     tables: str = typer.Option("T1,T2,T3,T4", help="Comma list of the tables to measure (T4 comes from T3's runs)."),
     repeat: int = typer.Option(3, help="Counted runs per figure (at least 3), after one warm-up."),
     mtu: int = typer.Option(9000, help="MTU of the lab links."),
+    against: Path | None = typer.Option(
+        None, help="An earlier paper.json to compare with; by default the one already in --out, kept as "
+        "paper.previous.json."),
+    logs: Path | None = typer.Option(
+        None, help="Keep T1's federation logs and checkpoints (several GB) here; by default they go to scratch."),
 ) -> None:
     """The FedRDMA paper's tables T1-T4, measured in the WAN lab: report, JSON and plots.
 
-    Needs root (the lab) and about 35 minutes on a 2-core host.
+    Needs root (the lab) and about 35 minutes on a 2-core host. A rerun into the same --out
+    compares itself with the run it replaces, figure by figure, in the report.
     """
     import os
     import shlex
     import sys
 
-    from fedrdma.bench.paper import MIN_REPEAT, TABLES, Step, run_paper
+    from fedrdma.bench.paper import MIN_REPEAT, TABLES, Step, keep_previous, run_paper
 
     wanted = [t.strip().upper() for t in tables.split(",") if t.strip()]
     bad = [t for t in wanted if t not in TABLES]
@@ -143,6 +149,10 @@ def bench_paper(
     if os.geteuid() != 0:
         console.print("[bold red]bench paper:[/] needs root to build the WAN lab's namespaces: run it with sudo")
         raise typer.Exit(1)
+    try:
+        previous = keep_previous(out, against)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--against") from exc
     command = "fedrdma " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
@@ -153,8 +163,50 @@ def bench_paper(
                 progress.update(current[-1], completed=progress.tasks[-1].total)
             current.append(progress.add_task(description, total=total))
 
-        result = run_paper(out, wanted, repeat, mtu, Step(start, lambda: progress.advance(current[-1])), command)
+        result = run_paper(out, wanted, repeat, mtu, Step(start, lambda: progress.advance(current[-1])), command,
+                           against=previous, logs=logs)
     console.print(f"wrote {out / 'report.md'} ({result['minutes']:.0f} min)")
+    if "repeats" in result:
+        console.print(f"against {previous}: " + ("every claim repeats within noise" if result["repeats"]["agrees"]
+                                                 else "some claims differ beyond noise (see the report)"))
+
+
+@bench.command("compare")
+def bench_compare(
+    before: Path = typer.Argument(..., metavar="BEFORE", help="The earlier run's paper.json."),
+    after: Path = typer.Argument(..., metavar="AFTER", help="The later run's paper.json."),
+    markdown_out: Path | None = typer.Option(None, "--markdown", help="Also write the comparison here as markdown."),
+) -> None:
+    """Do two `bench paper` runs give the same tables within noise? Exit 1 if not."""
+    from fedrdma.bench.compare import compare, groups, host_speed, load, markdown
+
+    try:
+        runs = [load(before), load(after)]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    comparison = compare(*runs)
+    if not comparison.pairs:
+        raise typer.BadParameter(f"{before} and {after} have no table in common: nothing to compare")
+    table = Table(title=f"{after} against {before}")
+    for column in ("table", "figures", "count", "within noise", "largest difference"):
+        table.add_column(column)
+    for name, claim, pairs in groups(comparison):
+        worst = max(pairs, key=lambda p: p.relative)
+        table.add_row(name, "claims" if claim else "absolute", str(len(pairs)), str(sum(p.agrees for p in pairs)),
+                      f"{100 * worst.relative:.0f} % ({worst.after.name}, {worst.after.unit})")
+    console.print(table)
+    console.print(f"host memory copy: before {host_speed(runs[0])}, now {host_speed(runs[1])}")
+    for pick in comparison.picks:
+        if not pick.holds:
+            console.print(f"T2 {pick.path}: best cell {pick.before} before, {pick.after} now, beyond noise")
+    if markdown_out is not None:
+        hosts = (host_speed(runs[0]), host_speed(runs[1]))
+        markdown_out.write_text(markdown(comparison, str(before), hosts) + "\n")
+        console.print(f"wrote {markdown_out}")
+    if not comparison.agrees:
+        console.print("[bold red]some claims differ beyond noise[/]")
+        raise typer.Exit(1)
+    console.print("every claim repeats within noise")
 
 
 def _path_shape(rate: str | None, rtt: str | None, loss: str | None, mtu: int | None) -> Any:

@@ -6,12 +6,24 @@ pieces (sweeps, lab placement, federations in namespaces) are tested where they 
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
-from fedrdma.bench.paper import T2_MAX_BYTES, T2_MIN_BYTES, t2_cells, t2_paths, t2_state_bytes, t4_from_t3
+from fedrdma.bench.compare import compare, groups, host_speed, markdown
+from fedrdma.bench.paper import (
+    T2_MAX_BYTES,
+    T2_MIN_BYTES,
+    keep_previous,
+    t2_cells,
+    t2_paths,
+    t2_state_bytes,
+    t4_from_t3,
+)
 from fedrdma.bench.report import write_report
 from fedrdma.cli import app
 
@@ -50,7 +62,8 @@ def _modes(scale: float) -> dict[str, dict[str, float]]:
                             ("rdma-e-pull", 1.5, 0.0))}
 
 
-def test_report_has_every_table_marks_the_best_cell_and_draws_plots(tmp_path: Path) -> None:
+def _result() -> dict[str, Any]:
+    """A bench paper result with every table, small enough to read: the report's and comparison's input."""
     state = 64 * MIB
     t3 = {"repeat": 3, "rows": [
         {"model": "gpt2-small", "lora": False, "state_bytes": 475 * MIB, "path": "loopback", "modes": _modes(1)},
@@ -80,7 +93,11 @@ def test_report_has_every_table_marks_the_best_cell_and_draws_plots(tmp_path: Pa
             "T4": t4_from_t3(t3),
         },
     }
-    report = write_report(result, tmp_path).read_text()
+    return result
+
+
+def test_report_has_every_table_marks_the_best_cell_and_draws_plots(tmp_path: Path) -> None:
+    report = write_report(_result(), tmp_path).read_text()
     for title in ("## T1", "## T2", "## T3", "## T4"):
         assert title in report
     assert "`fedrdma bench paper --out X`" in report and "MTU 9000" in report
@@ -105,3 +122,132 @@ def test_bench_paper_refuses_bad_settings(args: list[str], message: str) -> None
     result = CliRunner().invoke(app, ["bench", "paper", *args])
     assert result.exit_code == 2
     assert message in result.output.replace("\n", " ")
+
+
+# --- two runs compared ------------------------------------------------------------------------
+
+
+def _t3_mode(result: dict[str, Any], row: int, mode: str) -> dict[str, float]:
+    return result["tables"]["T3"]["rows"][row]["modes"][mode]
+
+
+def test_a_run_repeats_itself_and_pairs_every_figure() -> None:
+    before = _result()
+    comparison = compare(before, copy.deepcopy(before))
+    assert comparison.agrees
+    counts = {(t, c): len(ps) for t, c, ps in groups(comparison)}
+    assert counts == {("T1", True): 2, ("T2", True): 5,
+                      ("T3", True): 9, ("T3", False): 12,  # 3 speedups over grpc per row; seconds of 4 modes
+                      ("T4", True): 5, ("T4", False): 3}  # CPU against grpc (2) and RSS (3); CPU seconds (3)
+    assert comparison.only_before == comparison.only_after == []
+    assert [(p.before, p.after, p.holds) for p in comparison.picks] == [("4 MiB x 8", "4 MiB x 8", True)]
+
+
+def test_a_speedup_beyond_tolerance_and_its_own_spread_is_named() -> None:
+    before, after = _result(), _result()
+    _t3_mode(after, 0, "rdma-e").update(seconds=1.3, seconds_min=1.25)  # tight runs: the move is real
+    comparison = compare(before, after)
+    outliers = [(p.after.name, p.after.unit) for p in comparison.pairs if not p.agrees]
+    assert outliers == [("gpt2-small full, loopback, rdma-e", "s"), ("gpt2-small full, loopback, rdma-e", "x grpc")]
+    assert not comparison.agrees
+    text = markdown(comparison, "paper.previous.json")
+    assert "| T3 | gpt2-small full, loopback, rdma-e | claim | 4.00x | 3.08x | 23 % |" in text
+    assert "| T3 | claims: x grpc | 9 | 8 |" in text
+
+
+def test_the_host_getting_faster_moves_seconds_but_not_claims() -> None:
+    before, after = _result(), _result()
+    for row in range(3):
+        for mode in ("grpc", "rdma", "rdma-e", "rdma-e-pull"):
+            m = _t3_mode(after, row, mode)
+            m.update(seconds=m["seconds"] * 0.6, seconds_min=m["seconds_min"] * 0.6)
+    comparison = compare(before, after)
+    assert comparison.agrees  # every speedup is what it was
+    assert any(not p.agrees for p in comparison.pairs if p.after.unit == "s")
+    before["host"]["memcpy_gb_s"], after["host"]["memcpy_gb_s"] = [3.9, 4.0], [6.5, 6.4]
+    text = markdown(comparison, "x", (host_speed(before), host_speed(after)))
+    assert "before 3.9 / 4.0 GB/s, now 6.5 / 6.4 GB/s" in text and "Every claim repeats within noise." in text
+
+
+def test_a_move_inside_the_runs_own_spread_is_noise() -> None:
+    before, after = _result(), _result()
+    _t3_mode(after, 0, "rdma-e").update(seconds=1.15, seconds_min=0.9)  # 13 %: inside spreads 0.1 + 0.25
+    assert compare(before, after).agrees
+    assert all(p.agrees for p in compare(before, after).pairs)
+
+
+def test_t2_pick_that_changes_within_noise_holds_and_beyond_does_not() -> None:
+    before, after = _result(), _result()
+    cells = after["tables"]["T2"]["paths"][0]["cells"]
+    cells[1].update(vs_line=0.955, goodput_gbit_s_best=0.965)  # 1 MiB x 8 now edges out 4 MiB x 8
+    cells[3].update(vs_line=0.95, goodput_gbit_s_best=0.96)
+    after["tables"]["T2"]["paths"][0]["best"] = {"chunk_size": MIB, "window": 8}
+    [pick] = compare(before, after).picks
+    assert (pick.before, pick.after, pick.holds) == ("4 MiB x 8", "1 MiB x 8", True)
+    cells[3]["vs_line"] = 0.6  # the old best collapsed: the conclusion changed
+    cells[3]["goodput_gbit_s_best"] = 0.61
+    [pick] = compare(before, after).picks
+    assert not pick.holds
+    assert "| **no** |" in markdown(compare(before, after), "x")
+
+
+def test_only_tables_both_runs_have_are_compared() -> None:
+    before, after = _result(), _result()
+    del after["tables"]["T1"]
+    after["tables"]["T2"]["paths"][0]["cells"].pop(0)
+    comparison = compare(before, after)
+    assert "T1" not in comparison.tables()
+    assert comparison.only_before == ["T2: 1gbit / 20ms / loss 0, 1 MiB x 2 (of line)"]
+
+
+def test_rerun_keeps_the_previous_result_and_reports_against_it(tmp_path: Path) -> None:
+    assert keep_previous(tmp_path, None) is None  # a first run has nothing to compare with
+    (tmp_path / "paper.json").write_text(json.dumps(_result()))
+    kept = keep_previous(tmp_path, None)
+    assert kept == tmp_path / "paper.previous.json" and json.loads(kept.read_text()) == _result()
+    now = _result()
+    _t3_mode(now, 1, "grpc").update(seconds=0.5, seconds_min=0.45)  # LoRA grpc: 0.04 s became 0.5 s
+    now["against"] = kept.name
+    report = write_report(now, tmp_path).read_text()
+    assert "## Repeatability: this run against the previous one" in report
+    assert "| T3 | gpt2-small LoRA, loopback, grpc | absolute | 0.040 s | 0.500 s | 92 % |" in report
+    assert "| T3 | gpt2-small LoRA, loopback, rdma | claim | 2.00x | 25.00x |" in report
+    assert "memory copy not recorded (start / end)" in report
+
+
+def test_rerun_refuses_an_unreadable_previous_result_before_measuring(tmp_path: Path) -> None:
+    (tmp_path / "paper.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read a bench paper result"):
+        keep_previous(tmp_path, None)
+    (tmp_path / "other.json").write_text(json.dumps({"modes": {}}))
+    with pytest.raises(ValueError, match="has no 'tables'"):
+        keep_previous(tmp_path, tmp_path / "other.json")
+    assert not (tmp_path / "paper.previous.json").exists()
+
+
+def test_t2_rerun_keeps_the_fastest_path_when_the_element_allows() -> None:
+    assert t2_paths(8.0e9)[2].rate_bps == 6_000_000_000  # its own pick: 0.8 x ceiling, in 0.5 Gbit/s steps
+    assert t2_paths(8.0e9, top_bps=5.5e9)[2].rate_bps == 5_500_000_000  # the previous run's path, kept
+    assert t2_paths(6.5e9, top_bps=5.5e9)[2].rate_bps == 5_000_000_000  # too near this element's ceiling
+
+
+def test_bench_compare_exit_codes_and_markdown(tmp_path: Path) -> None:
+    before, after = tmp_path / "a.json", tmp_path / "b.json"
+    before.write_text(json.dumps(_result()))
+    after.write_text(json.dumps(_result()))
+    out = CliRunner().invoke(app, ["bench", "compare", str(before), str(after), "--markdown", str(tmp_path / "c.md")])
+    assert out.exit_code == 0, out.output
+    assert "every claim repeats within noise" in out.output
+    assert "| T2 | claims: of line | 5 | 5 |" in (tmp_path / "c.md").read_text()
+    moved = _result()
+    _t3_mode(moved, 2, "rdma").update(seconds=40.0, seconds_min=39.0)  # 20 s became 40 s: 2x became 1x grpc
+    after.write_text(json.dumps(moved))
+    out = CliRunner().invoke(app, ["bench", "compare", str(before), str(after)])
+    assert out.exit_code == 1
+    assert "some claims differ beyond noise" in out.output
+    only_t1 = {"tables": {"T1": _result()["tables"]["T1"]}}
+    after.write_text(json.dumps({"tables": {"T3": _result()["tables"]["T3"]}}))
+    before.write_text(json.dumps(only_t1))
+    out = CliRunner().invoke(app, ["bench", "compare", str(before), str(after)])
+    unboxed = " ".join(" ".join(line.strip("│╭╮╰╯─ ").split()) for line in out.output.splitlines())
+    assert out.exit_code == 2 and "have no table in common: nothing to compare" in unboxed

@@ -12,7 +12,9 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -91,8 +93,11 @@ def _path_label(shape: PathShape) -> str:
 # --- T2 -------------------------------------------------------------------------------------
 
 
-def t2_paths(ceiling_bps: float) -> list[PathShape]:
+def t2_paths(ceiling_bps: float, top_bps: float | None = None) -> list[PathShape]:
+    """T2's paths; `top_bps` pins the fastest one (a rerun keeps its predecessor's) if the element allows it."""
     top = math.floor(CEILING_HEADROOM * ceiling_bps / 0.5e9) * 0.5e9
+    if top_bps is not None and top_bps <= CEILING_HEADROOM * ceiling_bps:
+        top = top_bps
     paths = []
     for rate in T2_RATES:
         paths.append(PathShape.of(int(top) if rate == "ceiling" else rate, REFERENCE_RTT, 0))
@@ -112,25 +117,18 @@ def t2_cells(nbytes: int) -> list[tuple[int, int]]:
     return cells + [(nbytes, 1)]
 
 
-def run_t2(repeat: int, step: Step, mtu: int) -> dict[str, Any]:
+def run_t2(repeat: int, step: Step, mtu: int, top_bps: float | None = None) -> dict[str, Any]:
     from fedrdma.sim.tune import recommend
 
-    out: dict[str, Any] = {"paths": [], "mtu": mtu, "repeat": repeat}
-    with running_lab(LabConfig(name=PAPER_LAB, mtu=mtu, paths=(PathShape.of(REFERENCE_RATE, REFERENCE_RTT, 0),))) as lab:
-        ceiling = lab.ceiling_bps
-    if not ceiling:
-        raise RuntimeError("the lab did not report its delay element's ceiling")
-    out["ceiling_bps"] = ceiling
-    for shape in t2_paths(ceiling):
+    def measure(shape: PathShape, lab: Any) -> dict[str, Any]:
         assert shape.rate_bps is not None
         nbytes = t2_state_bytes(shape.rate_bps)
         cells = t2_cells(nbytes)
         step.start(f"T2 {_path_label(shape)}", len(cells) * (repeat + transfer.WARMUP))
-        with running_lab(LabConfig(name=PAPER_LAB, mtu=mtu, paths=(shape,))) as lab:
-            results = run_cells(nbytes, cells, repeat, placement(lab), on_transfer=step.advance)
+        results = run_cells(nbytes, cells, repeat, placement(lab), on_transfer=step.advance)
         top = best(results, nbytes)
         model = recommend(shape.rate_bps, shape.rtt_s, shape.loss, state_bytes=nbytes)
-        out["paths"].append({
+        return {
             "rate_bps": shape.rate_bps, "rtt_s": shape.rtt_s, "loss": shape.loss, "state_bytes": nbytes,
             "label": _path_label(shape),
             "cells": [r.row(nbytes, shape.rate_bps) for r in results],
@@ -142,8 +140,21 @@ def run_t2(repeat: int, step: Step, mtu: int) -> dict[str, Any]:
                               "goodput_fraction": row.result.goodput_bps / shape.rate_bps,
                               "p_fail": row.result.p_fail} for row in model.rows],
             },
-        })
-    return out
+        }
+
+    # The reference path's lab also tells the element's ceiling, which sets the fastest path.
+    reference = PathShape.of(REFERENCE_RATE, REFERENCE_RTT, 0)
+    with running_lab(LabConfig(name=PAPER_LAB, mtu=mtu, paths=(reference,))) as lab:
+        ceiling = lab.ceiling_bps
+        if not ceiling:
+            raise RuntimeError("the lab did not report its delay element's ceiling")
+        measured = {reference: measure(reference, lab)}
+    paths = t2_paths(ceiling, top_bps)
+    for shape in paths:
+        if shape not in measured:
+            with running_lab(LabConfig(name=PAPER_LAB, mtu=mtu, paths=(shape,))) as lab:
+                measured[shape] = measure(shape, lab)
+    return {"paths": [measured[s] for s in paths], "mtu": mtu, "repeat": repeat, "ceiling_bps": ceiling}
 
 
 # --- T3 and T4 ------------------------------------------------------------------------------
@@ -183,7 +194,8 @@ def t4_from_t3(t3: dict[str, Any]) -> dict[str, Any]:
         for mode in T4_MODES:
             m = row["modes"][mode]
             rows.append({"model": row["model"], "state_bytes": row["state_bytes"], "mode": mode,
-                         "cpu_seconds": m["cpu_seconds"], "receiver_extra_rss_mb": m["receiver_extra_rss_mb"],
+                         "cpu_seconds": m["cpu_seconds"], "cpu_seconds_min": m.get("cpu_seconds_min", m["cpu_seconds"]),
+                         "receiver_extra_rss_mb": m["receiver_extra_rss_mb"],
                          "sender_extra_rss_mb": m["sender_extra_rss_mb"], "seconds": m["seconds"]})
     return {"repeat": t3["repeat"], "rows": rows}
 
@@ -191,7 +203,11 @@ def t4_from_t3(t3: dict[str, Any]) -> dict[str, Any]:
 # --- T1 -------------------------------------------------------------------------------------
 
 
-def run_t1(rounds: int, step: Step, mtu: int, out_dir: Path) -> dict[str, Any]:
+def run_t1(rounds: int, step: Step, mtu: int, logs: Path | None = None) -> dict[str, Any]:
+    """Federations in the lab; their logs and checkpoints (GBs) go to `logs`, or to scratch."""
+    if logs is None:
+        with tempfile.TemporaryDirectory(prefix="fedrdma-t1-") as scratch:
+            return run_t1(rounds, step, mtu, Path(scratch))
     from fedrdma.fl.data import DEMO_SILOS
     from fedrdma.fl.demo import run_federation
 
@@ -203,7 +219,7 @@ def run_t1(rounds: int, step: Step, mtu: int, out_dir: Path) -> dict[str, Any]:
             for transport in T1_TRANSPORTS:
                 step.start(f"T1 {transport} on {_path_label(shape)}", rounds)
                 records = run_federation(
-                    out_dir / "t1" / f"{rate}-{transport}", transport, "push", rounds, T1_MODEL, False,
+                    logs / f"{rate}-{transport}", transport, "push", rounds, T1_MODEL, False,
                     DEMO_SILOS[:T1_SILOS], on_round=lambda r: step.advance() if r["round"] > 0 else None,
                     hosts=federation_hosts(lab), local_steps=T1_LOCAL_STEPS,
                 )
@@ -220,21 +236,53 @@ def run_t1(rounds: int, step: Step, mtu: int, out_dir: Path) -> dict[str, Any]:
 # --- the whole run --------------------------------------------------------------------------
 
 
+PREVIOUS = "paper.previous.json"
+"""Where a rerun keeps the result it replaces, so its comparison can be made again."""
+
+
+def keep_previous(out_dir: Path, against: Path | None) -> Path | None:
+    """The earlier result a run compares itself with: `against`, or the one already in DIR.
+
+    Checked before anything is measured: a 35-minute run must not end on an unreadable file.
+    """
+    from fedrdma.bench.compare import load
+
+    current = out_dir / "paper.json"
+    if against is not None:
+        load(against)
+        return against
+    if not current.exists():
+        return None
+    load(current)
+    kept = out_dir / PREVIOUS
+    shutil.copyfile(current, kept)
+    return kept
+
+
 def run_paper(out_dir: Path, tables: Sequence[str] = TABLES, repeat: int = MIN_REPEAT, mtu: int = 9000,
-              step: Step | None = None, command: str = "") -> dict[str, Any]:
+              step: Step | None = None, command: str = "", against: Path | None = None,
+              logs: Path | None = None) -> dict[str, Any]:
+    """Measure `tables` into DIR; `against` is an earlier result the report compares with."""
     step = step or _quiet()
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     result: dict[str, Any] = {
         "command": command,
-        "host": {"machine": platform.machine(), "python": sys.version.split()[0], "cpus": _cpus()},
+        "host": {"machine": platform.machine(), "python": sys.version.split()[0], "cpus": _cpus(),
+                 "memcpy_gb_s": [memcpy_gb_s()]},
         "mtu": mtu, "repeat": repeat, "tables": {},
     }
+    if against is not None:
+        inside = against.resolve().parent == out_dir.resolve()
+        result["against"] = against.name if inside else str(against.resolve())
+    from fedrdma.bench.compare import compare, load, repeat_summary
     from fedrdma.bench.report import write_report
 
     def save() -> None:
         """After every table: a run cut short still leaves a report of what it measured."""
         result["minutes"] = (time.time() - started) / 60
+        if against is not None:
+            result["repeats"] = repeat_summary(compare(load(against), result))
         (out_dir / "paper.json").write_text(json.dumps(result, indent=2) + "\n")
         write_report(result, out_dir)
 
@@ -246,12 +294,44 @@ def run_paper(out_dir: Path, tables: Sequence[str] = TABLES, repeat: int = MIN_R
             result["tables"]["T4"] = t4_from_t3(t3)
         save()
     if "T2" in tables:
-        result["tables"]["T2"] = run_t2(repeat, step, mtu)
+        result["tables"]["T2"] = run_t2(repeat, step, mtu, _previous_top(against))
         save()
     if "T1" in tables:
-        result["tables"]["T1"] = run_t1(repeat, step, mtu, out_dir)
-        save()
+        result["tables"]["T1"] = run_t1(repeat, step, mtu, logs)
+    result["host"]["memcpy_gb_s"].append(memcpy_gb_s())
+    save()
     return result
+
+
+def _previous_top(against: Path | None) -> float | None:
+    """The fastest T2 path of the run we compare with: the same path makes the same figures comparable."""
+    if against is None:
+        return None
+    from fedrdma.bench.compare import load
+
+    paths = load(against)["tables"].get("T2", {}).get("paths", [])
+    return max((p["rate_bps"] for p in paths), default=None)
+
+
+CALIBRATION_BYTES = 256 << 20
+"""Large against the caches, so it is the memory that gets measured; copied in well under 1 s."""
+
+CALIBRATION_TRIES = 5
+"""Best of a few copies: the first pays for page faults."""
+
+
+def memcpy_gb_s() -> float:
+    """The host's memory copy rate: loopback seconds scale with it, and a shared VM's drifts."""
+    import torch
+
+    src = torch.ones(CALIBRATION_BYTES, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    fastest = math.inf
+    for _ in range(CALIBRATION_TRIES):
+        start = time.perf_counter()
+        dst.copy_(src)
+        fastest = min(fastest, time.perf_counter() - start)
+    return CALIBRATION_BYTES / fastest / 1e9
 
 
 def _cpus() -> int:

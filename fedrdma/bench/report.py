@@ -184,13 +184,16 @@ def t3_plot(t3: dict[str, Any], path: Path) -> Path:
 
 
 def write_report(result: dict[str, Any], out: Path) -> Path:
+    from fedrdma.bench.compare import host_speed
+
     tables = result["tables"]
     host = result["host"]
     lines = [
         "# fedrdma bench paper",
         "",
         f"Command: `{result['command'] or 'fedrdma bench paper'}` ({result.get('minutes', 0):.0f} min). "
-        f"Host: {host['cpus']} CPUs, {host['machine']}, Python {host['python']}; UCX over TCP (no RDMA NIC). "
+        f"Host: {host['cpus']} CPUs, {host['machine']}, Python {host['python']}, memory copy "
+        f"{host_speed(result)} (start / end); UCX over TCP (no RDMA NIC). "
         f"Lab links: MTU {result['mtu']}, offloads off, delay by the lab's element, rate by TBF. "
         f"Every figure is the median of {result['repeat']} counted runs after one warm-up, with the minimum "
         "(or, for goodput, the best) in parentheses.",
@@ -222,6 +225,12 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
                   "From T3's loopback runs: CPU seconds of sender and receiver together (median), and each "
                   "side's peak RSS above what it held before the transfer (largest over the runs; the "
                   "receiver's pool is not counted).", "", t4_markdown(tables["T4"])]
+    if result.get("against"):
+        from fedrdma.bench.compare import compare, host_speed, load, markdown
+
+        before = load(out / result["against"])
+        lines += ["", "## Repeatability: this run against the previous one", "",
+                  markdown(compare(before, result), result["against"], (host_speed(before), host_speed(result)))]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

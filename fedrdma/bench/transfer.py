@@ -52,6 +52,7 @@ class ModeResult:
             "seconds_min": min(self.seconds),
             "goodput_gb_s": nbytes / med / 1e9,
             "cpu_seconds": statistics.median(self.cpu_seconds),
+            "cpu_seconds_min": min(self.cpu_seconds),
             "receiver_extra_rss_mb": max(self.receiver_extra_rss) / 2**20,
             "sender_extra_rss_mb": max(self.sender_extra_rss) / 2**20,
             "identical": self.identical,

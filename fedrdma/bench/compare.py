@@ -1,0 +1,331 @@
+"""Do two `bench paper` runs give the same tables? Figure by figure, within noise.
+
+A table's claims are ratios measured within one run: a share of the round (T1), a fraction
+of the line (T2), a speedup over grpc (T3), CPU relative to grpc and memory held (T4). Those
+decide the verdict. Absolute seconds are compared too and shown, but they follow the host's
+speed, which changes between runs on a shared VM (the brief: compare within one run).
+
+Two runs' medians agree when they differ by no more than the larger of: a relative
+tolerance, a floor in the figure's unit, and the spread both runs measured themselves
+(median to min, or to best; for a ratio, the range its two figures' spreads allow). The
+last term is the honest one: a figure whose own repetitions swing by 30 % cannot be
+expected to repeat to 10 %. T2's conclusion is checked too: each run's best cell must be
+within noise of the other run's best on that path.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REL_TOLERANCE = 0.10
+"""Run-to-run swing of this 2-core host: the 5 Gbit/s WAN figure moved 0.877-0.940 (7 %)
+between four runs of one build, with nothing else changed."""
+
+FLOORS = {"s": 0.003, "of line": 0.02, "% of round": 3.0, "CPU s": 0.05, "MiB": 64.0, "x grpc": 0.05}
+"""Smallest difference that counts, per unit: a few ms of scheduling on millisecond LoRA
+transfers; 2 % of a line; 3 points of a round's share; 50 ms of CPU; 64 MiB of RSS, which
+moves with the allocator's arenas rather than with the transport; and 0.05 of a ratio."""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One number of a table: its median, and how far its own repetitions strayed from it."""
+
+    table: str
+    name: str
+    unit: str
+    value: float
+    spread: float = 0.0
+    claim: bool = True  # False: an absolute figure, shown but host-dependent
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "spread", max(0.0, self.spread))  # a best below the median is no spread
+
+
+@dataclass(frozen=True)
+class Pair:
+    before: Figure
+    after: Figure
+
+    @property
+    def difference(self) -> float:
+        return self.after.value - self.before.value
+
+    @property
+    def relative(self) -> float:
+        base = max(abs(self.before.value), abs(self.after.value))
+        return abs(self.difference) / base if base else 0.0
+
+    @property
+    def tolerance(self) -> float:
+        base = max(abs(self.before.value), abs(self.after.value))
+        return max(REL_TOLERANCE * base, FLOORS.get(self.after.unit, 0.0), self.before.spread + self.after.spread)
+
+    @property
+    def agrees(self) -> bool:
+        return abs(self.difference) <= self.tolerance
+
+
+@dataclass(frozen=True)
+class Pick:
+    """T2's conclusion on one path: each run's best cell, and how the other run scored it."""
+
+    path: str
+    before: str
+    after: str
+    before_of_after: float  # the earlier run's goodput for the later run's best cell
+    before_best: float
+    after_of_before: float
+    after_best: float
+    tolerance: float
+
+    @property
+    def holds(self) -> bool:
+        return (self.before_best - self.before_of_after <= self.tolerance
+                and self.after_best - self.after_of_before <= self.tolerance)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    pairs: list[Pair]
+    picks: list[Pick]
+    only_before: list[str]
+    only_after: list[str]
+
+    @property
+    def claims(self) -> list[Pair]:
+        return [p for p in self.pairs if p.after.claim]
+
+    @property
+    def agrees(self) -> bool:
+        """The verdict: every claim repeats within noise, and T2's best cells hold."""
+        return all(p.agrees for p in self.claims) and all(p.holds for p in self.picks)
+
+    def tables(self) -> list[str]:
+        return sorted({p.after.table for p in self.pairs})
+
+
+# --- figures of each table -----------------------------------------------------------------
+
+
+def _cell_label(chunk: int, window: int, state: int) -> str:
+    if chunk >= state:
+        return "whole"
+    size = f"{chunk >> 20} MiB" if chunk >= 1 << 20 else f"{chunk >> 10} KiB"
+    return f"{size} x {window}"
+
+
+def _state(row: dict[str, Any]) -> str:
+    return f"{row['model']} {'LoRA' if row['lora'] else 'full'}"
+
+
+def _t1(t1: dict[str, Any]) -> Iterable[Figure]:
+    for row in t1["rows"]:
+        shares = [r["comm_share"] * 100 for r in row["rounds"]]
+        med = statistics.median(shares)
+        yield Figure("T1", f"{row['path']}, {row['transport']}", "% of round", med, max(shares) - min(shares))
+
+
+def _t2_best(path: dict[str, Any], cell: dict[str, Any]) -> float:
+    return cell["goodput_gbit_s_best"] * 1e9 / path["rate_bps"]
+
+
+def _t2(t2: dict[str, Any]) -> Iterable[Figure]:
+    for path in t2["paths"]:
+        for cell in path["cells"]:
+            name = f"{path['label']}, {_cell_label(cell['chunk_size'], cell['window'], path['state_bytes'])}"
+            yield Figure("T2", name, "of line", cell["vs_line"], _t2_best(path, cell) - cell["vs_line"])
+
+
+def _ratio(num: dict[str, float], den: dict[str, float], key: str, floor: float) -> tuple[float, float]:
+    """num/den and its spread: the widest the ratio goes when each figure moves within its own
+    range (median to min, widened by the unit's floor)."""
+    ratio = num[key] / den[key]
+    num_min, den_min = num.get(f"{key}_min", num[key]), den.get(f"{key}_min", den[key])  # older runs: median only
+    lo = max(num_min - floor, 0.0) / (den[key] + floor)
+    hi = (num[key] + floor) / max(den_min - floor, 1e-9)
+    return ratio, max(ratio - lo, hi - ratio)
+
+
+def _t3(t3: dict[str, Any]) -> Iterable[Figure]:
+    for row in t3["rows"]:
+        grpc = row["modes"].get("grpc")
+        for mode, m in row["modes"].items():
+            name = f"{_state(row)}, {row['path']}, {mode}"
+            yield Figure("T3", name, "s", m["seconds"], m["seconds"] - m["seconds_min"], claim=False)
+            if grpc is not None and mode != "grpc":
+                speedup, spread = _ratio(grpc, m, "seconds", FLOORS["s"])
+                yield Figure("T3", name, "x grpc", speedup, spread)
+
+
+def _t4(t4: dict[str, Any]) -> Iterable[Figure]:
+    grpc = {row["model"]: row for row in t4["rows"] if row["mode"] == "grpc"}
+    for row in t4["rows"]:
+        name = f"{row['model']}, {row['mode']}"
+        yield Figure("T4", f"{name}, CPU", "CPU s", row["cpu_seconds"],
+                     row["cpu_seconds"] - row.get("cpu_seconds_min", row["cpu_seconds"]), claim=False)
+        base = grpc.get(row["model"])
+        if base is not None and row["mode"] != "grpc":
+            yield Figure("T4", f"{name}, CPU", "x grpc", *_ratio(row, base, "cpu_seconds", FLOORS["CPU s"]))
+        yield Figure("T4", f"{name}, receiver +RSS", "MiB", row["receiver_extra_rss_mb"])
+
+
+EXTRACTORS = {"T1": _t1, "T2": _t2, "T3": _t3, "T4": _t4}
+
+
+def figures(result: dict[str, Any]) -> dict[tuple[str, str, str], Figure]:
+    out: dict[tuple[str, str, str], Figure] = {}
+    for table, extract in EXTRACTORS.items():
+        if table in result.get("tables", {}):
+            for fig in extract(result["tables"][table]):
+                out[(fig.table, fig.name, fig.unit)] = fig
+    return out
+
+
+def _picks(before: dict[str, Any], after: dict[str, Any]) -> list[Pick]:
+    if "T2" not in before.get("tables", {}) or "T2" not in after.get("tables", {}):
+        return []
+    earlier = {p["label"]: p for p in before["tables"]["T2"]["paths"]}
+    picks = []
+    for path in after["tables"]["T2"]["paths"]:
+        prev = earlier.get(path["label"])
+        if prev is None:
+            continue
+        cells_b = {(c["chunk_size"], c["window"]): c for c in prev["cells"]}
+        cells_a = {(c["chunk_size"], c["window"]): c for c in path["cells"]}
+        best_b = (prev["best"]["chunk_size"], prev["best"]["window"])
+        best_a = (path["best"]["chunk_size"], path["best"]["window"])
+        if best_a not in cells_b or best_b not in cells_a:
+            continue  # different grids: the figures' lists already say so
+        top_b, top_a = cells_b[best_b], cells_a[best_a]
+        spread = (_t2_best(prev, top_b) - top_b["vs_line"]) + (_t2_best(path, top_a) - top_a["vs_line"])
+        tolerance = max(REL_TOLERANCE * max(top_a["vs_line"], top_b["vs_line"]), FLOORS["of line"], spread)
+        state = path["state_bytes"]
+        picks.append(Pick(
+            path=path["label"], before=_cell_label(*best_b, state), after=_cell_label(*best_a, state),
+            before_of_after=cells_b[best_a]["vs_line"], before_best=top_b["vs_line"],
+            after_of_before=cells_a[best_b]["vs_line"], after_best=top_a["vs_line"], tolerance=tolerance,
+        ))
+    return picks
+
+
+def compare(before: dict[str, Any], after: dict[str, Any]) -> Comparison:
+    """Pair the figures of the tables both runs measured; list the ones only one run has."""
+    common = set(before.get("tables", {})) & set(after.get("tables", {}))
+    a = {k: f for k, f in figures(before).items() if k[0] in common}
+    b = {k: f for k, f in figures(after).items() if k[0] in common}
+    pairs = [Pair(a[k], b[k]) for k in b if k in a]
+    return Comparison(
+        pairs=pairs, picks=_picks(before, after),
+        only_before=[f"{t}: {n} ({u})" for t, n, u in a if (t, n, u) not in b],
+        only_after=[f"{t}: {n} ({u})" for t, n, u in b if (t, n, u) not in a],
+    )
+
+
+def load(path: Path) -> dict[str, Any]:
+    """A `bench paper` result, or an error that says what the file is not."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read a bench paper result ({exc})") from exc
+    if not isinstance(result, dict) or not isinstance(result.get("tables"), dict):
+        raise ValueError(f"{path} is not a bench paper result (it has no 'tables'); "
+                         "give the paper.json that `fedrdma bench paper` wrote")
+    return result
+
+
+def groups(comparison: Comparison) -> list[tuple[str, bool, list[Pair]]]:
+    """(table, claims or absolute, pairs): the rows of a summary."""
+    out = []
+    for table in comparison.tables():
+        for claim in (True, False):
+            pairs = [p for p in comparison.pairs if p.after.table == table and p.after.claim == claim]
+            if pairs:
+                out.append((table, claim, pairs))
+    return out
+
+
+def repeat_summary(comparison: Comparison) -> dict[str, Any]:
+    """What paper.json records of a comparison: the verdict and the counts per table."""
+    return {
+        "agrees": comparison.agrees,
+        "tables": {f"{t} {'claims' if c else 'absolute'}": {"figures": len(ps), "within_noise": sum(p.agrees for p in ps)}
+                   for t, c, ps in groups(comparison)},
+        "t2_picks_hold": all(p.holds for p in comparison.picks),
+    }
+
+
+# --- markdown -----------------------------------------------------------------------------
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "of line":
+        return f"{value:.3f}"
+    if unit == "% of round":
+        return f"{value:.1f} %"
+    if unit == "MiB":
+        return f"{value:.0f} MiB"
+    if unit == "x grpc":
+        return f"{value:.2f}x"
+    return f"{value:.3f} s"
+
+
+def host_speed(result: dict[str, Any]) -> str:
+    """The memory copy rates a run recorded at its start and end, for the reader to weigh its seconds."""
+    rates = result.get("host", {}).get("memcpy_gb_s")
+    return " / ".join(f"{r:.1f}" for r in rates) + " GB/s" if rates else "not recorded"
+
+
+def markdown(comparison: Comparison, before_name: str, hosts: tuple[str, str] | None = None) -> str:
+    """The report's repeatability section: a summary per table, T2's picks, every disagreement."""
+    rows = []
+    for table, claim, pairs in groups(comparison):
+        agree = sum(p.agrees for p in pairs)
+        worst = max(pairs, key=lambda p: p.relative)
+        units = ", ".join(sorted({p.after.unit for p in pairs}))
+        rows.append(f"| {table} | {'claims' if claim else 'absolute (host-dependent)'}: {units} | {len(pairs)} | "
+                    f"{agree} | {100 * statistics.median(p.relative for p in pairs):.1f} % | "
+                    f"{100 * worst.relative:.0f} % ({worst.after.name}) |")
+    verdict = ("Every claim repeats within noise." if comparison.agrees else
+               "Not every claim repeats within noise: the ones that do not are listed below.")
+    lines = [
+        f"Against `{before_name}`, figure by figure. The verdict rests on the tables' claims, which are ratios "
+        "measured within one run (share of the round, fraction of the line, speedup and CPU against grpc, memory "
+        "held); absolute seconds follow the host's speed and are shown beside them. Two medians agree when they "
+        f"differ by at most the largest of {REL_TOLERANCE:.0%} of the figure, a floor in its unit ("
+        + ", ".join(f"{v:g} {k}" for k, v in FLOORS.items())
+        + "), and the spread both runs measured themselves (median to min, or to best). " + verdict,
+    ]
+    if hosts:
+        lines += ["", f"Host speed (memory copy, start and end of each run): before {hosts[0]}, now {hosts[1]}."]
+    lines += [
+        "",
+        "| table | figures | count | within noise | median difference | largest difference |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *rows,
+    ]
+    if comparison.picks:
+        lines += ["", "T2's best cell per path, in each run, and how the other run scored it (of line):", "",
+                  "| path | best before | best now | before: its best / now's pick | now: its best / before's pick "
+                  "| holds |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {p.path} | {p.before} | {p.after} | {p.before_best:.3f} / {p.before_of_after:.3f} | "
+                  f"{p.after_best:.3f} / {p.after_of_before:.3f} | {'yes' if p.holds else '**no**'} |"
+                  for p in comparison.picks]
+    outliers = [p for p in comparison.pairs if not p.agrees]
+    if outliers:
+        lines += ["", "Figures outside noise (claims first):", "",
+                  "| table | figure | kind | before | now | difference | tolerance |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {p.after.table} | {p.after.name} | {'claim' if p.after.claim else 'absolute'} | "
+                  f"{_fmt(p.before.value, p.after.unit)} | {_fmt(p.after.value, p.after.unit)} | "
+                  f"{100 * p.relative:.0f} % | {_fmt(p.tolerance, p.after.unit)} |"
+                  for p in sorted(outliers, key=lambda p: not p.after.claim)]
+    for label, names in (("Only in the earlier run", comparison.only_before), ("Only in this run", comparison.only_after)):
+        if names:
+            lines += ["", f"{label}: " + "; ".join(names) + "."]
+    return "\n".join(lines)
