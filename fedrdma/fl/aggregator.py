@@ -28,7 +28,7 @@ from fedrdma.core.fedavg import NotEnoughSilos, RoundAggregate
 from fedrdma.core.layout import FlatState
 from fedrdma.fl import checkpoint
 from fedrdma.fl.state import build_trainable
-from fedrdma.memory import pin_mmap_threshold
+from fedrdma.memory import compute_heap, pin_mmap_threshold
 from fedrdma.metrics import mark_runtime, memory_report, reset_peak
 from fedrdma.transport.agent import Agent, Pool
 from fedrdma.transport.session import Session, TransferStats
@@ -281,7 +281,7 @@ class Aggregator:
             results[silo].ok = False
             results[silo].reason = f"update rejected: {reason}"
         checkpoint.save(self.out_dir, self.state, rnd)
-        eval_loss = self.evaluate(self.model) if self.evaluate else None
+        eval_loss = self._evaluate()
         for r in results.values():
             st = self.silos.get(r.silo)
             if st is not None and st.link is not None:
@@ -323,10 +323,17 @@ class Aggregator:
     def _pool_bytes(self) -> int:
         return sum(p.region.length for p in self.pools.values() if p.registered)
 
+    def _evaluate(self) -> float | None:
+        """The global model's eval loss, computed outside the pinned heap (see fedrdma.memory)."""
+        if not self.evaluate:
+            return None
+        with compute_heap():
+            return self.evaluate(self.model)
+
     def run(self, on_round: Callable[[dict[str, Any]], None] = lambda r: None) -> list[dict[str, Any]]:
         """Rounds until `cfg.rounds`; `on_round` sees each round's record as it closes."""
         records: list[dict[str, Any]] = []
-        initial = self.evaluate(self.model) if self.evaluate and self.round == 0 else None
+        initial = self._evaluate() if self.round == 0 else None
         if initial is not None:
             self._event({"event": "round", "round": 0, "eval_loss": initial, "transport": self.cfg.transport})
             records.append({"round": 0, "eval_loss": initial, "comm_seconds": 0.0, "compute_seconds": 0.0,

@@ -23,7 +23,7 @@ from fedrdma.core.errors import PeerLost
 from fedrdma.fl.data import load_silo_data, load_tokenizer
 from fedrdma.fl.state import build_trainable
 from fedrdma.fl.trainer import LocalTrainer
-from fedrdma.memory import pin_mmap_threshold
+from fedrdma.memory import pin_mmap_threshold, compute_heap
 from fedrdma.metrics import mark_runtime, memory_report, reset_peak
 from fedrdma.transport import wire
 from fedrdma.transport.agent import Agent, Pool
@@ -164,7 +164,8 @@ class Silo:
         if fault.startswith(f"stall-once:{rnd}:") and rnd not in self._stalled:
             self._stalled.add(rnd)  # a slow round, once per process: a window to kill the aggregator
             time.sleep(float(fault.split(":")[2]))
-        n_samples, loss, train_seconds = self.trainer.train_round(rnd)
+        with compute_heap():
+            n_samples, loss, train_seconds = self.trainer.train_round(rnd)
         if fault.startswith("write-outside:"):
             self._event({"event": "write_outside", "result": self._write_outside(upload, int(fault.split(":")[1]))})
         elif fault == "nan":
