@@ -209,6 +209,35 @@ def bench_compare(
     console.print("every claim repeats within noise")
 
 
+@bench.command("heap")
+def bench_heap(
+    model: str = typer.Option("gpt2-small", help="Model to train (gpt2-tiny ... or a local checkpoint dir)."),
+    rounds: int = typer.Option(4, min=2, help="Local rounds per child process; the first is a warm-up."),
+    repeat: int = typer.Option(2, min=1, help="Child processes per setting, interleaved with the others."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the results here as JSON."),
+) -> None:
+    """Local training under glibc's default heap, the pinned mmap threshold, and the pin lifted while computing."""
+    from fedrdma.bench import heap
+
+    total = repeat * len(heap.VARIANTS)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task("training, one process per setting", total=total)
+        result = heap.run(model, rounds, repeat, on_child=lambda variant: progress.advance(task))
+    table = Table(title=f"{model}: {heap.LOCAL_STEPS} local steps of batch {heap.BATCH_SIZE} x {heap.SEQ_LEN} tokens "
+                        f"per round, {rounds - 1} counted rounds x {repeat} processes")
+    for column in ("heap", "s per round, median (min)", "vs default", "4 MiB mmapped while training"):
+        table.add_column(column)
+    for variant, row in result["variants"].items():
+        table.add_row(variant, f"{row['seconds']:.2f} ({row['seconds_min']:.2f})", f"{row['vs_default']:.2f}x",
+                      str(row["chunk_mmapped_while_training"]))
+    console.print(table)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {json_path}")
+
+
 def _path_shape(rate: str | None, rtt: str | None, loss: str | None, mtu: int | None) -> Any:
     """The lab path the flags ask for, or None for loopback; bad values fail before anything starts."""
     if rate is None:
