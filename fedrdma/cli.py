@@ -13,6 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedrdma.bench.heap import DEFAULT_MODEL as DEFAULT_HEAP_MODEL
+from fedrdma.bench.heap import DEFAULT_REPEAT as DEFAULT_HEAP_REPEAT
+from fedrdma.bench.heap import DEFAULT_ROUNDS as DEFAULT_HEAP_ROUNDS
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, ChunkPlan, check_window
 from fedrdma.core.errors import PlanError
 from fedrdma.transport.wire import MODES
@@ -195,12 +198,12 @@ def bench_compare(
         table.add_row(name, "claims" if claim else "absolute", str(len(pairs)), str(sum(p.agrees for p in pairs)),
                       f"{100 * worst.relative:.0f} % ({worst.after.name}, {worst.after.unit})")
     console.print(table)
-    console.print(f"host memory copy: before {host_speed(runs[0])}, now {host_speed(runs[1])}")
+    hosts = (host_speed(runs[0]), host_speed(runs[1]))
+    console.print(f"host memory copy: before {hosts[0]}, now {hosts[1]}")
     for pick in comparison.picks:
         if not pick.holds:
             console.print(f"T2 {pick.path}: best cell {pick.before} before, {pick.after} now, beyond noise")
     if markdown_out is not None:
-        hosts = (host_speed(runs[0]), host_speed(runs[1]))
         markdown_out.write_text(markdown(comparison, str(before), hosts) + "\n")
         console.print(f"wrote {markdown_out}")
     if not comparison.agrees:
@@ -211,9 +214,9 @@ def bench_compare(
 
 @bench.command("heap")
 def bench_heap(
-    model: str = typer.Option("gpt2-small", help="Model to train (gpt2-tiny ... or a local checkpoint dir)."),
-    rounds: int = typer.Option(4, min=2, help="Local rounds per child process; the first is a warm-up."),
-    repeat: int = typer.Option(2, min=1, help="Child processes per setting, interleaved with the others."),
+    model: str = typer.Option(DEFAULT_HEAP_MODEL, help="Model to train (gpt2-tiny ... or a local checkpoint dir)."),
+    rounds: int = typer.Option(DEFAULT_HEAP_ROUNDS, min=2, help="Local rounds per child process; the first is a warm-up."),
+    repeat: int = typer.Option(DEFAULT_HEAP_REPEAT, min=1, help="Child processes per setting, interleaved with the others."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the results here as JSON."),
 ) -> None:
     """Local training under glibc's default heap, the pinned mmap threshold, and the pin lifted while computing."""

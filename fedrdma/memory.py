@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,14 +44,24 @@ _pinned = False
 """Whether this process pinned the threshold: only then does training lift it."""
 
 
-def _mallopt_threshold(nbytes: int) -> bool:
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, or None where there is none (musl, macOS): then nothing is pinned or observed."""
     name = ctypes.util.find_library("c")
     if not name:
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
-    except (OSError, AttributeError) as exc:  # not glibc: nothing to pin
+        return ctypes.CDLL(name)
+    except OSError as exc:
+        log.debug("libc unavailable: %s", exc)
+        return None
+
+
+def _mallopt_threshold(nbytes: int) -> bool:
+    libc = _libc()
+    try:
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes)) if libc else False
+    except AttributeError as exc:  # not glibc: nothing to pin
         log.debug("mallopt unavailable: %s", exc)
         return False
 
@@ -90,12 +101,8 @@ def mmapped(nbytes: int) -> bool | None:
     The observable effect of the threshold: what tests and `bench heap` check instead of
     trusting that mallopt did what was asked.
     """
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        info = libc.mallinfo2 if libc else None
-    except (OSError, AttributeError):
-        return None
+    libc = _libc()
+    info = getattr(libc, "mallinfo2", None) if libc else None
     if libc is None or info is None:
         return None
     info.restype = _Mallinfo2

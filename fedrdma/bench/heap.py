@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 VARIANTS = ("default", "pinned", "compute-heap")
@@ -27,17 +28,24 @@ BLOCKS = 32
 SEQ_LEN = 64
 """Tokens per block: T1's round is 2 steps of batch 2; what matters is the tensors' sizes."""
 
-LOCAL_STEPS = 2
-"""As in the paper's T1 (fedrdma.bench.paper.T1_LOCAL_STEPS)."""
-
 BATCH_SIZE = 2
 """Small, so a round takes seconds on 2 cores."""
 
 LR = 1e-4
 """Any stable rate: only the time is read."""
 
+DEFAULT_MODEL = "gpt2-small"
+"""T1's model: the round whose compute share the pin distorted."""
+
 DEFAULT_ROUNDS = 4
 """Rounds per child; its first is a warm-up (first-touch page faults) and is not counted."""
+
+DEFAULT_REPEAT = 2
+"""Child processes per setting: a second pass, interleaved, shows a drifting host."""
+
+LOCAL_STEPS = 2
+"""As in the paper's T1 (fedrdma.bench.paper.T1_LOCAL_STEPS; not imported: this module
+stays light for the CLI, and that one pulls in torch)."""
 
 PROBE_BYTES = 4 << 20
 """A chunk-sized allocation: whether malloc mmaps it shows the threshold in force."""
@@ -60,12 +68,9 @@ def child(variant: str, model_name: str, rounds: int) -> dict[str, Any]:
         pin_mmap_threshold()
     seconds = []
     chunk_mmapped = None
+    heap = compute_heap if variant == "compute-heap" else nullcontext
     for round_no in range(rounds):
-        if variant == "compute-heap":
-            with compute_heap():
-                chunk_mmapped = mmapped(PROBE_BYTES)
-                seconds.append(trainer.train_round(round_no)[2])
-        else:
+        with heap():
             chunk_mmapped = mmapped(PROBE_BYTES)
             seconds.append(trainer.train_round(round_no)[2])
     return {"variant": variant, "seconds": seconds, "chunk_mmapped_while_training": chunk_mmapped}

@@ -272,19 +272,22 @@ def run_paper(out_dir: Path, tables: Sequence[str] = TABLES, repeat: int = MIN_R
                  "memcpy_gb_s": [memcpy_gb_s()]},
         "mtu": mtu, "repeat": repeat, "tables": {},
     }
+    from fedrdma.bench.compare import compare, load, repeat_summary
+    from fedrdma.bench.report import write_report
+
+    before = load(against) if against is not None else None
     if against is not None:
         inside = against.resolve().parent == out_dir.resolve()
         result["against"] = against.name if inside else str(against.resolve())
-    from fedrdma.bench.compare import compare, load, repeat_summary
-    from fedrdma.bench.report import write_report
 
     def save() -> None:
         """After every table: a run cut short still leaves a report of what it measured."""
         result["minutes"] = (time.time() - started) / 60
-        if against is not None:
-            result["repeats"] = repeat_summary(compare(load(against), result))
+        comparison = compare(before, result) if before is not None else None
+        if comparison is not None:
+            result["repeats"] = repeat_summary(comparison)
         (out_dir / "paper.json").write_text(json.dumps(result, indent=2) + "\n")
-        write_report(result, out_dir)
+        write_report(result, out_dir, before, comparison)
 
     if "T3" in tables or "T4" in tables:
         t3 = run_t3(repeat, step, mtu)
@@ -294,7 +297,7 @@ def run_paper(out_dir: Path, tables: Sequence[str] = TABLES, repeat: int = MIN_R
             result["tables"]["T4"] = t4_from_t3(t3)
         save()
     if "T2" in tables:
-        result["tables"]["T2"] = run_t2(repeat, step, mtu, _previous_top(against))
+        result["tables"]["T2"] = run_t2(repeat, step, mtu, _previous_top(before))
         save()
     if "T1" in tables:
         result["tables"]["T1"] = run_t1(repeat, step, mtu, logs)
@@ -303,13 +306,11 @@ def run_paper(out_dir: Path, tables: Sequence[str] = TABLES, repeat: int = MIN_R
     return result
 
 
-def _previous_top(against: Path | None) -> float | None:
+def _previous_top(before: dict[str, Any] | None) -> float | None:
     """The fastest T2 path of the run we compare with: the same path makes the same figures comparable."""
-    if against is None:
+    if before is None:
         return None
-    from fedrdma.bench.compare import load
-
-    paths = load(against)["tables"].get("T2", {}).get("paths", [])
+    paths = before["tables"].get("T2", {}).get("paths", [])
     return max((p["rate_bps"] for p in paths), default=None)
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
+
+if TYPE_CHECKING:
+    from fedrdma.bench.compare import Comparison
 
 PAPER_FIGURES = {"T1": "44.97 % of round time is communication over TCP",
                  "T2": "Table 2: the best chunk size depends on the link",
@@ -183,8 +186,10 @@ def t3_plot(t3: dict[str, Any], path: Path) -> Path:
 # --- the report -----------------------------------------------------------------------------
 
 
-def write_report(result: dict[str, Any], out: Path) -> Path:
-    from fedrdma.bench.compare import host_speed
+def write_report(result: dict[str, Any], out: Path, before: dict[str, Any] | None = None,
+                 comparison: Comparison | None = None) -> Path:
+    """The report of `result`; `before` and its `comparison`, when the caller has them, spare a reload."""
+    from fedrdma.bench.compare import compare, host_speed, load, markdown
 
     tables = result["tables"]
     host = result["host"]
@@ -226,11 +231,10 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
                   "side's peak RSS above what it held before the transfer (largest over the runs; the "
                   "receiver's pool is not counted).", "", t4_markdown(tables["T4"])]
     if result.get("against"):
-        from fedrdma.bench.compare import compare, host_speed, load, markdown
-
-        before = load(out / result["against"])
+        before = before if before is not None else load(out / result["against"])
+        comparison = comparison if comparison is not None else compare(before, result)
         lines += ["", "## Repeatability: this run against the previous one", "",
-                  markdown(compare(before, result), result["against"], (host_speed(before), host_speed(result)))]
+                  markdown(comparison, result["against"], (host_speed(before), host_speed(result)))]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -23,7 +23,7 @@ from fedrdma.core.errors import PeerLost
 from fedrdma.fl.data import load_silo_data, load_tokenizer
 from fedrdma.fl.state import build_trainable
 from fedrdma.fl.trainer import LocalTrainer
-from fedrdma.memory import pin_mmap_threshold, compute_heap
+from fedrdma.memory import compute_heap, pin_mmap_threshold
 from fedrdma.metrics import mark_runtime, memory_report, reset_peak
 from fedrdma.transport import wire
 from fedrdma.transport.agent import Agent, Pool
