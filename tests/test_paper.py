@@ -108,6 +108,20 @@ def test_report_has_every_table_marks_the_best_cell_and_draws_plots(tmp_path: Pa
     assert "| whole | 0.800 (0.810) | - | 0.400 |" in report
     assert "| gpt2-small full | 475 MiB | 1gbit / 20ms / loss 0 | 40.000 (36.000) |" in report
     assert "4.0x" in report  # rdma-e vs grpc
+    assert "host memcpy GB/s" not in report  # a result from before rows sampled the host
+
+
+def test_interleaved_t3_says_so_and_shows_the_host_beside_each_row(tmp_path: Path) -> None:
+    result = _result()
+    t3 = result["tables"]["T3"]
+    t3["interleaved"] = True
+    for row, rates in zip(t3["rows"], ([12.7, 19.4], [19.4, 19.1], [18.0, 18.2]), strict=True):
+        row["memcpy_gb_s"] = rates
+    report = write_report(result, tmp_path).read_text()
+    assert "The modes take turns" in report
+    header = next(line for line in report.splitlines() if line.startswith("| state | size | path |"))
+    assert header.endswith("| host memcpy GB/s |")
+    assert "| 2.7x | 12.7-19.4 |" in report and "| 19.1-19.4 |" in report
     t4_rows = [line for line in report.splitlines() if line.startswith("| gpt2-small | 475 MiB |")]
     assert [row.split(" | ")[2] for row in t4_rows] == ["grpc", "rdma", "rdma-e"]  # loopback, full only
     for png in ("t1.png", "t2.png", "t3.png"):

@@ -120,3 +120,39 @@ def test_a_killed_peer_is_a_clear_error_within_a_bounded_time(mode, victim):
     assert err["type"] in ("PeerLost", "TransferError"), err
     assert waited < 30, f"took {waited:.1f} s to notice the dead peer"
     assert err["registered_pools"] == 0
+
+
+def test_interleaved_modes_take_turns_and_pool_every_turns_transfer():
+    """Interleaved, each repetition is a fresh pair per mode, modes in turn; the figures
+    are medians over all of a mode's turns, every one of them byte-identical."""
+    from fedrdma.bench import transfer
+
+    size = 2 << 20
+    order: list[str] = []
+    counted: list[None] = []
+    result = transfer.run(["--size-bytes", str(size)], size, ["grpc", "rdma-e"], chunk_size=1 << 20, window=2,
+                          repeat=2, on_mode=order.append, on_transfer=lambda: counted.append(None),
+                          references=False, interleave=True)
+    assert order == ["grpc", "rdma-e", "grpc", "rdma-e"]
+    assert len(counted) == 2 * 2 * (1 + transfer.WARMUP)
+    assert result["interleaved"] is True and result["repeat"] == 2
+    for mode in ("grpc", "rdma-e"):
+        row = result["modes"][mode]
+        assert row["repeat"] == 2, mode
+        assert row["identical"], mode
+        assert row["seconds_min"] <= row["seconds"]
+    assert result["modes"]["rdma-e"]["vs_grpc"] > 0
+
+
+def test_a_later_pair_extends_a_modes_figures():
+    from fedrdma.bench.transfer import ModeResult
+
+    first = ModeResult("rdma-e", [1.0], [0.5], [10], [20], True, {"wire_seconds": [0.9]}, [])
+    later = ModeResult("rdma-e", [3.0], [0.7], [30], [5], False, {"wire_seconds": [2.9], "waits": [1.0]}, [7])
+    both = first.extend(later)
+    assert both.seconds == [1.0, 3.0] and both.cpu_seconds == [0.5, 0.7]
+    assert both.receiver_extra_rss == [10, 30] and both.sender_extra_rss == [20, 5]
+    assert both.identical is False, "one pair that moved different bytes spoils the mode"
+    assert both.extra == {"wire_seconds": [0.9, 2.9], "waits": [1.0]}
+    assert both.bytes_posted == [7]
+    assert both.summary(4)["seconds"] == 2.0

@@ -165,18 +165,20 @@ def run_t3(repeat: int, step: Step, mtu: int) -> dict[str, Any]:
 
     configs = [(m, lora) for m in T3_MODELS for lora in (False, True)]
     sizes = {c: gpt2_layout(*c).nbytes for c in configs}
-    out: dict[str, Any] = {"repeat": repeat, "rows": []}
+    out: dict[str, Any] = {"repeat": repeat, "interleaved": True, "rows": []}
 
     def measure(where_label: str, where: Any) -> None:
         for model, lora in configs:
             nbytes = sizes[(model, lora)]
             step.start(f"T3 {model}{' LoRA' if lora else ''} on {where_label}",
-                       len(T3_MODES) * (repeat + transfer.WARMUP))
+                       len(T3_MODES) * repeat * (1 + transfer.WARMUP))
             size_args = ["--model", model, *(["--lora"] if lora else [])]
+            host = [memcpy_gb_s()]
             res = transfer.run(size_args, nbytes, T3_MODES, min(DEFAULT_CHUNK_SIZE, nbytes), DEFAULT_WINDOW,
-                               repeat, on_transfer=step.advance, where=where, references=False)
+                               repeat, on_transfer=step.advance, where=where, references=False, interleave=True)
+            host.append(memcpy_gb_s())
             out["rows"].append({"model": model, "lora": lora, "state_bytes": nbytes, "path": where_label,
-                                "modes": res["modes"]})
+                                "memcpy_gb_s": host, "modes": res["modes"]})
 
     measure("loopback", LOOPBACK)
     shape = PathShape.of(REFERENCE_RATE, REFERENCE_RTT, 0)

@@ -90,10 +90,13 @@ def t3_markdown(t3: dict[str, Any]) -> str:
         grpc = modes["grpc"]["seconds"]
         cells = [f"{modes[m]['seconds']:.3f} ({modes[m]['seconds_min']:.3f})" for m in modes]
         speed = [f"{grpc / modes[m]['seconds']:.1f}x" for m in modes if m != "grpc"]
+        host = [f"{min(row['memcpy_gb_s']):.1f}-{max(row['memcpy_gb_s']):.1f}"] if "memcpy_gb_s" in row else []
         rows.append([row["model"] + (" LoRA" if row["lora"] else " full"), _size(row["state_bytes"]), row["path"],
-                     *cells, *speed])
+                     *cells, *speed, *host])
     modes = list(t3["rows"][0]["modes"]) if t3["rows"] else []
     header = ["state", "size", "path", *[f"{m} s" for m in modes], *[f"{m} vs grpc" for m in modes if m != "grpc"]]
+    if t3["rows"] and "memcpy_gb_s" in t3["rows"][0]:
+        header.append("host memcpy GB/s")
     return _md(header, rows)
 
 
@@ -222,7 +225,10 @@ def write_report(result: dict[str, Any], out: Path, before: dict[str, Any] | Non
     if "T3" in tables:
         lines += ["", f"## T3: transfer time per mode (paper: {PAPER_FIGURES['T3']})", "",
                   "One transfer of the trainable state between two processes (a round moves it down and up "
-                  "once per silo); seconds, median (min). LoRA moves only the adapters.", "",
+                  "once per silo); seconds, median (min). LoRA moves only the adapters."
+                  + (" The modes take turns, a fresh pair of processes per transfer, so a host that drifts "
+                     "moves them alike; the last column is the host's memory-copy rate before and after "
+                     "the row." if tables["T3"].get("interleaved") else ""), "",
                   t3_markdown(tables["T3"]), "", "![T3](t3.png)"]
         t3_plot(tables["T3"], out / "t3.png")
     if "T4" in tables:

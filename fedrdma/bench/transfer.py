@@ -2,7 +2,9 @@
 
 Every figure is a median over `repeat` transfers after one uncounted warm-up (memory on
 these VMs is slow on first touch), and every speed claim is read as a ratio against the
-raw NIXL references measured in the same run.
+raw NIXL references measured in the same run. Interleaved, each mode's transfers are
+spread over the run (a fresh pair per repetition, modes taking turns), so a host that
+drifts mid-run moves every mode alike rather than whichever mode ran last.
 """
 
 from __future__ import annotations
@@ -44,6 +46,20 @@ class ModeResult:
     identical: bool
     extra: dict[str, list[float]]
     bytes_posted: list[int]
+
+    def extend(self, later: ModeResult) -> ModeResult:
+        """This mode's transfers together with those of a later pair: one set of figures."""
+        extra = {key: self.extra.get(key, []) + later.extra.get(key, []) for key in {*self.extra, *later.extra}}
+        return ModeResult(
+            mode=self.mode,
+            seconds=self.seconds + later.seconds,
+            cpu_seconds=self.cpu_seconds + later.cpu_seconds,
+            receiver_extra_rss=self.receiver_extra_rss + later.receiver_extra_rss,
+            sender_extra_rss=self.sender_extra_rss + later.sender_extra_rss,
+            identical=self.identical and later.identical,
+            extra=extra,
+            bytes_posted=self.bytes_posted + later.bytes_posted,
+        )
 
     def summary(self, nbytes: int) -> dict[str, Any]:
         med = statistics.median(self.seconds)
@@ -158,27 +174,37 @@ def run(
     env: dict[str, str] | None = None,
     where: Placement = LOOPBACK,
     references: bool = True,
+    interleave: bool = False,
 ) -> dict[str, Any]:
-    """Every mode (and, unless told not to, the raw references) between two fresh processes."""
+    """Every mode (and, unless told not to, the raw references) between two fresh processes.
+
+    Interleaved, each mode gets `repeat` pairs of one counted transfer each, the modes
+    taking turns: it costs a start-up and a warm-up per transfer, and buys figures that a
+    drifting host moves together.
+    """
     env = env or transfer_env()
     result: dict[str, Any] = {
         "size_bytes": nbytes,
         "chunk_size": chunk_size,
         "window": window,
         "repeat": repeat,
+        "interleaved": interleave,
         "ucx_tls": env.get("UCX_TLS", ""),
         "path": where.describe(),
         **where.fields(),
         "modes": {},
     }
+    order = [*(REFERENCES.values() if references else ()), *modes]
+    measured: dict[str, ModeResult] = {}
+    for turn in range(repeat if interleave else 1):
+        for mode in order:
+            on_mode(mode)
+            res = run_mode(mode, size_args, chunk_size, window, 1 if interleave else repeat, env, on_transfer, where)
+            measured[mode] = measured[mode].extend(res) if turn else res
     for key, mode in REFERENCES.items() if references else ():
-        on_mode(mode)
-        res = run_mode(mode, size_args, chunk_size, window, repeat, env, on_transfer, where)
-        result[key] = res.summary(nbytes)
+        result[key] = measured[mode].summary(nbytes)
     for mode in modes:
-        on_mode(mode)
-        res = run_mode(mode, size_args, chunk_size, window, repeat, env, on_transfer, where)
-        result["modes"][mode] = res.summary(nbytes)
+        result["modes"][mode] = measured[mode].summary(nbytes)
     add_ratios(result, where.line_bytes_per_s())
     return result
 
