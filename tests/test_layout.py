@@ -74,3 +74,17 @@ def test_from_tensors_copies_values():
     assert torch.equal(state.views["a"], tensors["a"])
     assert torch.equal(state.views["b"], tensors["b"])
     assert bytes(state.memoryview(state.layout.specs[1].offset, 16)) == tensors["b"].numpy().tobytes()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_benchmark_layout_from_meta_matches_the_state_the_runtime_moves(lora: bool, tmp_path) -> None:
+    """Benchmarks size their pools from shapes alone; a different layout would be refused mid-run."""
+    from fedrdma.bench.states import gpt2_layout
+    from fedrdma.config import ModelSettings
+    from fedrdma.fl.state import build_trainable
+
+    model, state = build_trainable(ModelSettings(model="gpt2-tiny", lora=lora))
+    assert gpt2_layout("gpt2-tiny", lora).layout_id == state.layout.layout_id
+    if not lora:
+        model.save_pretrained(tmp_path)  # a local checkpoint cannot be built on meta: loaded for real
+        assert gpt2_layout(str(tmp_path)).layout_id == state.layout.layout_id

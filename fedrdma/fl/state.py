@@ -9,12 +9,18 @@ from fedrdma.core.layout import FlatState
 from fedrdma.fl.model import build_model
 
 
-def build_trainable(cfg: ModelSettings) -> tuple[torch.nn.Module, FlatState]:
-    """Model from config (LoRA applied if asked); only trainable tensors enter the state."""
+def build_configured(cfg: ModelSettings) -> torch.nn.Module:
+    """Model from config, LoRA applied if asked: what every process of a federation builds alike."""
     model = build_model(cfg.model, seed=cfg.seed)
     if cfg.lora:
         from fedrdma.fl.model import apply_lora
 
         torch.manual_seed(cfg.seed)
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha)
+    return model
+
+
+def build_trainable(cfg: ModelSettings) -> tuple[torch.nn.Module, FlatState]:
+    """Only trainable tensors enter the state, and the model trains in it."""
+    model = build_configured(cfg)
     return model, FlatState.adopt(model)
