@@ -25,6 +25,7 @@ def test_every_command_is_listed():
         (["--window", "0"], "window must be between 1"),
         (["--modes", "rdma-e,carrier-pigeon"], "unknown mode"),
         (["--size-mb", "-1"], "must be positive"),
+        (["--lora"], "--lora applies to --model"),
         (["--rtt", "20ms"], "also needs --rate"),
         (["--loss", "0.01", "--mtu", "1500"], "--loss, --mtu shape a lab path"),
         (["--rate", "1gbps"], "rate"),
@@ -37,3 +38,21 @@ def test_bench_transfer_refuses_bad_settings_before_starting_anything(args, mess
     result = runner.invoke(app, ["bench", "transfer", "--size-mb", "4", *args])
     assert result.exit_code == 2
     assert message in result.output.replace("\n", " ")
+
+
+def test_bench_transfer_moves_a_lora_state_in_one_chunk_by_default(tmp_path):
+    """A LoRA state is smaller than the default chunk: the benchmark plans it as one chunk,
+    as the runtime does, instead of refusing its own default."""
+    import json
+
+    from fedrdma.bench.states import gpt2_layout
+
+    nbytes = gpt2_layout("gpt2-tiny", lora=True).nbytes
+    out = tmp_path / "lora.json"
+    result = runner.invoke(app, ["bench", "transfer", "--model", "gpt2-tiny", "--lora", "--modes", "rdma-e",
+                                 "--repeat", "1", "--no-references", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert saved["size_bytes"] == nbytes < (4 << 20)
+    assert saved["chunk_size"] == nbytes
+    assert saved["modes"]["rdma-e"]["identical"] is True

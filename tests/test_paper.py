@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from fedrdma.bench.compare import compare, groups, host_speed, markdown
+from fedrdma.bench.compare import ABSOLUTE, CLAIM, HOST_BOUND, compare, groups, host_speed, markdown
 from fedrdma.bench.paper import (
     T2_MAX_BYTES,
     T2_MIN_BYTES,
@@ -128,6 +128,25 @@ def test_interleaved_t3_says_so_and_shows_the_host_beside_each_row(tmp_path: Pat
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_lora_rows_on_a_wan_path_are_read_in_round_trips(tmp_path: Path) -> None:
+    """Beyond the bytes' time on the line, each mode's time is counted in RTTs: the sentence
+    that explains why a 1 MiB state gains nothing from one-sided transfers on a WAN path."""
+    result = _result()
+    t3 = result["tables"]["T3"]
+    assert "round trips" not in write_report(result, tmp_path).read_text()  # no LoRA row on a WAN path
+    line_s = MIB * 8 / 1e9  # 8.4 ms at 1 Gbit/s
+    t3["rows"].append({
+        "model": "gpt2-small", "lora": True, "state_bytes": MIB, "path": "1gbit / 20ms / loss 0",
+        "link_rate_gbit": 1.0, "rtt_ms": 20.0,
+        "modes": {m: {"seconds": line_s + trips * 0.020, "seconds_min": line_s + trips * 0.020}
+                  for m, trips in (("grpc", 1.0), ("rdma", 3.0), ("rdma-e", 2.0), ("rdma-e-pull", 2.5))},
+    })
+    report = write_report(result, tmp_path).read_text()
+    assert ("gpt2-small LoRA on 1gbit / 20ms / loss 0 (8 ms on the line): grpc 1.0, rdma 3.0, rdma-e 2.0, "
+            "rdma-e-pull 2.5") in report
+    assert report.index("round trips") > report.index("## T3") and report.index("round trips") < report.index("## T4")
+
+
 @pytest.mark.parametrize("args,message", [
     (["--tables", "T9"], "unknown table"),
     (["--repeat", "2"], "at least 3"),
@@ -149,24 +168,47 @@ def test_a_run_repeats_itself_and_pairs_every_figure() -> None:
     before = _result()
     comparison = compare(before, copy.deepcopy(before))
     assert comparison.agrees
-    counts = {(t, c): len(ps) for t, c, ps in groups(comparison)}
-    assert counts == {("T1", True): 2, ("T2", True): 5,
-                      ("T3", True): 9, ("T3", False): 12,  # 3 speedups over grpc per row; seconds of 4 modes
-                      ("T4", True): 5, ("T4", False): 3}  # CPU against grpc (2) and RSS (3); CPU seconds (3)
+    counts = {(t, k): len(ps) for t, k, ps in groups(comparison)}
+    assert counts == {("T1", CLAIM): 2, ("T2", CLAIM): 5,
+                      # 3 speedups over grpc per row (2 rows on loopback, 1 on the WAN); seconds of 4 modes
+                      ("T3", CLAIM): 3, ("T3", HOST_BOUND): 6, ("T3", ABSOLUTE): 12,
+                      # RSS (3); CPU against grpc (2), from loopback; CPU seconds (3)
+                      ("T4", CLAIM): 3, ("T4", HOST_BOUND): 2, ("T4", ABSOLUTE): 3}
     assert comparison.only_before == comparison.only_after == []
     assert [(p.before, p.after, p.holds) for p in comparison.picks] == [("4 MiB x 8", "4 MiB x 8", True)]
 
 
 def test_a_speedup_beyond_tolerance_and_its_own_spread_is_named() -> None:
     before, after = _result(), _result()
-    _t3_mode(after, 0, "rdma-e").update(seconds=1.3, seconds_min=1.25)  # tight runs: the move is real
+    _t3_mode(after, 2, "rdma-e").update(seconds=13.0, seconds_min=12.5)  # tight runs: the move is real
     comparison = compare(before, after)
+    wan = "gpt2-small full, 1gbit / 20ms / loss 0, rdma-e"
     outliers = [(p.after.name, p.after.unit) for p in comparison.pairs if not p.agrees]
-    assert outliers == [("gpt2-small full, loopback, rdma-e", "s"), ("gpt2-small full, loopback, rdma-e", "x grpc")]
+    assert outliers == [(wan, "s"), (wan, "x grpc")]
     assert not comparison.agrees
     text = markdown(comparison, "paper.previous.json")
-    assert "| T3 | gpt2-small full, loopback, rdma-e | claim | 4.00x | 3.08x | 23 % |" in text
-    assert "| T3 | claims: x grpc | 9 | 8 |" in text
+    assert f"| T3 | {wan} | claim | 4.00x | 3.08x | 23 % |" in text
+    assert "| T3 | claims: x grpc | 3 | 2 |  |" in text
+
+
+def test_host_bound_claims_are_judged_by_direction_apart_from_the_verdict() -> None:
+    """A loopback speedup that halves while staying above grpc, and a CPU ratio that crosses
+    parity: both are named; only --strict lets them decide."""
+    before, after = _result(), _result()
+    _t3_mode(after, 0, "rdma-e").update(seconds=2.0, seconds_min=1.95)  # 4.0x -> 2.0x: still faster than grpc
+    before["tables"]["T4"]["rows"][1].update(cpu_seconds=5.0, cpu_seconds_min=5.0)  # rdma vs grpc: 1.25x ...
+    after["tables"]["T4"]["rows"][1].update(cpu_seconds=2.4, cpu_seconds_min=2.4)  # ... -> 0.6x: direction turned
+    comparison = compare(before, after)
+    moved = {p.after.name: p for p in comparison.host_bound if not p.agrees}
+    assert set(moved) == {"gpt2-small full, loopback, rdma-e", "gpt2-small, rdma, CPU"}
+    assert moved["gpt2-small full, loopback, rdma-e"].direction_holds
+    assert not moved["gpt2-small, rdma, CPU"].direction_holds
+    assert comparison.agrees and not comparison.agrees_strictly
+    text = markdown(comparison, "x")
+    assert "Every claim bound by the line or the transport repeats within noise." in text
+    assert "Of 8 host-bound claims" in text and "6 repeat within noise and 7 keep their direction" in text
+    assert "| T3 | host-bound claims: x grpc | 6 | 5 | 6 |" in text
+    assert "| T4 | gpt2-small, rdma, CPU | host-bound claim | 1.25x | 0.60x |" in text
 
 
 def test_the_host_getting_faster_moves_seconds_but_not_claims() -> None:
@@ -180,7 +222,8 @@ def test_the_host_getting_faster_moves_seconds_but_not_claims() -> None:
     assert any(not p.agrees for p in comparison.pairs if p.after.unit == "s")
     before["host"]["memcpy_gb_s"], after["host"]["memcpy_gb_s"] = [3.9, 4.0], [6.5, 6.4]
     text = markdown(comparison, "x", (host_speed(before), host_speed(after)))
-    assert "before 3.9 / 4.0 GB/s, now 6.5 / 6.4 GB/s" in text and "Every claim repeats within noise." in text
+    assert "before 3.9 / 4.0 GB/s, now 6.5 / 6.4 GB/s" in text
+    assert "Every claim bound by the line or the transport repeats within noise." in text
 
 
 def test_a_move_inside_the_runs_own_spread_is_noise() -> None:
@@ -225,7 +268,7 @@ def test_rerun_keeps_the_previous_result_and_reports_against_it(tmp_path: Path) 
     report = write_report(now, tmp_path).read_text()
     assert "## Repeatability: this run against the previous one" in report
     assert "| T3 | gpt2-small LoRA, loopback, grpc | absolute | 0.040 s | 0.500 s | 92 % |" in report
-    assert "| T3 | gpt2-small LoRA, loopback, rdma | claim | 2.00x | 25.00x |" in report
+    assert "| T3 | gpt2-small LoRA, loopback, rdma | host-bound claim | 2.00x | 25.00x |" in report
     assert "memory copy not recorded (start / end)" in report
 
 
@@ -259,9 +302,38 @@ def test_bench_compare_exit_codes_and_markdown(tmp_path: Path) -> None:
     out = CliRunner().invoke(app, ["bench", "compare", str(before), str(after)])
     assert out.exit_code == 1
     assert "some claims differ beyond noise" in out.output
+    hosted = _result()
+    _t3_mode(hosted, 0, "rdma-e").update(seconds=2.0, seconds_min=1.95)  # a loopback speedup halved
+    after.write_text(json.dumps(hosted))
+    out = CliRunner().invoke(app, ["bench", "compare", str(before), str(after)])
+    assert out.exit_code == 0, out.output
+    assert "some host-bound claims moved (0 changed direction; --strict counts them)" in " ".join(out.output.split())
+    assert CliRunner().invoke(app, ["bench", "compare", "--strict", str(before), str(after)]).exit_code == 1
     only_t1 = {"tables": {"T1": _result()["tables"]["T1"]}}
     after.write_text(json.dumps({"tables": {"T3": _result()["tables"]["T3"]}}))
     before.write_text(json.dumps(only_t1))
     out = CliRunner().invoke(app, ["bench", "compare", str(before), str(after)])
     unboxed = " ".join(" ".join(line.strip("│╭╮╰╯─ ").split()) for line in out.output.splitlines())
     assert out.exit_code == 2 and "have no table in common: nothing to compare" in unboxed
+
+
+def test_report_only_writes_the_report_again_from_the_json(tmp_path: Path) -> None:
+    """After the report's form changes, a 50-minute run need not be repeated: the figures
+    stay as measured, the comparison is made again."""
+    previous, now = _result(), _result()
+    _t3_mode(now, 2, "rdma-e").update(seconds=13.0, seconds_min=12.5)
+    now["against"] = "paper.previous.json"
+    now["repeats"] = {"agrees": True}  # stale: written by an older form
+    (tmp_path / "paper.previous.json").write_text(json.dumps(previous))
+    (tmp_path / "paper.json").write_text(json.dumps(now))
+    out = CliRunner().invoke(app, ["bench", "paper", "--out", str(tmp_path), "--report-only"])
+    assert out.exit_code == 0, out.output
+    report = (tmp_path / "report.md").read_text()
+    assert "| T3 | gpt2-small full, 1gbit / 20ms / loss 0, rdma-e | claim | 4.00x | 3.08x | 23 % |" in report
+    saved = json.loads((tmp_path / "paper.json").read_text())
+    assert saved["repeats"]["agrees"] is False and saved["tables"] == now["tables"]
+    assert (tmp_path / "t3.png").read_bytes()[:4] == b"\x89PNG"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = CliRunner().invoke(app, ["bench", "paper", "--out", str(empty), "--report-only"])
+    assert out.exit_code == 2 and "cannot read a bench paper result" in " ".join(out.output.split())

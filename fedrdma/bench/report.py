@@ -12,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedrdma.metrics import size_label  # noqa: E402
+
 if TYPE_CHECKING:
     from fedrdma.bench.compare import Comparison
 
@@ -91,7 +93,7 @@ def t3_markdown(t3: dict[str, Any]) -> str:
         cells = [f"{modes[m]['seconds']:.3f} ({modes[m]['seconds_min']:.3f})" for m in modes]
         speed = [f"{grpc / modes[m]['seconds']:.1f}x" for m in modes if m != "grpc"]
         host = [f"{min(row['memcpy_gb_s']):.1f}-{max(row['memcpy_gb_s']):.1f}"] if "memcpy_gb_s" in row else []
-        rows.append([row["model"] + (" LoRA" if row["lora"] else " full"), _size(row["state_bytes"]), row["path"],
+        rows.append([row["model"] + (" LoRA" if row["lora"] else " full"), size_label(row["state_bytes"]), row["path"],
                      *cells, *speed, *host])
     modes = list(t3["rows"][0]["modes"]) if t3["rows"] else []
     header = ["state", "size", "path", *[f"{m} s" for m in modes], *[f"{m} vs grpc" for m in modes if m != "grpc"]]
@@ -100,14 +102,36 @@ def t3_markdown(t3: dict[str, Any]) -> str:
     return _md(header, rows)
 
 
+def t3_round_trips(t3: dict[str, Any]) -> str:
+    """Why a LoRA state gains nothing on a WAN path: its time beyond the line is round trips.
+
+    Counted from the table itself (time minus the bytes' time on the line, over the RTT), so
+    the sentence follows the run; empty when no LoRA row ran on a path with an RTT.
+    """
+    parts = []
+    for row in t3["rows"]:
+        rtt_ms, rate = row.get("rtt_ms"), row.get("link_rate_gbit")
+        if not row["lora"] or not rtt_ms or not rate:
+            continue
+        line_s = row["state_bytes"] * 8 / (rate * 1e9)
+        trips = ", ".join(f"{mode} {(m['seconds'] - line_s) / (rtt_ms / 1e3):.1f}" for mode, m in row["modes"].items())
+        parts.append(f"{row['model']} LoRA on {row['path']} ({line_s * 1e3:.0f} ms on the line): {trips}")
+    if not parts:
+        return ""
+    return ("A LoRA state on a WAN path is bound by round trips, not by the line. Beyond the bytes' own time on "
+            "the line, each mode took this many round trips: " + "; ".join(parts) + ". grpc needs about one: "
+            "the stream, then the receiver's acknowledgement. The one-sided modes need about one more. NIXL sends "
+            "a WRITE's notification only after the written bytes are acknowledged, so the receiver learns of them "
+            "a round trip after they landed. A READ starts only once the holder's offer has arrived. On a full "
+            "state that round trip is under 1 % of the transfer.")
+
+
 def t4_markdown(t4: dict[str, Any]) -> str:
-    rows = [[r["model"], _size(r["state_bytes"]), r["mode"], f"{r['cpu_seconds']:.2f}",
+    rows = [[r["model"], size_label(r["state_bytes"]), r["mode"], f"{r['cpu_seconds']:.2f}",
              f"{r['receiver_extra_rss_mb']:.0f}", f"{r['sender_extra_rss_mb']:.0f}"] for r in t4["rows"]]
     return _md(["state", "size", "mode", "CPU s (both processes)", "receiver +RSS MiB", "sender +RSS MiB"], rows)
 
 
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.1f} MiB" if nbytes < 100 * 2**20 else f"{nbytes / 2**20:.0f} MiB"
 
 
 # --- plots ----------------------------------------------------------------------------------
@@ -230,6 +254,8 @@ def write_report(result: dict[str, Any], out: Path, before: dict[str, Any] | Non
                      "moves them alike; the last column is the host's memory-copy rate before and after "
                      "the row." if tables["T3"].get("interleaved") else ""), "",
                   t3_markdown(tables["T3"]), "", "![T3](t3.png)"]
+        if reading := t3_round_trips(tables["T3"]):
+            lines += ["", reading]
         t3_plot(tables["T3"], out / "t3.png")
     if "T4" in tables:
         lines += ["", f"## T4: CPU and memory per transfer (paper: {PAPER_FIGURES['T4']})", "",
