@@ -5,7 +5,9 @@ threshold that it raises on its own after the first large free, up to 32 MiB. Af
 every 4 MiB chunk temporary (checksums, folds, gRPC frames) lands in per-thread heap
 arenas that fragment and never shrink: measured on the aggregator of the demo (GPT-2
 small, 3 silos), memory beyond its pools and runtime was 289-358 MiB with the dynamic
-threshold and 190 MiB with it pinned.
+threshold and 190 MiB with it pinned. The pin makes every such temporary an mmap that is
+faulted and zeroed afresh, so the hot paths avoid them instead: FedAvg's folds reuse
+chunk-sized buffers (`core.fedavg._Scratch`), which halved the demo's rdma-e uploads.
 
 Only for the RDMA modes: the gRPC baseline allocates a fresh multi-MiB buffer per frame and
 per (de)serialization, and with every one of them mmapped (page faults, zeroing) it ran at

@@ -345,3 +345,20 @@ def test_in_place_accumulator_refuses_what_it_cannot_hold():
     with pytest.raises(LayoutError, match="float32"):
         mixed = make_state(0)
         RoundAggregate(mixed, accumulator=make_state(1))
+
+
+def test_fold_scratch_is_reused_and_grows_only_when_asked():
+    """Folds copy each chunk into one reused buffer rather than a fresh block per chunk
+    (each a page-faulted mmap under the RDMA modes' pinned threshold)."""
+    from fedrdma.core.fedavg import _Scratch
+
+    scratch = _Scratch()
+    first = scratch.copy(torch.arange(16, dtype=torch.uint8))
+    assert first.tolist() == list(range(16))
+    again = scratch.copy(torch.full((8,), 7, dtype=torch.uint8))
+    assert again.data_ptr() == first.data_ptr() and again.tolist() == [7] * 8
+    grown = scratch.copy(torch.ones(32, dtype=torch.uint8))
+    assert grown.numel() == 32 and int(grown.sum()) == 32
+    floats = scratch.floats(10)
+    assert floats.dtype == torch.float32 and floats.numel() == 10
+    assert scratch.floats(4).data_ptr() == floats.data_ptr()

@@ -111,6 +111,36 @@ class _Silo:
         return sum(end - start for start, end in self.covered)
 
 
+class _Scratch:
+    """Chunk-sized buffers that every fold of a round reuses.
+
+    A fold needs a private copy of the chunk and room for its delta against the global
+    state. Allocated afresh per chunk, each is a new multi-MiB block: under the RDMA modes'
+    pinned mmap threshold (fedrdma.memory) it is mmapped, faulted and zeroed on every fold,
+    and in the demo (3 silos training on 2 cores) that made the aggregator's rdma-e uploads
+    take 1.1-2.7 s instead of 0.4-1.2 s. Grown on demand, never shrunk: a round's chunks
+    are all of one size but the last.
+    """
+
+    def __init__(self) -> None:
+        self._bytes = torch.empty(0, dtype=torch.uint8)
+        self._floats = torch.empty(0, dtype=torch.float32)
+
+    def copy(self, source: torch.Tensor) -> torch.Tensor:
+        """`source` (bytes) copied into the reused buffer; valid until the next call."""
+        if self._bytes.numel() < source.numel():
+            self._bytes = torch.empty(source.numel(), dtype=torch.uint8)
+        out = self._bytes[: source.numel()]
+        out.copy_(source)
+        return out
+
+    def floats(self, numel: int) -> torch.Tensor:
+        """`numel` float32 elements of the reused buffer, contents undefined."""
+        if self._floats.numel() < numel:
+            self._floats = torch.empty(numel, dtype=torch.float32)
+        return self._floats[:numel]
+
+
 class RoundAggregate:
     """Streaming FedAvg for one round.
 
@@ -165,6 +195,8 @@ class RoundAggregate:
             for tensor in self._sum.values():
                 tensor.zero_()
         self._silos: dict[str, _Silo] = {}
+        self._scratch = _Scratch()
+        """Used only under `_lock`: one fold, retraction or re-addition at a time."""
         self._lock = threading.Lock()
         self._closed = False
 
@@ -213,9 +245,9 @@ class RoundAggregate:
                 return
             # One private copy of the chunk: the values checked, hashed and added are the same
             # even if the peer writes into its buffer meanwhile (a push-mode silo can).
-            raw = update.buffer[offset : offset + length].clone()
+            raw = self._scratch.copy(update.buffer[offset : offset + length])
             pieces = list(self._pieces(raw, offset))
-            sq_norm = sum(_sq_norm(x, g) for _, _, x, g in pieces)
+            sq_norm = sum(_sq_norm(x, g, self._scratch.floats(x.numel())) for _, _, x, g in pieces)
             # A NaN/Inf value makes the norm non-finite, so the exact check runs only then
             # (a finite but huge delta can also overflow it: that one is a norm outlier).
             if not math.isfinite(sq_norm) and not all(bool(torch.isfinite(x).all()) for _, _, x, _ in pieces):
@@ -347,7 +379,7 @@ class RoundAggregate:
         if state.update is None:
             return True
         for (start, end), digest in state.summed.items():
-            raw = state.update.buffer[start:end].clone()
+            raw = self._scratch.copy(state.update.buffer[start:end])
             if _digest(raw) != digest:
                 return False
             self._add(raw, start, -state.n_samples)
@@ -373,7 +405,7 @@ class RoundAggregate:
     def _readd(self, state: _Silo) -> bool:
         assert state.update is not None
         for (start, end), digest in state.summed.items():
-            raw = state.update.buffer[start:end].clone()
+            raw = self._scratch.copy(state.update.buffer[start:end])
             if _digest(raw) != digest:
                 return False
             self._add(raw, start, state.n_samples)
@@ -385,11 +417,11 @@ class RoundAggregate:
             self._sum[spec.name][first : first + x.numel()].add_(x, alpha=weight)
 
 
-def _sq_norm(x: torch.Tensor, g: torch.Tensor) -> float:
+def _sq_norm(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> float:
     """Squared L2 norm of `x - g`, in float32: it only feeds the outlier test (a factor of
     10), where float32's relative error (~1e-6 for a chunk) is irrelevant, and it is half the
-    memory traffic of float64."""
-    delta = x.float() - g.float()
+    memory traffic of float64. The delta goes to `out` (float32, x's length), not a new block."""
+    delta = torch.sub(x.float(), g.float(), out=out)
     return float(torch.dot(delta, delta))
 
 
