@@ -68,11 +68,6 @@ class Figure:
     kind: str = CLAIM
 
     @property
-    def claim(self) -> bool:
-        """A ratio the tables claim (line-bound or host-bound), not an absolute figure."""
-        return self.kind != ABSOLUTE
-
-    @property
     def direction(self) -> str:
         """Of a ratio against grpc: which side of parity it falls on."""
         if abs(self.value - 1.0) <= PARITY:
@@ -374,7 +369,7 @@ def markdown(comparison: Comparison, before_name: str, hosts: tuple[str, str] | 
                     f"or parity within {PARITY:.0%}); they do not decide the verdict.")
     lines = [
         f"Against `{before_name}`, figure by figure. The verdict rests on the tables' claims, which are ratios "
-        "measured within one run (share of the round, fraction of the line, speedup and CPU against grpc, memory "
+        "measured within one run (share of the round, fraction of the line, speedup over grpc on a lab path, memory "
         "held); absolute seconds follow the host's speed and are shown beside them. Two medians agree when they "
         f"differ by at most the largest of {REL_TOLERANCE:.0%} of the figure, a floor in its unit ("
         + ", ".join(f"{v:g} {k}" for k, v in FLOORS.items())

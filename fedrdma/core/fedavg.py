@@ -149,9 +149,10 @@ class RoundAggregate:
     for a silo known to be out (left, missed the deadline), then `finish` once.
 
     Memory: one running sum of `accumulate_dtype` per element of the layout (float64: 8
-    bytes per element, twice a float32 model, 950 MiB for gpt2-small), plus chunk-sized
-    temporaries; `sum_nbytes` reports it. `accumulate_dtype=torch.float32` halves that at the
-    price of order dependence in the last bit (~1e-7 relative between transports). Measured
+    bytes per element, twice a float32 model, 950 MiB for gpt2-small), plus two chunk-sized
+    scratch buffers reused by every fold; `sum_nbytes` reports the sum.
+    `accumulate_dtype=torch.float32` halves the sum at the price of order dependence in the
+    last bit (~1e-7 relative between transports). Measured
     for gpt2-small (475 MiB, 4 MiB chunks, one thread): folding runs at 1.2-1.6 GB/s,
     `finish` takes ~0.1 s. Rejected silos are retracted by subtracting their values again, read from
     their update buffers. Each folded chunk is copied once (chunk-sized) and its xxh3 hash
