@@ -362,10 +362,9 @@ def markdown(comparison: Comparison, before_name: str, hosts: tuple[str, str] | 
                "are listed below.")
     hosted = comparison.host_bound
     if hosted:
-        turned = [p for p in hosted if not p.direction_holds]
         verdict += (f" Of {len(hosted)} host-bound claims (ratios between modes on loopback, where only this "
                     f"host's cores and memory limit either side), {sum(p.agrees for p in hosted)} repeat within "
-                    f"noise and {len(hosted) - len(turned)} keep their direction against grpc (faster, slower, "
+                    f"noise and {held(HOST_BOUND, hosted)} keep their direction against grpc (faster, slower, "
                     f"or parity within {PARITY:.0%}); they do not decide the verdict.")
     lines = [
         f"Against `{before_name}`, figure by figure. The verdict rests on the tables' claims, which are ratios "

@@ -324,10 +324,8 @@ def rewrite_report(out_dir: Path) -> dict[str, Any]:
     from fedrdma.bench.compare import load
 
     result = load(out_dir / "paper.json")
-    before = None
-    if result.get("against"):
-        against = Path(result["against"])
-        before = load(against if against.is_absolute() else out_dir / against)
+    # `against` is a name inside DIR or an absolute path; joining keeps an absolute one whole.
+    before = load(out_dir / result["against"]) if result.get("against") else None
     _save(out_dir, result, before)
     return result
 

@@ -132,8 +132,6 @@ def t4_markdown(t4: dict[str, Any]) -> str:
     return _md(["state", "size", "mode", "CPU s (both processes)", "receiver +RSS MiB", "sender +RSS MiB"], rows)
 
 
-
-
 # --- plots ----------------------------------------------------------------------------------
 
 
