@@ -18,8 +18,8 @@ from fedrdma.bench.heap import DEFAULT_REPEAT as DEFAULT_HEAP_REPEAT
 from fedrdma.bench.heap import DEFAULT_ROUNDS as DEFAULT_HEAP_ROUNDS
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, ChunkPlan, check_window
 from fedrdma.core.errors import PlanError
+from fedrdma.core.modes import Mode, choices
 from fedrdma.metrics import size_label
-from fedrdma.transport.wire import MODES
 
 app = typer.Typer(help="Federated fine-tuning of LLMs over chunked one-sided RDMA (FedRDMA).", no_args_is_help=True)
 bench = typer.Typer(help="Benchmarks that print ratios measured in one run.", no_args_is_help=True)
@@ -48,12 +48,11 @@ DEFAULT_BENCH_MODEL = "gpt2-small"
 """The transfer benchmark's default state: GPT-2 small's 124M fp32 parameters (~475 MiB)."""
 
 
-def _parse_modes(text: str) -> list[str]:
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
-    if not modes or unknown:
-        raise typer.BadParameter(f"unknown mode(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(MODES)}")
-    return modes
+def _parse_modes(text: str) -> list[Mode]:
+    try:
+        return Mode.parse_list(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 @bench.command("transfer")
@@ -61,7 +60,7 @@ def bench_transfer(
     size_mb: float = typer.Option(None, help="State size in MiB (synthetic fp32); default: GPT-2 small from config."),
     model: str = typer.Option(DEFAULT_BENCH_MODEL, help="Model whose trainable state to move, when --size-mb is not given."),
     lora: bool = typer.Option(False, "--lora", help="With --model: move only the LoRA adapters, as a LoRA federation does."),
-    modes: str = typer.Option(",".join(MODES), help="Comma list of modes: " + ", ".join(MODES)),
+    modes: str = typer.Option(",".join(Mode), help=f"Comma list of modes: {choices()}."),
     chunk_size: int = typer.Option(
         None, help=f"Chunk size in bytes; default {DEFAULT_CHUNK_SIZE}, or the whole state when it is smaller "
         "(as the runtime does)."),
@@ -294,12 +293,12 @@ def _path_shape(rate: str | None, rtt: str | None, loss: str | None, mtu: int | 
 @contextmanager
 def _placement(shape: Any, mtu: int | None) -> Iterator[Any]:
     """Loopback, or a one-path lab that is taken down however the benchmark ends."""
-    from fedrdma.bench.wan import LOOPBACK, shaped_path
+    from fedrdma.bench.wan import ON_LOOPBACK, shaped_path
     from fedrdma.lab.config import DEFAULT_MTU
     from fedrdma.lab.errors import LabError
 
     if shape is None:
-        yield LOOPBACK
+        yield ON_LOOPBACK
         return
     try:
         with shaped_path(shape, mtu or DEFAULT_MTU, log=lambda m: console.print(f"[dim]lab: {m}")) as where:
@@ -311,44 +310,38 @@ def _placement(shape: Any, mtu: int | None) -> Iterator[Any]:
 
 @app.command("demo")
 def demo(
-    rounds: int = typer.Option(3, min=1, help="Federated rounds per transport."),
+    rounds: int = typer.Option(3, min=1, help="Federated rounds per mode."),
     model: str = typer.Option("gpt2-small", help="gpt2-tiny|gpt2-small|... or a local checkpoint dir."),
     lora: bool = typer.Option(False, help="Fine-tune LoRA adapters only (only they travel)."),
     silos: int = typer.Option(3, min=1, max=3, help="How many demo silos (hospital, bank, support)."),
-    transports: str = typer.Option("rdma-e,grpc", help="Comma list of transports to compare."),
-    upload: str = typer.Option("push", help="rdma-e uploads: push (silos WRITE) or pull (aggregator READs)."),
+    modes: str = typer.Option("rdma-e,grpc", help=f"Comma list of modes to compare: {choices()}."),
     out: Path = typer.Option(Path("runs/demo"), help="Where configs, logs, checkpoints, metrics and plots go."),
     json_path: Path = typer.Option(None, "--json", help="Write the comparison here as JSON."),
 ) -> None:
-    """A local federation (aggregator + silos as processes) per transport, side by side."""
+    """A local federation (aggregator + silos as processes) per mode, side by side."""
     from fedrdma.fl.data import DEMO_SILOS
     from fedrdma.fl.demo import run_demo
     from fedrdma.plots import demo_plot
 
-    names = [t.strip() for t in transports.split(",") if t.strip()]
-    bad = [t for t in names if t not in ("grpc", "rdma", "rdma-e")]
-    if bad or not names:
-        raise typer.BadParameter(f"unknown transport(s) {bad}; choose from grpc, rdma, rdma-e")
-    if upload not in ("push", "pull"):
-        raise typer.BadParameter("--upload takes push or pull")
+    names = _parse_modes(modes)
     console.print(f"[bold]demo[/]: {model}{' + LoRA' if lora else ''}, {silos} silos, {rounds} rounds, "
-                  f"transports {', '.join(names)}; logs in {out}")
+                  f"modes {', '.join(names)}; logs in {out}")
 
-    def show(transport: str, r: dict[str, Any]) -> None:
+    def show(mode: str, r: dict[str, Any]) -> None:
         if r["round"] == 0:
-            console.print(f"  {transport:7} round 0  held-out loss {r['eval_loss']:.3f}")
+            console.print(f"  {mode:11} round 0  held-out loss {r['eval_loss']:.3f}")
             return
         console.print(
-            f"  {transport:7} round {r['round']}  held-out loss {r['eval_loss']:.3f}  "
+            f"  {mode:11} round {r['round']}  held-out loss {r['eval_loss']:.3f}  "
             f"comm {r['comm_seconds']:.2f} s  compute {r['compute_seconds']:.2f} s  "
             f"comm share {100 * r['comm_share']:.0f} %  accepted {', '.join(r['accepted'])}"
         )
 
-    result = run_demo(out, rounds, model, lora, names, upload, DEMO_SILOS[:silos], on_round=show)
+    result = run_demo(out, rounds, model, lora, names, DEMO_SILOS[:silos], on_round=show)
     console.print(demo_table(result))
     png = demo_plot(result, out / "demo.png")
     console.print(f"plot: {png}")
-    console.print(f"max |difference| between the transports' final models: {result['max_abs_diff_between_transports']:.2e}")
+    console.print(f"max |difference| between the modes' final models: {result['max_abs_diff_between_transports']:.2e}")
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2) + "\n")
@@ -392,30 +385,29 @@ def _silo_entry(text: str) -> dict[str, str]:
 
 
 def _run_aggregator(cfg: Any) -> None:
+    from rich.live import Live
+
     from fedrdma.core.errors import FedRDMAError
     from fedrdma.fl.aggregator import Aggregator
     from fedrdma.fl.evaluate import evaluator
-
-    from rich.live import Live
-
     from fedrdma.plots import demo_plot
 
     _logging()
-    table = round_table(cfg.transport)
+    table = round_table(cfg.mode)
     try:
         with Live(table, console=console, refresh_per_second=2):
             records = Aggregator(cfg, evaluator(cfg)).run(on_round=lambda r: add_round_row(table, r))
     except FedRDMAError as exc:
         console.print(f"[red]aggregator failed:[/] {exc}")
         raise typer.Exit(1) from None
-    png = demo_plot({"transports": {cfg.transport: {"rounds": records}}}, Path(cfg.out_dir) / "rounds.png") \
+    png = demo_plot({"transports": {cfg.mode: {"rounds": records}}}, Path(cfg.out_dir) / "rounds.png") \
         if any(r.get("eval_loss") is not None for r in records) else None
     console.print(f"aggregator: {len(records)} rounds; metrics in {cfg.out_dir}/metrics.jsonl"
                   + (f", plot {png}" if png else ""))
 
 
-def round_table(transport: str) -> Table:
-    table = Table(title=f"rounds ({transport})")
+def round_table(mode: str) -> Table:
+    table = Table(title=f"rounds ({mode})")
     for col in ("round", "held-out loss", "broadcast s", "train s", "upload s", "aggregate s", "comm %", "accepted",
                 "rejected"):
         table.add_column(col, justify="left" if col in ("accepted", "rejected") else "right")

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, MAX_WINDOW
+from fedrdma.core.addresses import LOOPBACK_HOST
+from fedrdma.core.chunks import CHUNK_ALIGN, DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, MAX_WINDOW
 from fedrdma.core.errors import FedRDMAError
+from fedrdma.core.modes import Mode, choices
+from fedrdma.core.rules import MIN_SILOS, NORM_FACTOR
 
-DEFAULT_LISTEN = "127.0.0.1:7700"
+DEFAULT_LISTEN = f"{LOOPBACK_HOST}:7700"
 """Loopback by default: exposing the control plane is a deliberate act."""
 
 DEFAULT_ROUNDS = 3
-DEFAULT_MIN_SILOS = 1
-"""A round closes once this many silos uploaded, or all of them before the deadline."""
 
 DEFAULT_ROUND_DEADLINE_S = 600.0
 """A silo that has not uploaded this long after the round started is left out of it."""
@@ -32,9 +33,6 @@ DEFAULT_JOIN_TIMEOUT_S = 120.0
 DEFAULT_GATHER_S = 2.0
 """At a round's start, wait up to this long for configured silos that are not ready yet, so
 a silo that is rejoining catches the round instead of the next one."""
-
-DEFAULT_NORM_FACTOR = 10.0
-"""An update whose delta norm is this many times the others' median is rejected."""
 
 DEFAULT_MODEL = "gpt2-small"
 DEFAULT_LORA_R = 8
@@ -53,8 +51,12 @@ DEFAULT_REJOIN_S = 120.0
 SILO_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 """Silo ids appear in file names, metrics and logs: keep them short and plain."""
 
-Transport = Literal["grpc", "rdma", "rdma-e"]
-Upload = Literal["push", "pull"]
+RENAMED = {
+    "transport": "`transport` and `upload` are now one setting, `mode`: grpc, rdma, rdma-e (silos push "
+                 "their updates) or rdma-e-pull (the aggregator READs them)",
+}
+RENAMED["upload"] = RENAMED["transport"]
+"""Settings of earlier releases, refused with what replaced them rather than as unknown keys."""
 
 
 class ConfigError(FedRDMAError):
@@ -63,6 +65,15 @@ class ConfigError(FedRDMAError):
 
 class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old in RENAMED:
+                if old in data:
+                    raise ValueError(f"`{old}` was replaced: {RENAMED[old]}")
+        return data
 
 
 class ModelSettings(_Settings):
@@ -74,27 +85,19 @@ class ModelSettings(_Settings):
 
 
 class TransportSettings(_Settings):
-    transport: Transport = "rdma-e"
-    upload: Upload = Field("push", description="rdma-e only: silos WRITE their update (push) or the aggregator READs it (pull)")
-    chunk_size: int = Field(DEFAULT_CHUNK_SIZE, gt=0, description="bytes per chunk, a multiple of 8")
+    mode: Mode = Field(Mode.RDMA_E, description=f"how updates move: {choices()}; the aggregator pushes the "
+                                                "broadcast in every one-sided mode")
+    chunk_size: int = Field(DEFAULT_CHUNK_SIZE, gt=0, description=f"bytes per chunk, a multiple of {CHUNK_ALIGN}")
     window: int = Field(DEFAULT_WINDOW, ge=1, le=MAX_WINDOW)
     tuning: Path | None = Field(None, description="JSON written by `fedrdma tune --json` (model or --probe): "
                                                   "its chunk_size and window apply unless set here")
 
     @field_validator("chunk_size")
     @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value % 8:
-            raise ValueError("must be a multiple of 8 bytes, so no chunk splits a tensor element")
+    def _aligned(cls, value: int) -> int:
+        if value % CHUNK_ALIGN:
+            raise ValueError(f"must be a multiple of {CHUNK_ALIGN} bytes, so no chunk splits a tensor element")
         return value
-
-    def download_mode(self) -> str:
-        return {"grpc": "grpc", "rdma": "rdma", "rdma-e": "rdma-e"}[self.transport]
-
-    def upload_mode(self) -> str:
-        if self.transport == "rdma-e" and self.upload == "pull":
-            return "rdma-e-pull"
-        return self.download_mode()
 
 
 def read_tuning(path: Path) -> dict[str, int]:
@@ -129,11 +132,13 @@ class RuntimeSettings(ModelSettings):
 class AggregatorConfig(RuntimeSettings, TransportSettings):
     listen: str = DEFAULT_LISTEN
     rounds: int = Field(DEFAULT_ROUNDS, ge=1)
-    min_silos: int = Field(DEFAULT_MIN_SILOS, ge=1)
+    min_silos: int = Field(MIN_SILOS, ge=1, description="a round closes once this many silos uploaded, "
+                           "or all of them before the deadline")
     round_deadline_s: float = Field(DEFAULT_ROUND_DEADLINE_S, gt=0)
     join_timeout_s: float = Field(DEFAULT_JOIN_TIMEOUT_S, gt=0)
     gather_s: float = Field(DEFAULT_GATHER_S, ge=0)
-    norm_factor: float = Field(DEFAULT_NORM_FACTOR, gt=1)
+    norm_factor: float = Field(NORM_FACTOR, gt=1, description="an update whose delta norm is this many times "
+                               "the others' median is rejected")
     silos: list[SiloEntry] = Field(default_factory=list, description="silos allowed to join; flag form ID:TOKEN, repeatable")
     eval_data: Path | None = Field(None, description="held-out text the aggregator scores the global model on")
     out_dir: Path = Field(Path("runs/aggregator"), description="checkpoints, metrics.jsonl, plots")

@@ -58,3 +58,9 @@ def test_checksum_detects_a_flipped_bit():
     before = chunk_checksum(bytes(data))
     data[100] ^= 1
     assert chunk_checksum(bytes(data)) != before
+
+
+def test_chunk_size_that_splits_an_element_is_refused_unless_it_is_the_whole_state():
+    with pytest.raises(PlanError, match="not a multiple of 8 bytes.*use e.g. 4096"):
+        ChunkPlan.build(10_000, 4100)
+    assert len(ChunkPlan.build(10_004, 10_004)) == 1

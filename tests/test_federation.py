@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from fedrdma.fl import checkpoint
-from fedrdma.fl.demo import DEMO_SILOS, max_abs_diff, run_federation, write_configs, free_port
+from fedrdma.fl.demo import DEMO_SILOS, free_port, max_abs_diff, run_federation, write_configs
 
 MODEL = "gpt2-tiny"
 WAIT_S = 180.0
@@ -45,7 +45,7 @@ def wait(proc: subprocess.Popen, timeout: float = WAIT_S) -> int:
 def test_transports_give_the_same_model_and_loss_falls(tmp_path):
     finals = {}
     for transport in ("rdma-e", "grpc"):
-        records = run_federation(tmp_path / transport, transport, "push", 2, MODEL, False, DEMO_SILOS[:2])
+        records = run_federation(tmp_path / transport, transport, 2, MODEL, False, DEMO_SILOS[:2])
         losses = [r["eval_loss"] for r in records]
         assert [r["round"] for r in records] == [0, 1, 2]
         assert losses[-1] < losses[0], losses
@@ -54,9 +54,9 @@ def test_transports_give_the_same_model_and_loss_falls(tmp_path):
     assert max_abs_diff(finals["rdma-e"], finals["grpc"]) < 1e-4
 
 
-@pytest.mark.parametrize("upload", ["push", "pull"])
-def test_what_each_silo_is_handed(tmp_path, upload):
-    records = run_federation(tmp_path, "rdma-e", upload, 1, MODEL, False, DEMO_SILOS[:2])
+@pytest.mark.parametrize("mode", ["rdma-e", "rdma-e-pull"])
+def test_what_each_silo_is_handed(tmp_path, mode):
+    records = run_federation(tmp_path, mode, 1, MODEL, False, DEMO_SILOS[:2])
     assert records[-1]["accepted"] == sorted(DEMO_SILOS[:2])
     agg_events = tmp_path / "aggregator" / "metrics.jsonl"
     pools = events(agg_events, "pools")[0]
@@ -65,8 +65,8 @@ def test_what_each_silo_is_handed(tmp_path, upload):
     handed = {s: events(tmp_path / "silos" / f"{s}.jsonl", "handed")[0] for s in DEMO_SILOS[:2]}
     for silo, h in handed.items():
         # the aggregator initiates the broadcast: no key to its memory comes with it
-        assert h["download"] == {"metadata_bytes": 0, "region": None}
-        if upload == "pull":
+        assert h["broadcast"] == {"metadata_bytes": 0, "region": None}
+        if mode == "rdma-e-pull":
             assert h["upload"] == {"metadata_bytes": 0, "region": None}
         else:
             address, length = h["upload"]["region"]
@@ -77,12 +77,12 @@ def test_what_each_silo_is_handed(tmp_path, upload):
 
 
 def test_a_silo_writing_outside_its_inbox_is_refused_and_changes_nothing(tmp_path):
-    clean = run_federation(tmp_path / "clean", "rdma-e", "push", 1, MODEL, False, DEMO_SILOS[:2])
+    clean = run_federation(tmp_path / "clean", "rdma-e", 1, MODEL, False, DEMO_SILOS[:2])
     assert clean[-1]["accepted"] == sorted(DEMO_SILOS[:2])
     # the same federation, where one silo also tries to WRITE into the aggregator's global pool
     root = tmp_path / "attack"
     port = free_port()
-    agg_cfg, silo_cfgs = write_configs(root, "rdma-e", "push", 1, MODEL, False, DEMO_SILOS[:2], port)
+    agg_cfg, silo_cfgs = write_configs(root, "rdma-e", 1, MODEL, False, DEMO_SILOS[:2], port)
     agg = start("aggregator", agg_cfg, root / "agg.log")
     metrics = root / "aggregator" / "metrics.jsonl"
     deadline = time.monotonic() + WAIT_S
@@ -108,7 +108,7 @@ def test_a_silo_writing_outside_its_inbox_is_refused_and_changes_nothing(tmp_pat
 @pytest.mark.parametrize("fault,reason", [("nan", "NaN"), ("scale", "norm")])
 def test_a_bad_update_is_rejected_before_aggregation(tmp_path, fault, reason):
     port = free_port()
-    agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", "push", 1, MODEL, False, DEMO_SILOS[:3], port)
+    agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", 1, MODEL, False, DEMO_SILOS[:3], port)
     agg = start("aggregator", agg_cfg, tmp_path / "agg.log", None, "--min-silos", "2")
     silos = [start("silo", silo_cfgs[0], tmp_path / "bad.log", {"FEDRDMA_SILO_FAULT": fault})]
     silos += [start("silo", c, tmp_path / f"s{i}.log") for i, c in enumerate(silo_cfgs[1:])]
@@ -125,7 +125,7 @@ def test_a_bad_update_is_rejected_before_aggregation(tmp_path, fault, reason):
 
 def test_refused_joins_name_the_reason_and_the_round_goes_on(tmp_path):
     port = free_port()
-    agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", "push", 1, MODEL, False, DEMO_SILOS[:1], port)
+    agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", 1, MODEL, False, DEMO_SILOS[:1], port)
     agg = start("aggregator", agg_cfg, tmp_path / "agg.log")
     wrong_token = start("silo", silo_cfgs[0], tmp_path / "token.log", None, "--token", "not-the-token", "--rejoin-s", "0")
     unknown = start("silo", silo_cfgs[0], tmp_path / "unknown.log", None, "--id", "stranger", "--rejoin-s", "0")
@@ -147,11 +147,11 @@ def test_refused_joins_name_the_reason_and_the_round_goes_on(tmp_path):
 
 def test_a_killed_silo_is_left_out_and_rejoins(tmp_path):
     port = free_port()
-    agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", "push", 2, MODEL, False, DEMO_SILOS[:3], port)
+    agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", 2, MODEL, False, DEMO_SILOS[:3], port)
     agg = start("aggregator", agg_cfg, tmp_path / "agg.log", None,
                 "--min-silos", "2", "--round-deadline-s", "60", "--gather-s", "60")
     steady = [start("silo", c, tmp_path / f"steady{i}.log") for i, c in enumerate(silo_cfgs[:2])]
-    victim = start("silo", silo_cfgs[2], tmp_path / "victim.log", {"FEDRDMA_SILO_FAULT": "exit-after-download:1"})
+    victim = start("silo", silo_cfgs[2], tmp_path / "victim.log", {"FEDRDMA_SILO_FAULT": "exit-after-broadcast:1"})
     assert wait(victim) == 17  # died in round 1, after the broadcast
     again = start("silo", silo_cfgs[2], tmp_path / "again.log")
     assert wait(agg) == 0, (tmp_path / "agg.log").read_text()
@@ -168,7 +168,7 @@ def test_a_killed_silo_is_left_out_and_rejoins(tmp_path):
 
 def test_aggregator_restarted_with_resume_continues_without_repeating_a_round(tmp_path):
     port = free_port()
-    agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", "push", 3, MODEL, False, DEMO_SILOS[:2], port)
+    agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", 3, MODEL, False, DEMO_SILOS[:2], port)
     out = tmp_path / "aggregator"
     agg = start("aggregator", agg_cfg, tmp_path / "agg1.log")
     stall = {"FEDRDMA_SILO_FAULT": "stall-once:2:8"}  # round 2 takes 8 s: the aggregator dies in it

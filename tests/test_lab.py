@@ -19,9 +19,8 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from fedrdma.lab import Lab, LabConfig, LabError, PathShape
+from fedrdma.lab import Lab, LabConfig, LabError, PathShape, delay, netns, probe, shaping
 from fedrdma.lab import cli as lab_cli
-from fedrdma.lab import delay, netns, probe, shaping
 from fedrdma.lab.lab import FAIL_AT_ENV, _check_ceiling
 from fedrdma.lab.netns import PathLinks
 from fedrdma.lab.state import LabState

@@ -4,11 +4,14 @@ from fedrdma.core.chunks import ChunkPlan
 from fedrdma.core.errors import TransferError
 from fedrdma.core.scheduler import ChunkStatus, Ledger, RetryPolicy, Scheduler
 
+C = 128
+"""Bytes per chunk in these plans: small, and a multiple of the chunk alignment."""
+
 POLICY = RetryPolicy(max_attempts=3, max_reconnects=2, backoff_base_s=1.0, backoff_cap_s=4.0, chunk_timeout_s=10.0)
 
 
 def make(n=10, window=3):
-    return Scheduler(ChunkPlan.build(n * 100, 100), window, POLICY)
+    return Scheduler(ChunkPlan.build(n * C, C), window, POLICY)
 
 
 def land_and_verify(s, posts):
@@ -31,7 +34,7 @@ def test_all_verified_is_done_and_nothing_is_resent():
     s = make()
     while not s.done:
         land_and_verify(s, s.poll(0.0))
-    assert s.bytes_posted == 1000 and s.bytes_resent == 0
+    assert s.bytes_posted == 10 * C and s.bytes_resent == 0
     assert s.poll(0.0) == []
 
 
@@ -48,7 +51,7 @@ def test_corrupt_chunk_is_retried_after_backoff():
     assert retry.chunk.index == 0 and retry.attempt == 2
     s.landed(0, 0)
     s.verified(0)
-    assert s.done and s.bytes_resent == 100
+    assert s.done and s.bytes_resent == C
 
 
 def test_backoff_doubles_and_is_capped():
@@ -90,7 +93,7 @@ def test_disconnect_then_resume_sends_only_unverified_chunks():
     assert all(p.generation == 1 for p in again)
     land_and_verify(s, again)
     assert s.done
-    assert s.bytes_resent == 200  # only chunks 4 and 5 went twice
+    assert s.bytes_resent == 2 * C  # only chunks 4 and 5 went twice
 
 
 def test_too_many_reconnects_is_an_error():
@@ -107,7 +110,7 @@ def test_resume_rejects_unknown_chunk_indices():
 
 
 def test_ledger_verifies_only_with_bytes_and_checksum():
-    ledger = Ledger(ChunkPlan.build(300, 100))
+    ledger = Ledger(ChunkPlan.build(3 * C, C))
     assert ledger.land(0) is False  # checksum not yet known
     assert ledger.expect(0, 42) is True
     assert ledger.check(0, 42) is True
@@ -124,7 +127,7 @@ def test_ledger_verifies_only_with_bytes_and_checksum():
 
 
 def test_ledger_reset_forgets_unverified_landings():
-    ledger = Ledger(ChunkPlan.build(200, 100))
+    ledger = Ledger(ChunkPlan.build(2 * C, C))
     ledger.expect(0, 1)
     ledger.land(0)
     ledger.check(0, 1)

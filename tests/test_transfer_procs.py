@@ -7,7 +7,7 @@ import time
 import pytest
 
 from fedrdma.bench.procs import peer_env, start_pair
-from fedrdma.bench.states import synthetic_layout, make_state
+from fedrdma.bench.states import make_state, synthetic_layout
 from fedrdma.core.chunks import state_digest
 from tests.conftest import run_pair
 

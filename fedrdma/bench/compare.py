@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedrdma.bench.wan import LOOPBACK_PATH
+
 REL_TOLERANCE = 0.10
 """Run-to-run swing of this 2-core host: the 5 Gbit/s WAN figure moved 0.877-0.940 (7 %)
 between four runs of one build, with nothing else changed."""
@@ -198,14 +200,10 @@ def _ratio(num: dict[str, float], den: dict[str, float], key: str, floor: float)
     return ratio, max(ratio - lo, hi - ratio)
 
 
-LOOPBACK = "loopback"
-"""T3's path label where only the host limits a transfer."""
-
-
 def _t3(t3: dict[str, Any]) -> Iterable[Figure]:
     for row in t3["rows"]:
         grpc = row["modes"].get("grpc")
-        kind = HOST_BOUND if row["path"] == LOOPBACK else CLAIM
+        kind = HOST_BOUND if row["path"] == LOOPBACK_PATH else CLAIM
         for mode, m in row["modes"].items():
             name = f"{_state(row)}, {row['path']}, {mode}"
             yield Figure("T3", name, "s", m["seconds"], m["seconds"] - m["seconds_min"], kind=ABSOLUTE)

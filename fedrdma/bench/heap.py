@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
+from fedrdma.core.errors import RunError
+
 VARIANTS = ("default", "pinned", "compute-heap")
 """glibc's dynamic threshold (the grpc baseline); pinned throughout (the RDMA modes before
 compute_heap); pinned but lifted while training (the RDMA modes now)."""
@@ -94,7 +96,7 @@ def run(model: str, rounds: int, repeat: int,
                 capture_output=True, text=True,
             )
             if out.returncode != 0:
-                raise RuntimeError(f"bench heap: the {variant} child failed:\n{out.stderr[-2000:]}")
+                raise RunError(f"bench heap: the {variant} child failed:\n{out.stderr[-2000:]}")
             row = json.loads(out.stdout.strip().splitlines()[-1])
             counted[variant] += row["seconds"][1:]
             seen[variant] = row["chunk_mmapped_while_training"]

@@ -23,8 +23,10 @@ from typing import Any
 
 from fedrdma.bench import transfer
 from fedrdma.bench.sweep import best, run_cells
-from fedrdma.bench.wan import LOOPBACK, federation_hosts, placement
+from fedrdma.bench.wan import LOOPBACK_PATH, ON_LOOPBACK, federation_hosts, placement
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW
+from fedrdma.core.errors import RunError
+from fedrdma.core.modes import Mode
 from fedrdma.lab.config import LabConfig, PathShape
 from fedrdma.lab.lab import lab as running_lab
 from fedrdma.lab.units import format_duration, format_rate
@@ -60,7 +62,7 @@ T2_MIN_BYTES, T2_MAX_BYTES = 32 << 20, 256 << 20
 """State bounds for T2: 32 MiB keeps 100 Mbit/s cells under 3 s, 256 MiB fills fast paths."""
 
 T1_RATES = (REFERENCE_RATE, "5gbit")
-T1_TRANSPORTS = ("grpc", "rdma", "rdma-e")
+T1_MODES = (Mode.GRPC, Mode.RDMA, Mode.RDMA_E)
 T1_MODEL = "gpt2-small"
 T1_LOCAL_STEPS = 2
 """A few local steps, as in the demo: on 2 CPU cores a GPT-2 small step takes seconds."""
@@ -70,8 +72,8 @@ T1_SILOS = 1
 inflate compute, and share one delay element."""
 
 T3_MODELS = ("gpt2-small", "gpt2-medium")
-T3_MODES = ("grpc", "rdma", "rdma-e", "rdma-e-pull")
-T4_MODES = ("grpc", "rdma", "rdma-e")
+T3_MODES = (Mode.GRPC, Mode.RDMA, Mode.RDMA_E, Mode.RDMA_E_PULL)
+T4_MODES = (Mode.GRPC, Mode.RDMA, Mode.RDMA_E)
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ def run_t2(repeat: int, step: Step, mtu: int, top_bps: float | None = None) -> d
     with running_lab(LabConfig(name=PAPER_LAB, mtu=mtu, paths=(reference,))) as lab:
         ceiling = lab.ceiling_bps
         if not ceiling:
-            raise RuntimeError("the lab did not report its delay element's ceiling")
+            raise RunError("the lab did not report its delay element's ceiling")
         measured = {reference: measure(reference, lab)}
     paths = t2_paths(ceiling, top_bps)
     for shape in paths:
@@ -181,7 +183,7 @@ def run_t3(repeat: int, step: Step, mtu: int) -> dict[str, Any]:
                                 "link_rate_gbit": res["link_rate_gbit"], "rtt_ms": res["rtt_ms"],
                                 "memcpy_gb_s": host, "modes": res["modes"]})
 
-    measure("loopback", LOOPBACK)
+    measure(LOOPBACK_PATH, ON_LOOPBACK)
     shape = PathShape.of(REFERENCE_RATE, REFERENCE_RTT, 0)
     with running_lab(LabConfig(name=PAPER_LAB, mtu=mtu, paths=(shape,))) as lab:
         measure(_path_label(shape), placement(lab))
@@ -192,7 +194,7 @@ def t4_from_t3(t3: dict[str, Any]) -> dict[str, Any]:
     """CPU and memory per transfer: T3's loopback runs, where nothing but the host limits them."""
     rows = []
     for row in t3["rows"]:
-        if row["path"] != "loopback" or row["lora"]:
+        if row["path"] != LOOPBACK_PATH or row["lora"]:
             continue
         for mode in T4_MODES:
             m = row["modes"][mode]
@@ -219,16 +221,16 @@ def run_t1(rounds: int, step: Step, mtu: int, logs: Path | None = None) -> dict[
     for rate in T1_RATES:
         shape = PathShape.of(rate, REFERENCE_RTT, 0)
         with running_lab(LabConfig(name=PAPER_LAB, mtu=mtu, paths=(shape,) * T1_SILOS)) as lab:
-            for transport in T1_TRANSPORTS:
-                step.start(f"T1 {transport} on {_path_label(shape)}", rounds)
+            for mode in T1_MODES:
+                step.start(f"T1 {mode} on {_path_label(shape)}", rounds)
                 records = run_federation(
-                    logs / f"{rate}-{transport}", transport, "push", rounds, T1_MODEL, False,
+                    logs / f"{rate}-{mode}", mode, rounds, T1_MODEL, False,
                     DEMO_SILOS[:T1_SILOS], on_round=lambda r: step.advance() if r["round"] > 0 else None,
                     hosts=federation_hosts(lab), local_steps=T1_LOCAL_STEPS,
                 )
                 done = [r for r in records if r["round"] > 0]
                 out["rows"].append({
-                    "rate_bps": shape.rate_bps, "rtt_s": shape.rtt_s, "transport": transport,
+                    "rate_bps": shape.rate_bps, "rtt_s": shape.rtt_s, "transport": mode,
                     "path": _path_label(shape),
                     "rounds": [{k: r[k] for k in ("round", "comm_seconds", "compute_seconds", "comm_share",
                                                   "round_seconds") if k in r} for r in done],

@@ -19,6 +19,7 @@ from fedrdma.bench.states import gpt2_layout, make_state, synthetic_layout
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, Region, state_digest
 from fedrdma.core.errors import FedRDMAError
 from fedrdma.core.layout import FlatState
+from fedrdma.core.modes import Mode, Role
 from fedrdma.core.scheduler import RetryPolicy
 from fedrdma.memory import pin_mmap_threshold
 from fedrdma.metrics import Meter
@@ -117,8 +118,8 @@ def report(args: argparse.Namespace, state: FlatState, meter: Meter, fields: dic
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fedrdma.bench.peer")
-    p.add_argument("--role", choices=("sender", "receiver"), required=True)
-    p.add_argument("--mode", choices=wire.MODES + RAW_MODES, required=True)
+    p.add_argument("--role", choices=tuple(Role), required=True)
+    p.add_argument("--mode", choices=(*Mode, *RAW_MODES), required=True)
     p.add_argument("--listen", help="HOST:PORT to accept the peer on (port 0: any)")
     p.add_argument("--connect", help="HOST:PORT of the listening peer")
     p.add_argument("--size-bytes", type=int, default=64 << 20)
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if bool(args.listen) == bool(args.connect):
         p.error("give exactly one of --listen and --connect")
-    if args.mode != "grpc":  # as in the runtime; see fedrdma.memory for why not for grpc
+    if args.mode in RAW_MODES or Mode(args.mode).one_sided:  # as in the runtime; see fedrdma.memory
         pin_mmap_threshold()
     listener = None
     session: Session | None = None
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     state: FlatState | None = None
     try:
         state = build_state(args)
-        agent = Agent() if args.mode != "grpc" else None
+        agent = Agent() if args.mode in RAW_MODES or Mode(args.mode).one_sided else None
         if args.listen:
             listener = Listener(args.listen)
             emit("ready", port=listener.port, pid=os.getpid())

@@ -13,6 +13,7 @@ from typing import Any
 
 from fedrdma.bench.sweep import CellResult, best, run_cells
 from fedrdma.bench.wan import Placement
+from fedrdma.core.errors import RunError
 
 PROBE_CHUNKS = (1 << 20, 4 << 20, 16 << 20)
 """1-16 MiB: below 1 MiB per-chunk costs show over TCP, above 16 MiB a lost chunk costs much."""
@@ -79,5 +80,5 @@ def probe(where: Placement, nbytes: int | None = None, repeat: int = PROBE_REPEA
     cells = run_cells(size, probe_cells(size), repeat=repeat, where=where, on_transfer=on_transfer)
     bad = [c for c in cells if not c.identical]
     if bad:
-        raise RuntimeError(f"trial bytes differ at {[(c.chunk_size, c.window) for c in bad]}: the path corrupts data")
+        raise RunError(f"trial bytes differ at {[(c.chunk_size, c.window) for c in bad]}: the path corrupts data")
     return ProbeResult(size, line_bps, tuple(cells), best(cells, size))

@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedrdma.core.addresses import LOOPBACK_HOST
+from fedrdma.core.errors import RunError
+
 READY_TIMEOUT_S = 120.0
 """A peer builds its state before it listens: GPT-2 small from config takes ~10 s here."""
-
-LOOPBACK = "127.0.0.1"
 
 
 @dataclass
@@ -66,7 +67,7 @@ class PeerProcess:
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> int:
         event = self.next_event(timeout)
         if event is None or event.get("event") != "ready":
-            raise RuntimeError(f"peer did not start: {event}\n{self.stderr()}")
+            raise RunError(f"peer did not start: {event}\n{self.stderr()}")
         return int(event["port"])
 
     def finish(self, timeout: float) -> int:
@@ -103,7 +104,7 @@ def start_pair(
     env: dict[str, str] | None = None,
     receiver_prefix: Sequence[str] = (),
     sender_prefix: Sequence[str] = (),
-    listen_host: str = LOOPBACK,
+    listen_host: str = LOOPBACK_HOST,
 ) -> tuple[PeerProcess, PeerProcess]:
     """A listening receiver and a dialing sender of `mode`, both started."""
     receiver = PeerProcess(

@@ -233,7 +233,7 @@ def write_report(result: dict[str, Any], out: Path, before: dict[str, Any] | Non
         t1_plot(t1, out / "t1.png")
         lines += ["", f"## T1: communication share of a round (paper: {PAPER_FIGURES['T1']})", "",
                   f"{t1['model']}, full fine-tuning, {t1['local_steps']} local steps, {t1['silos']} silo in the "
-                  f"lab, {t1['rounds']} rounds (each round one sample). Communication = the silo's download "
+                  f"lab, {t1['rounds']} rounds (each round one sample). Communication = the silo's broadcast "
                   "plus upload; compute = its local training.", "", t1_markdown(t1), "", "![T1](t1.png)"]
     if "T2" in tables:
         t2 = tables["T2"]

@@ -14,7 +14,7 @@ from typing import Any
 
 from fedrdma.bench.peer import format_cells
 from fedrdma.bench.transfer import WARMUP, run_pair_events, transfer_env
-from fedrdma.bench.wan import LOOPBACK, Placement
+from fedrdma.bench.wan import ON_LOOPBACK, Placement
 from fedrdma.core.scheduler import CHUNK_TIMEOUT_S
 
 SWEEP_MODE = "rdma-e"
@@ -63,7 +63,7 @@ def run_cells(
     nbytes: int,
     cells: Sequence[tuple[int, int]],
     repeat: int = 3,
-    where: Placement = LOOPBACK,
+    where: Placement = ON_LOOPBACK,
     env: dict[str, str] | None = None,
     on_transfer: Callable[[], None] = lambda: None,
 ) -> list[CellResult]:

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from fedrdma.bench.procs import start_pair
-from fedrdma.bench.wan import LOOPBACK, Placement
+from fedrdma.bench.wan import ON_LOOPBACK, Placement
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW
+from fedrdma.core.errors import RunError
 
 DEFAULT_REPEAT = 3
 """Counted transfers per mode: enough for a median on a noisy 2-core VM."""
@@ -88,7 +89,7 @@ def run_pair_events(
     common: Sequence[str],
     transfers: int,
     env: dict[str, str],
-    where: Placement = LOOPBACK,
+    where: Placement = ON_LOOPBACK,
     on_transfer: Callable[[], None] = lambda: None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Start a sender and a receiver at `where`, and gather each side's `transfer` events.
@@ -108,7 +109,7 @@ def run_pair_events(
                 event = proc.next_event(TRANSFER_TIMEOUT_S)
                 if event is None or event["event"] == "error":
                     other = procs["receiver" if role == "sender" else "sender"]
-                    raise RuntimeError(
+                    raise RunError(
                         f"{mode} {role} failed: {event}\n{proc.stderr()}\n--- {other.proc.args[-1]}: {other.stderr()}"
                     )
                 if event["event"] == "transfer":
@@ -131,7 +132,7 @@ def run_mode(
     repeat: int,
     env: dict[str, str],
     on_transfer: Callable[[], None] = lambda: None,
-    where: Placement = LOOPBACK,
+    where: Placement = ON_LOOPBACK,
 ) -> ModeResult:
     transfers = repeat + WARMUP
     common = [*size_args, "--chunk-size", str(chunk_size), "--window", str(window), "--transfers", str(transfers)]
@@ -172,7 +173,7 @@ def run(
     on_transfer: Callable[[], None] = lambda: None,
     on_mode: Callable[[str], None] = lambda m: None,
     env: dict[str, str] | None = None,
-    where: Placement = LOOPBACK,
+    where: Placement = ON_LOOPBACK,
     references: bool = True,
     interleave: bool = False,
 ) -> dict[str, Any]:

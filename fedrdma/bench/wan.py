@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fedrdma.core.addresses import LOOPBACK_HOST
 from fedrdma.lab.config import DEFAULT_MTU, LabConfig, PathShape
 from fedrdma.lab.lab import Lab
 from fedrdma.lab.lab import lab as running_lab
@@ -18,6 +19,9 @@ from fedrdma.lab.netns import SILO_IFACE, PathLinks
 
 if TYPE_CHECKING:
     from fedrdma.fl.demo import Hosts
+
+LOOPBACK_PATH = "loopback"
+"""How results name the path of peers on one host (the `path` of a row)."""
 
 BENCH_LAB_NAME = "frbench"
 """Benchmarks build their own lab so a user's `fedrdma lab up` (named `frl`) is never touched."""
@@ -42,7 +46,7 @@ class Placement:
 
     def describe(self) -> str:
         if self.shape is None:
-            return "loopback"
+            return LOOPBACK_PATH
         return f"lab path {self.shape.describe()}, MTU {self.mtu}"
 
     def fields(self) -> dict[str, float | int | None]:
@@ -58,7 +62,8 @@ class Placement:
         return self.shape.rate_bps / 8
 
 
-LOOPBACK = Placement((), (), "127.0.0.1", None, None)
+ON_LOOPBACK = Placement((), (), LOOPBACK_HOST, None, None)
+"""Both peers on this host, talking over loopback."""
 
 
 def _with_device(prefix: Sequence[str], device: str) -> list[str]:

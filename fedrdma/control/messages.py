@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from fedrdma.config import SILO_ID_PATTERN as SILO_ID
+from fedrdma.core.modes import Mode
 from fedrdma.transport import wire
 
 
@@ -32,8 +33,8 @@ class Welcome(wire._Msg):
     silo: str
     generation: int = Field(ge=0)
     """Increases with every join of this silo: streams of an older join are refused."""
-    download_mode: str
-    upload_mode: str
+    broadcast_mode: Mode
+    upload_mode: Mode
     chunk_size: int = Field(gt=0)
     window: int = Field(gt=0)
     heartbeat_s: float = Field(gt=0)
@@ -46,7 +47,7 @@ class Attach(wire._Msg):
     silo: str = Field(pattern=SILO_ID)
     token: str
     generation: int = Field(ge=0)
-    purpose: Literal["download", "upload"]
+    purpose: Literal["broadcast", "upload"]
 
 
 class RoundStart(wire._Msg):
@@ -62,7 +63,7 @@ class Ready(wire._Msg):
     n_samples: int = Field(gt=0)
     train_loss: float
     train_seconds: float = Field(ge=0)
-    download_seconds: float = Field(ge=0)
+    broadcast_seconds: float = Field(ge=0)
     cpu_seconds: float = Field(ge=0)
     memory: dict[str, int] = {}
 

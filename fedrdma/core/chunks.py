@@ -20,6 +20,10 @@ that a lost chunk on a WAN costs little. Tune per link: `fedrdma tune`."""
 DEFAULT_WINDOW = 8
 """Chunks in flight at once: 8 x 4 MiB keeps a loopback or 1 Gbit/s, 20 ms path full."""
 
+CHUNK_ALIGN = 8
+"""Chunk boundaries (except the end of the buffer) fall on multiples of this many bytes, so
+they never split an element of any dtype a state holds (all are at most 8 bytes wide)."""
+
 MAX_WINDOW = 1024
 """More outstanding chunks than this only grows descriptor tables; no path here needs it."""
 
@@ -53,6 +57,11 @@ class ChunkPlan:
             raise PlanError(
                 f"chunk size {chunk_size} is above the state size {nbytes}; "
                 f"use a chunk size of at most {nbytes} bytes"
+            )
+        if chunk_size % CHUNK_ALIGN and chunk_size != nbytes:
+            raise PlanError(
+                f"chunk size {chunk_size} is not a multiple of {CHUNK_ALIGN} bytes; a chunk boundary "
+                f"must not split a tensor element (use e.g. {chunk_size // CHUNK_ALIGN * CHUNK_ALIGN or CHUNK_ALIGN})"
             )
         chunks = tuple(
             Chunk(i, off, min(chunk_size, nbytes - off)) for i, off in enumerate(range(0, nbytes, chunk_size))

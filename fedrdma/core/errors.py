@@ -29,3 +29,8 @@ class PeerLost(TransferError):
 
 class ProtocolError(FedRDMAError):
     """A message that does not fit the session's protocol."""
+
+
+class RunError(FedRDMAError, RuntimeError):
+    """A run of processes (a benchmark's peers, a demo's federation) failed; the message
+    carries what they printed, since the cause is often on the other side."""

@@ -24,25 +24,13 @@ from dataclasses import dataclass, field
 import torch
 import xxhash
 
+from fedrdma.core.chunks import CHUNK_ALIGN
 from fedrdma.core.errors import FedRDMAError, LayoutError
 from fedrdma.core.layout import FlatState, TensorSpec
-
-NORM_FACTOR = 10.0
-"""An update whose delta norm exceeds this many times the median of the other silos' norms
-is rejected: honest non-IID silos differ by small factors, a scaled or runaway update by orders."""
-
-MIN_SILOS = 1
-"""Default quorum for closing a round; the aggregator's config sets the real one."""
+from fedrdma.core.rules import MAX_SAMPLES, MIN_SILOS, NORM_FACTOR
 
 ACCUMULATE_DTYPE = torch.float64
 """Dtype of the running sum; see the module docstring for why float64."""
-
-CHUNK_ALIGN = 8
-"""Chunk boundaries (except the end of the buffer) fall on multiples of this many bytes, so
-they never split an element of any dtype we average (all are at most 8 bytes wide)."""
-
-MAX_SAMPLES = 1 << 29
-"""Above this a float32 value times n_samples is no longer exact in float64."""
 
 _AVERAGEABLE = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
 

@@ -26,6 +26,7 @@ from fedrdma.control.hub import Hub, SiloLink
 from fedrdma.core.errors import FedRDMAError, PeerLost
 from fedrdma.core.fedavg import NotEnoughSilos, RoundAggregate
 from fedrdma.core.layout import FlatState
+from fedrdma.core.modes import Role
 from fedrdma.fl import checkpoint
 from fedrdma.fl.state import build_trainable
 from fedrdma.memory import compute_heap, pin_mmap_threshold
@@ -50,7 +51,7 @@ class SiloState:
     inbox: FlatState
     pool: Pool | None
     link: SiloLink | None = None
-    download: Session | None = None
+    broadcast: Session | None = None
     upload: Session | None = None
     busy: threading.Event = field(default_factory=threading.Event)
 
@@ -62,7 +63,7 @@ class SiloRound:
     reason: str = ""
     n_samples: int = 0
     train_loss: float = float("nan")
-    download: TransferStats | None = None
+    broadcast: TransferStats | None = None
     upload: TransferStats | None = None
     ready: m.Ready | None = None
     finished_at: float = 0.0
@@ -74,25 +75,25 @@ class SiloRound:
                 n_samples=self.ready.n_samples,
                 train_loss=self.ready.train_loss,
                 train_seconds=self.ready.train_seconds,
-                silo_download_seconds=self.ready.download_seconds,
+                silo_broadcast_seconds=self.ready.broadcast_seconds,
                 silo_cpu_seconds=self.ready.cpu_seconds,
                 silo_memory=self.ready.memory,
             )
-        for name, stats in (("broadcast", self.download), ("upload", self.upload)):
+        for name, stats in (("broadcast", self.broadcast), ("upload", self.upload)):
             if stats is not None:
                 out[f"{name}_seconds"] = stats.seconds
                 out[f"{name}_bytes"] = stats.nbytes
                 out[f"{name}_goodput_gb_s"] = stats.goodput_gb_s
                 out[f"{name}_resent_bytes"] = stats.bytes_resent
-        if self.ready is not None and self.download is not None and self.upload is not None:
-            comm = self.download.seconds + self.upload.seconds
+        if self.ready is not None and self.broadcast is not None and self.upload is not None:
+            comm = self.broadcast.seconds + self.upload.seconds
             out["comm_share"] = comm / (comm + self.ready.train_seconds)
         return out
 
 
 class Aggregator:
     def __init__(self, cfg: AggregatorConfig, evaluate: Any = None) -> None:
-        if cfg.transport != "grpc":  # see fedrdma.memory for why not for grpc
+        if cfg.mode.one_sided:  # see fedrdma.memory for why not for grpc
             pin_mmap_threshold()
         mark_runtime()
         self.cfg = cfg
@@ -103,8 +104,7 @@ class Aggregator:
         """The other half of the double-buffered global: the next average accumulates here."""
         self.chunk_size = min(cfg.chunk_size, self.state.nbytes)
         """A chunk larger than the state is the state: small (LoRA) states travel whole."""
-        self.rdma = cfg.transport != "grpc"
-        self.agent = Agent(f"aggregator-{id(self):x}") if self.rdma else None
+        self.agent = Agent(f"aggregator-{id(self):x}") if cfg.mode.one_sided else None
         self.pools: dict[int, Pool] = {}
         self._pool(self.state)
         self._pool(self.spare)
@@ -126,7 +126,7 @@ class Aggregator:
 
     # -- plumbing ----------------------------------------------------------------------
     def _pool(self, state: FlatState) -> Pool | None:
-        if self.agent is None or self.cfg.transport != "rdma-e":
+        if self.agent is None or not self.cfg.mode.broadcast.uses_pool:
             return None
         key = state.address()
         if key not in self.pools:
@@ -143,8 +143,8 @@ class Aggregator:
         return m.Welcome(
             silo=silo,
             generation=generation,
-            download_mode=self.cfg.download_mode(),
-            upload_mode=self.cfg.upload_mode(),
+            broadcast_mode=self.cfg.mode.broadcast,
+            upload_mode=self.cfg.mode,
             chunk_size=self.chunk_size,
             window=self.cfg.window,
             heartbeat_s=self.cfg.heartbeat_s,
@@ -162,20 +162,20 @@ class Aggregator:
             st = SiloState(link.silo, inbox, self._pool(inbox))
             self.silos[link.silo] = st
         if st.link is not link:
-            for session in (st.download, st.upload):
+            for session in (st.broadcast, st.upload):
                 if session is not None:
                     session.abort()
             st.link = link
-            st.download = Session(
-                self.agent, self.state, link.data["download"], self.cfg.download_mode(), "sender",
+            st.broadcast = Session(
+                self.agent, self.state, link.data["broadcast"], self.cfg.mode.broadcast, Role.SENDER,
                 self.chunk_size, self.cfg.window, pool=self._pool(self.state),
             )
             st.upload = Session(
-                self.agent, st.inbox, link.data["upload"], self.cfg.upload_mode(), "receiver",
+                self.agent, st.inbox, link.data["upload"], self.cfg.mode, Role.RECEIVER,
                 self.chunk_size, self.cfg.window, pool=st.pool,
                 on_chunk=lambda off, n, silo=link.silo, inbox=st.inbox: self._fold(silo, inbox, off, n),
             )
-            st.download.open()
+            st.broadcast.open()
             st.upload.open()
             self._event({"event": "sessions", "silo": link.silo,
                          "inbox": st.pool.region.address if st.pool else 0})
@@ -192,9 +192,9 @@ class Aggregator:
         try:
             st = self._silo(link)
             st.busy.set()
-            assert st.download is not None and st.upload is not None
+            assert st.broadcast is not None and st.upload is not None
             link.control.send(m.RoundStart(round=rnd))
-            out.download = st.download.send()
+            out.broadcast = st.broadcast.send()
             ready = self._await_ready(link, rnd, deadline)
             out.ready = ready
             with self._fold_lock:
@@ -274,8 +274,8 @@ class Aggregator:
         self.state, self.spare = self.spare, self.state
         self.state.bind(self.model)
         for st in self.silos.values():
-            if st.download is not None:
-                st.download.rebind(self.state, self._pool(self.state))
+            if st.broadcast is not None:
+                st.broadcast.rebind(self.state, self._pool(self.state))
         aggregation_seconds = time.monotonic() - agg_start
         for silo, reason in outcome.rejected.items():
             results[silo].ok = False
@@ -302,8 +302,7 @@ class Aggregator:
         compute_s = (sum(train) / len(train) if train else 0.0) + aggregation_seconds
         return {
             "round": rnd,
-            "transport": self.cfg.transport,
-            "upload": self.cfg.upload,
+            "mode": self.cfg.mode,
             "accepted": sorted(outcome.accepted),
             "rejected": outcome.rejected,
             "eval_loss": eval_loss,
@@ -315,7 +314,7 @@ class Aggregator:
             "round_seconds": seconds,
             "state_bytes": self.state.nbytes,
             "aggregator_memory": memory_report(
-                self.model, None, self._pool_bytes(), pool_is_model=self.cfg.transport == "rdma-e"
+                self.model, None, self._pool_bytes(), pool_is_model=self.cfg.mode.broadcast.uses_pool
             ),
             "silos": silos,
         }
@@ -335,7 +334,7 @@ class Aggregator:
         records: list[dict[str, Any]] = []
         initial = self._evaluate() if self.round == 0 else None
         if initial is not None:
-            self._event({"event": "round", "round": 0, "eval_loss": initial, "transport": self.cfg.transport})
+            self._event({"event": "round", "round": 0, "eval_loss": initial, "mode": self.cfg.mode})
             records.append({"round": 0, "eval_loss": initial, "comm_seconds": 0.0, "compute_seconds": 0.0,
                             "comm_share": 0.0})
             on_round(records[-1])
@@ -362,7 +361,7 @@ class Aggregator:
     def close(self) -> None:
         self.hub.close()
         for st in self.silos.values():
-            for session in (st.download, st.upload):
+            for session in (st.broadcast, st.upload):
                 if session is not None:
                     session.abort()
         for pool in self.pools.values():

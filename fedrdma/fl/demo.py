@@ -1,9 +1,10 @@
-"""`fedrdma demo`: a local federation, once per transport, compared side by side.
+"""`fedrdma demo`: a local federation, once per mode, compared side by side.
 
-Real processes on this host: one aggregator and a few silos per transport, each silo on
-its own slice of the shipped demo corpus (non-IID by domain), the same seeds for every
-transport. Because the transport must not change the math, the final global models of
-the transports are compared byte for byte (max absolute difference).
+Real processes on this host: one aggregator and a few silos per mode, each silo on its own
+slice of the shipped demo corpus (non-IID by domain), the same seeds for every mode.
+Because the mode must not change the math, the final global models of the modes are
+compared byte for byte (max absolute difference). The result keeps its key `transports`
+(one entry per mode), which scripts read.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
+from fedrdma.core.addresses import LOOPBACK_HOST
+from fedrdma.core.errors import RunError
+from fedrdma.core.modes import Mode
 from fedrdma.fl import checkpoint
 from fedrdma.fl.data import DEMO_EVAL, DEMO_SILOS, demo_corpus
 
@@ -33,16 +36,16 @@ DEMO_LOCAL_STEPS = 2
 DEMO_SEQ_LEN = 64
 DEMO_BATCH_SIZE = 2
 DEMO_LR = 3e-4
-DEMO_TRANSPORTS = ("rdma-e", "grpc")
+DEMO_MODES = (Mode.RDMA_E, Mode.GRPC)
 PROCESS_TIMEOUT_S = 600.0
-"""Longest one transport's federation may take before the demo calls it hung."""
+"""Longest one mode's federation may take before the demo calls it hung."""
 
 TOKEN_PREFIX = "demo-token-"
 
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LOOPBACK_HOST, 0))
         return int(s.getsockname()[1])
 
 
@@ -69,7 +72,7 @@ class Hosts:
     namespace (with its UCX device) and are empty on this host.
     """
 
-    listen_host: str = "127.0.0.1"
+    listen_host: str = LOOPBACK_HOST
     agg_prefix: Sequence[str] = ()
     silo_prefixes: Sequence[Sequence[str]] = ()
     dial_hosts: Sequence[str] = ()
@@ -84,7 +87,7 @@ LOCAL = Hosts()
 
 
 def write_configs(
-    root: Path, transport: str, upload: str, rounds: int, model: str, lora: bool, silos: Sequence[str], port: int,
+    root: Path, mode: Mode, rounds: int, model: str, lora: bool, silos: Sequence[str], port: int,
     hosts: Hosts = LOCAL, local_steps: int = DEMO_LOCAL_STEPS,
 ) -> tuple[Path, list[Path]]:
     root.mkdir(parents=True, exist_ok=True)
@@ -94,8 +97,7 @@ def write_configs(
         "listen": f"{hosts.listen_host}:{port}",
         "rounds": rounds,
         "min_silos": len(silos),
-        "transport": transport,
-        "upload": upload,
+        "mode": mode,
         "silos": [{"id": s, "token": TOKEN_PREFIX + s} for s in silos],
         "eval_data": str(demo_corpus(DEMO_EVAL)),
         "seq_len": DEMO_SEQ_LEN,
@@ -129,13 +131,13 @@ def _command(kind: str, config: Path) -> list[str]:
 
 
 def run_federation(
-    root: Path, transport: str, upload: str, rounds: int, model: str, lora: bool, silos: Sequence[str],
+    root: Path, mode: Mode, rounds: int, model: str, lora: bool, silos: Sequence[str],
     on_round: Callable[[dict[str, Any]], None] = lambda r: None,
     hosts: Hosts = LOCAL, local_steps: int = DEMO_LOCAL_STEPS,
 ) -> list[dict[str, Any]]:
     """One aggregator and its silos as processes; returns the aggregator's round records."""
     agg_path, silo_paths = write_configs(
-        root, transport, upload, rounds, model, lora, silos, free_port(), hosts, local_steps
+        root, mode, rounds, model, lora, silos, free_port(), hosts, local_steps
     )
     metrics = root / "aggregator" / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
@@ -153,14 +155,14 @@ def run_federation(
     try:
         while procs[0].poll() is None:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the {transport} federation took longer than {PROCESS_TIMEOUT_S:.0f} s")
+                raise RunError(f"the {mode} federation took longer than {PROCESS_TIMEOUT_S:.0f} s")
             records = _rounds(metrics)
             for record in records[seen:]:
                 on_round(record)
             seen = len(records)
             time.sleep(0.5)
         if procs[0].returncode != 0:
-            raise RuntimeError(f"the {transport} aggregator failed; see {root / 'aggregator.log'}")
+            raise RunError(f"the {mode} aggregator failed; see {root / 'aggregator.log'}")
         for proc in procs[1:]:
             proc.wait(timeout=60)
     finally:
@@ -197,21 +199,19 @@ def max_abs_diff(a: Path, b: Path) -> float:
 
 def run_demo(
     out: Path, rounds: int = DEMO_ROUNDS, model: str = DEMO_MODEL, lora: bool = False,
-    transports: Sequence[str] = DEMO_TRANSPORTS, upload: str = "push", silos: Sequence[str] = DEMO_SILOS,
+    modes: Sequence[Mode] = DEMO_MODES, silos: Sequence[str] = DEMO_SILOS,
     on_round: Callable[[str, dict[str, Any]], None] = lambda t, r: None,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"model": model, "lora": lora, "silos": list(silos), "transports": {}}
     finals = {}
-    for transport in transports:
-        root = out / transport
-        records = run_federation(
-            root, transport, upload, rounds, model, lora, silos, on_round=lambda r, t=transport: on_round(t, r)
-        )
+    for mode in modes:
+        root = out / mode
+        records = run_federation(root, mode, rounds, model, lora, silos, on_round=lambda r, t=mode: on_round(t, r))
         keep = ("round", "eval_loss", "eval_perplexity", "comm_seconds", "compute_seconds", "comm_share",
                 "round_seconds", "aggregation_seconds", "accepted", "rejected", "silos", "aggregator_memory")
-        result["transports"][transport] = {"rounds": [{k: r[k] for k in keep if k in r} for r in records]}
+        result["transports"][mode] = {"rounds": [{k: r[k] for k in keep if k in r} for r in records]}
         done = checkpoint.rounds(root / "aggregator")
-        finals[transport] = checkpoint.path_for(root / "aggregator", done[-1])
+        finals[mode] = checkpoint.path_for(root / "aggregator", done[-1])
     names = list(finals)
     result["max_abs_diff_between_transports"] = max(
         (max_abs_diff(finals[a], finals[b]) for a in names for b in names if a < b), default=0.0

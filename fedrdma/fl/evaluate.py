@@ -10,7 +10,6 @@ from fedrdma.config import AggregatorConfig
 from fedrdma.fl.data import load_eval_blocks, load_tokenizer
 from fedrdma.fl.trainer import evaluate
 
-
 EVAL_MAX_BLOCKS = 64
 """Held-out blocks scored per round: the same first blocks every round (comparable), few
 enough that scoring GPT-2 small on a CPU takes seconds, not minutes."""

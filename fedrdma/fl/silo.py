@@ -20,6 +20,7 @@ from fedrdma.config import SiloConfig
 from fedrdma.control import messages as m
 from fedrdma.control.link import AggregatorLink, JoinRefused
 from fedrdma.core.errors import PeerLost
+from fedrdma.core.modes import Role
 from fedrdma.fl.data import load_silo_data, load_tokenizer
 from fedrdma.fl.state import build_trainable
 from fedrdma.fl.trainer import LocalTrainer
@@ -88,29 +89,29 @@ class Silo:
         link = AggregatorLink(cfg.aggregator, cfg.id, cfg.token, self.state.layout_id, self.state.nbytes)
         welcome = link.welcome
         self._event({"event": "joined", "generation": welcome.generation})
-        if welcome.download_mode != "grpc":  # see fedrdma.memory for why not for grpc
+        mode = welcome.broadcast_mode
+        if mode.one_sided:  # see fedrdma.memory for why not for grpc
             pin_mmap_threshold()
-        rdma = welcome.download_mode != "grpc"
-        if rdma and self.agent is None:
-            self.agent = Agent(f"silo-{cfg.id}-{int(time.time() * 1000) % 10**9}")
-        if welcome.download_mode == "rdma-e" and self.pool is None:
+            if self.agent is None:
+                self.agent = Agent(f"silo-{cfg.id}-{int(time.time() * 1000) % 10**9}")
+        if mode.uses_pool and self.pool is None:
             assert self.agent is not None
             self.pool = self.agent.register(self.state.buffer)
-        pool = self.pool if welcome.download_mode == "rdma-e" else None
-        download = upload = None
+        pool = self.pool if mode.uses_pool else None
+        broadcast = upload = None
         try:
-            download = Session(
-                self.agent, self.state, link.attach("download"), welcome.download_mode, "receiver",
+            broadcast = Session(
+                self.agent, self.state, link.attach("broadcast"), mode, Role.RECEIVER,
                 welcome.chunk_size, welcome.window, pool=pool,
             )
             upload = Session(
-                self.agent, self.state, link.attach("upload"), welcome.upload_mode, "sender",
+                self.agent, self.state, link.attach("upload"), welcome.upload_mode, Role.SENDER,
                 welcome.chunk_size, welcome.window, pool=pool,
             )
-            download.open()
+            broadcast.open()
             upload.open()
             self._event({"event": "handed", "generation": welcome.generation,
-                         "download": _handed(download), "upload": _handed(upload)})
+                         "broadcast": _handed(broadcast), "upload": _handed(upload)})
             while True:
                 msg = link.next()
                 if isinstance(msg, m.Finish):
@@ -123,9 +124,9 @@ class Silo:
                     raise JoinRefused(f"the aggregator refused: {msg.reason}")
                 if not isinstance(msg, m.RoundStart):
                     continue
-                self._round(link, download, upload, msg.round)
+                self._round(link, broadcast, upload, msg.round)
         finally:
-            for session in (download, upload):
+            for session in (broadcast, upload):
                 if session is not None:
                     session.abort()
             link.close()
@@ -154,12 +155,12 @@ class Silo:
         finally:
             self.agent.nixl.deregister_memory(scratch)
 
-    def _round(self, link: AggregatorLink, download: Session, upload: Session, rnd: int) -> None:
+    def _round(self, link: AggregatorLink, broadcast: Session, upload: Session, rnd: int) -> None:
         cpu0 = time.process_time()
         reset_peak()  # the memory figures are this round's peak, not start-up's
-        got = download.receive()
+        got = broadcast.receive()
         fault = os.environ.get(FAULT_ENV, "")
-        if fault == f"exit-after-download:{rnd}":
+        if fault == f"exit-after-broadcast:{rnd}":
             os._exit(17)  # a silo that dies mid-round
         if fault.startswith(f"stall-once:{rnd}:") and rnd not in self._stalled:
             self._stalled.add(rnd)  # a slow round, once per process: a window to kill the aggregator
@@ -180,13 +181,13 @@ class Silo:
         link.control.send(
             m.Ready(
                 round=rnd, n_samples=n_samples, train_loss=loss, train_seconds=train_seconds,
-                download_seconds=got.seconds, cpu_seconds=time.process_time() - cpu0, memory=memory,
+                broadcast_seconds=got.seconds, cpu_seconds=time.process_time() - cpu0, memory=memory,
             )
         )
         sent = upload.send()
         self.rounds_done.append(rnd)
         self._event({"event": "round", "round": rnd, "train_loss": loss, "train_seconds": train_seconds,
-                     "download_seconds": got.seconds, "upload_seconds": sent.seconds, "memory": memory})
+                     "broadcast_seconds": got.seconds, "upload_seconds": sent.seconds, "memory": memory})
 
 
 

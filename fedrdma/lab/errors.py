@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fedrdma.core.errors import FedRDMAError
 
-class LabError(RuntimeError):
+
+class LabError(FedRDMAError, RuntimeError):
     """A lab operation refused or failed; the message names the problem and the fix."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fedrdma.core.chunks import CHUNK_ALIGN
 from fedrdma.sim import roce
 
 BDP_HEADROOM = 2.0
@@ -22,9 +23,6 @@ misses, and the window-covering rule never needs more on the paths modelled here
 
 DEFAULT_STATE_BYTES = 124_439_808 * 4
 """GPT-2 small's trainable state in fp32 (124,439,808 parameters, ~475 MiB): the paper's model."""
-
-CONFIG_CHUNK_ALIGN = 8
-"""The runtime's config takes chunk sizes in multiples of 8 bytes (no chunk splits an element)."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +77,7 @@ def recommend(rate: float, rtt: float, loss: float, state_bytes: int = DEFAULT_S
     nic = nic or roce.Nic.for_rtt(rtt)
     rows = roce.chunk_table(state_bytes, link, nic=nic, headroom=headroom, max_window=max_window,
                             p_fail_max=p_fail_max)
-    candidates = [r for r in rows if r.chunk_bytes is not None or state_bytes % CONFIG_CHUNK_ALIGN == 0]
+    candidates = [r for r in rows if r.chunk_bytes is not None or state_bytes % CHUNK_ALIGN == 0]
     best = roce.best_row(candidates)
     reasons: list[str] = []
     if best is None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from fedrdma.core.addresses import LOOPBACK_HOST
 from fedrdma.core.errors import PeerLost
 from fedrdma.transport import wire
 
@@ -170,7 +171,7 @@ class ClientChannel(Channel):
 class Listener:
     """The accepting side: a gRPC server whose every Session call becomes a Channel."""
 
-    def __init__(self, bind: str = "127.0.0.1:0") -> None:
+    def __init__(self, bind: str = f"{LOOPBACK_HOST}:0") -> None:
         self._accepted: queue.Queue[Channel] = queue.Queue()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=SERVER_THREADS), options=GRPC_OPTIONS)
         handler = grpc.stream_stream_rpc_method_handler(self._session)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +33,7 @@ from fedrdma.core.chunks import (
 )
 from fedrdma.core.errors import LayoutError, PeerLost, ProtocolError, TransferError
 from fedrdma.core.layout import FlatState
+from fedrdma.core.modes import Mode, Role
 from fedrdma.core.scheduler import Ledger, RetryPolicy, Scheduler
 from fedrdma.transport import wire
 from fedrdma.transport.agent import Agent, Operation, Pool, RemotePool
@@ -194,11 +195,8 @@ class Session:
         on_chunk: Callable[[int, int], None] | None = None,
         pool: Pool | None = None,
     ) -> None:
-        if mode not in wire.MODES:
-            raise ValueError(f"unknown transport mode {mode!r}; choose one of {', '.join(wire.MODES)}")
-        if role not in ("sender", "receiver"):
-            raise ValueError(f"role must be 'sender' or 'receiver', got {role!r}")
-        if mode != "grpc" and agent is None:
+        mode, role = Mode(mode), Role(role)
+        if mode.one_sided and agent is None:
             raise ValueError(f"mode {mode} needs a NIXL agent")
         self.plan = ChunkPlan.build(state.nbytes, chunk_size)
         self.window = check_window(window)

@@ -15,11 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedrdma.core.chunks import Region
 from fedrdma.core.errors import ProtocolError
-
-MODES = ("grpc", "rdma", "rdma-e", "rdma-e-pull")
-"""Transport modes: the gRPC baseline, FedRDMA (staged), FedRDMA-E push and pull."""
-
-Mode = Literal["grpc", "rdma", "rdma-e", "rdma-e-pull"]
+from fedrdma.core.modes import Mode
 
 
 class _Msg(BaseModel):

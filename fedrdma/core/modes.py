@@ -1,0 +1,71 @@
+"""The words for how a transfer moves: one `Mode` and one `Role` for config, wire, CLI and bench.
+
+A mode names how the bytes of one transfer travel between two peers; its properties say
+what the mode needs (an agent, a pool registered once) and which side posts the one-sided
+operations. Everything else that branches on a mode asks these properties instead of
+comparing strings, so a new mode is one new member here and one new mover.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Role(enum.StrEnum):
+    """The two sides of a transfer: who holds the bytes, and who ends up holding them."""
+
+    SENDER = "sender"
+    RECEIVER = "receiver"
+
+    @property
+    def other(self) -> Role:
+        return Role.RECEIVER if self is Role.SENDER else Role.SENDER
+
+
+class Mode(enum.StrEnum):
+    GRPC = "grpc"
+    """The baseline, as FATE and Flower move a model: serialize, stream, join, deserialize."""
+    RDMA = "rdma"
+    """FedRDMA: chunked one-sided WRITEs through staging buffers registered per transfer."""
+    RDMA_E = "rdma-e"
+    """FedRDMA-E push: the holder WRITEs each chunk into the receiver's pool, in place."""
+    RDMA_E_PULL = "rdma-e-pull"
+    """FedRDMA-E pull ("reversed receiving"): the receiver READs each chunk from the holder's pool."""
+
+    @property
+    def one_sided(self) -> bool:
+        """Moves bytes with NIXL one-sided operations, so it needs an agent on both sides."""
+        return self is not Mode.GRPC
+
+    @property
+    def uses_pool(self) -> bool:
+        """Lands chunks in a pool registered once per peer and reused for every transfer."""
+        return self in (Mode.RDMA_E, Mode.RDMA_E_PULL)
+
+    @property
+    def initiator(self) -> Role:
+        """The side that posts the operations (and runs the chunk scheduler)."""
+        return Role.RECEIVER if self is Mode.RDMA_E_PULL else Role.SENDER
+
+    @property
+    def broadcast(self) -> Mode:
+        """The mode of the aggregator's broadcast in a federation that uploads with this one.
+
+        The aggregator holds the global state and always initiates the broadcast: a pull
+        federation broadcasts by push, so a silo never holds a key to aggregator memory.
+        """
+        return Mode.RDMA_E if self is Mode.RDMA_E_PULL else self
+
+    @classmethod
+    def parse_list(cls, text: str) -> list[Mode]:
+        """`"grpc,rdma-e"` as modes; a ValueError names the unknown ones and the choices."""
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in cls._value2member_map_]
+        if not names or unknown:
+            raise ValueError(f"unknown mode(s) {', '.join(unknown) or '(none)'}; choose from {choices()}")
+        return [cls(name) for name in names]
+
+
+def choices() -> str:
+    """Every mode's name, as help texts and errors list them."""
+    return ", ".join(mode.value for mode in Mode)
