@@ -10,6 +10,9 @@ import pytest
 
 from fedrdma.bench.procs import PeerProcess, peer_env, start_pair
 
+FAULTY_PEER = "fedrdma.testing.peer"
+"""The benchmark's peer with the fault flags the tests use (--corrupt-once, --cut-after, ...)."""
+
 PAIR_TIMEOUT_S = 120.0
 """A pair of small transfers finishes in seconds; this only bounds a hang."""
 
@@ -41,7 +44,7 @@ def run_pair(
     common_extra: tuple[str, ...] = (),
 ) -> PairResult:
     common = ["--size-bytes", str(size), "--chunk-size", str(chunk), "--transfers", str(transfers), *common_extra]
-    sender, receiver = start_pair(mode, common, sender_extra, receiver_extra, env=peer_env(tls))
+    sender, receiver = start_pair(mode, common, sender_extra, receiver_extra, env=peer_env(tls), module=FAULTY_PEER)
     try:
         src = sender.finish(PAIR_TIMEOUT_S)
         rrc = receiver.finish(PAIR_TIMEOUT_S)

@@ -34,6 +34,15 @@ def start(kind: str, config: Path, log: Path, env_extra: dict[str, str] | None =
     )
 
 
+def start_faulty(config: Path, log: Path, fault: str) -> subprocess.Popen:
+    """A silo with `fault` injected from outside (`fedrdma.testing.silo`)."""
+    env = {**os.environ, "UCX_TLS": "tcp"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedrdma.testing.silo", "--fault", fault, "--config", str(config)],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+    )
+
+
 def wait(proc: subprocess.Popen, timeout: float = WAIT_S) -> int:
     try:
         return proc.wait(timeout)
@@ -90,7 +99,7 @@ def test_a_silo_writing_outside_its_inbox_is_refused_and_changes_nothing(tmp_pat
         assert time.monotonic() < deadline and agg.poll() is None, (root / "agg.log").read_text()
         time.sleep(0.2)
     target = events(metrics, "pools")[0]["global"][0]
-    bad = start("silo", silo_cfgs[0], root / "bad.log", {"FEDRDMA_SILO_FAULT": f"write-outside:{target}"})
+    bad = start_faulty(silo_cfgs[0], root / "bad.log", f"write-outside:{target}")
     good = start("silo", silo_cfgs[1], root / "good.log")
     assert wait(agg) == 0, (root / "agg.log").read_text()
     wait(bad), wait(good)
@@ -110,7 +119,7 @@ def test_a_bad_update_is_rejected_before_aggregation(tmp_path, fault, reason):
     port = free_port()
     agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", 1, MODEL, False, DEMO_SILOS[:3], port)
     agg = start("aggregator", agg_cfg, tmp_path / "agg.log", None, "--min-silos", "2")
-    silos = [start("silo", silo_cfgs[0], tmp_path / "bad.log", {"FEDRDMA_SILO_FAULT": fault})]
+    silos = [start_faulty(silo_cfgs[0], tmp_path / "bad.log", fault)]
     silos += [start("silo", c, tmp_path / f"s{i}.log") for i, c in enumerate(silo_cfgs[1:])]
     assert wait(agg) == 0, (tmp_path / "agg.log").read_text()
     for s in silos:
@@ -151,7 +160,7 @@ def test_a_killed_silo_is_left_out_and_rejoins(tmp_path):
     agg = start("aggregator", agg_cfg, tmp_path / "agg.log", None,
                 "--min-silos", "2", "--round-deadline-s", "60", "--gather-s", "60")
     steady = [start("silo", c, tmp_path / f"steady{i}.log") for i, c in enumerate(silo_cfgs[:2])]
-    victim = start("silo", silo_cfgs[2], tmp_path / "victim.log", {"FEDRDMA_SILO_FAULT": "exit-after-broadcast:1"})
+    victim = start_faulty(silo_cfgs[2], tmp_path / "victim.log", "exit-after-broadcast:1")
     assert wait(victim) == 17  # died in round 1, after the broadcast
     again = start("silo", silo_cfgs[2], tmp_path / "again.log")
     assert wait(agg) == 0, (tmp_path / "agg.log").read_text()
@@ -171,8 +180,8 @@ def test_aggregator_restarted_with_resume_continues_without_repeating_a_round(tm
     agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", 3, MODEL, False, DEMO_SILOS[:2], port)
     out = tmp_path / "aggregator"
     agg = start("aggregator", agg_cfg, tmp_path / "agg1.log")
-    stall = {"FEDRDMA_SILO_FAULT": "stall-once:2:8"}  # round 2 takes 8 s: the aggregator dies in it
-    silos = [start("silo", c, tmp_path / f"s{i}.log", stall) for i, c in enumerate(silo_cfgs)]
+    # round 2 takes 8 s longer: the aggregator dies in it
+    silos = [start_faulty(c, tmp_path / f"s{i}.log", "stall-once:2:8") for i, c in enumerate(silo_cfgs)]
     deadline = time.monotonic() + WAIT_S
     while checkpoint.rounds(out) != [1] or not events(out / "metrics.jsonl", "round")[1:]:
         assert time.monotonic() < deadline and agg.poll() is None, (tmp_path / "agg1.log").read_text()

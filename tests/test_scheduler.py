@@ -2,7 +2,7 @@ import pytest
 
 from fedrdma.core.chunks import ChunkPlan
 from fedrdma.core.errors import TransferError
-from fedrdma.core.scheduler import ChunkStatus, Ledger, RetryPolicy, Scheduler
+from fedrdma.core.scheduler import ChunkStatus, RetryPolicy, Scheduler
 
 C = 128
 """Bytes per chunk in these plans: small, and a multiple of the chunk alignment."""
@@ -58,15 +58,55 @@ def test_backoff_doubles_and_is_capped():
     assert [POLICY.backoff(k) for k in (1, 2, 3, 4, 5)] == [1.0, 2.0, 4.0, 4.0, 4.0]
 
 
-def test_too_many_failures_is_an_error_naming_the_chunk():
+def test_a_failed_operation_breaks_the_endpoint_and_nothing_is_posted_until_reconnected():
+    s = make(n=4, window=2)
+    p0, p1 = s.poll(0.0)
+    s.failed(0, p0.generation, 1.0, "wire error")
+    assert s.broken == "chunk 0: wire error"
+    assert s.status(0) is ChunkStatus.PENDING and s.in_flight == 1
+    assert s.poll(100.0) == []  # a broken endpoint gets no new posts, however long we wait
+    s.failed(1, p1.generation, 1.0, "wire error too")
+    assert s.broken == "chunk 0: wire error", "the first failure names the break"
+    s.disconnected(2.0, s.broken)
+    assert s.broken is None and s.generation == 1
+    assert s.poll(2.5) == []  # backoff after a reconnect
+    again = s.poll(3.0)
+    assert [p.chunk.index for p in again] == [0, 1] and all(p.generation == 1 for p in again)
+
+
+def test_an_endpoint_that_keeps_failing_is_an_error_after_the_reconnect_limit():
     s = make(n=1, window=1)
     now = 0.0
-    for _ in range(3):
+    for _ in range(POLICY.max_reconnects + 1):
         (p,) = s.poll(now)
         s.failed(0, p.generation, now, "wire error")
+        s.disconnected(now, s.broken or "")
         now += 10
-    assert s.error is not None and "chunk 0 failed 3 times" in s.error and "wire error" in s.error
+    assert s.error is not None and "gave up after 2 reconnects" in s.error and "chunk 0: wire error" in s.error
     assert s.poll(now) == []
+
+
+def test_a_chunk_corrupt_too_often_is_an_error_naming_the_chunk():
+    s = make(n=1, window=1)
+    now = 0.0
+    for _ in range(POLICY.max_attempts):
+        (p,) = s.poll(now)
+        assert s.landed(0, p.generation)
+        s.corrupt(0, now)
+        now += 10
+    assert s.error is not None and "chunk 0 failed 3 times" in s.error and "checksum mismatch" in s.error
+    assert s.broken is None, "bad bytes are the chunk's problem, not the endpoint's"
+    assert s.poll(now) == []
+
+
+def test_a_completion_of_a_broken_generation_is_ignored():
+    s = make(n=2, window=2)
+    p0, p1 = s.poll(0.0)
+    s.failed(0, p0.generation, 0.0, "wire error")
+    s.disconnected(0.0, "wire error")
+    assert s.landed(1, p1.generation) is False
+    s.failed(1, p1.generation, 0.0, "late error of the old endpoint")
+    assert s.broken is None
 
 
 def test_expired_reports_in_flight_chunks_past_their_deadline():
@@ -109,28 +149,11 @@ def test_resume_rejects_unknown_chunk_indices():
         s.resume([7])
 
 
-def test_ledger_verifies_only_with_bytes_and_checksum():
-    ledger = Ledger(ChunkPlan.build(3 * C, C))
-    assert ledger.land(0) is False  # checksum not yet known
-    assert ledger.expect(0, 42) is True
-    assert ledger.check(0, 42) is True
-    assert ledger.expect(1, 7) is False
-    assert ledger.land(1) is True
-    assert ledger.check(1, 8) is False  # corrupt: must land again
-    assert ledger.corrupt_count == 1 and not ledger.is_verified(1)
-    assert ledger.land(1) is True and ledger.check(1, 7) is True
-    assert ledger.verified_indices() == [0, 1] and not ledger.complete
-    with pytest.raises(TransferError, match="before its bytes"):
-        ledger.check(2, 0)
-    with pytest.raises(TransferError, match="outside the plan"):
-        ledger.land(3)
-
-
-def test_ledger_reset_forgets_unverified_landings():
-    ledger = Ledger(ChunkPlan.build(2 * C, C))
-    ledger.expect(0, 1)
-    ledger.land(0)
-    ledger.check(0, 1)
-    ledger.land(1)
-    ledger.reset_unverified()
-    assert ledger.expect(1, 5) is False  # the landing before the reset no longer counts
+def test_a_corrupt_verdict_that_overtakes_the_completion_requeues_the_chunk():
+    s = make(n=1, window=1)
+    (p,) = s.poll(0.0)
+    s.corrupt(0, now=0.0)
+    assert s.status(0) is ChunkStatus.PENDING and s.in_flight == 0
+    assert s.landed(0, p.generation) is False, "the late completion of the corrupt attempt is ignored"
+    (again,) = s.poll(1.0)
+    assert again.attempt == 2

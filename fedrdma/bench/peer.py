@@ -13,12 +13,15 @@ import json
 import os
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 from fedrdma.bench.states import gpt2_layout, make_state, synthetic_layout
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, Region, state_digest
-from fedrdma.core.errors import FedRDMAError
+from fedrdma.core.errors import FedRDMAError, ProtocolError, TransferError
 from fedrdma.core.layout import FlatState
+from fedrdma.core.liveness import PEER_TIMEOUT_S
 from fedrdma.core.modes import Mode, Role
 from fedrdma.core.scheduler import RetryPolicy
 from fedrdma.memory import pin_mmap_threshold
@@ -26,7 +29,8 @@ from fedrdma.metrics import Meter
 from fedrdma.transport import wire
 from fedrdma.transport.agent import Agent
 from fedrdma.transport.channel import Channel, Listener, dial
-from fedrdma.transport.session import PEER_TIMEOUT_S, Faults, Session, recv_progressing
+from fedrdma.transport.pacing import Pacer, recv_serving
+from fedrdma.transport.session import Session
 
 RAW_MODES = ("raw-write", "raw-read")
 """References: the whole state in one NIXL operation, no chunks, no checks."""
@@ -37,6 +41,9 @@ SENDER_SEED = 1234
 RAW_DEADLINE_S = 600.0
 """Longest a raw reference operation may take before the benchmark calls it hung."""
 
+RAW_POLL_S = 50e-6
+"""The raw initiator's pause between polls: short, so the reference is the ceiling."""
+
 
 def emit(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
@@ -44,47 +51,42 @@ def emit(event: str, **fields: Any) -> None:
 
 def build_state(args: argparse.Namespace) -> FlatState:
     layout = gpt2_layout(args.model, args.lora) if args.model else synthetic_layout(args.size_bytes)
-    seed = SENDER_SEED if args.role == "sender" else None
-    if args.layout_skew:
-        layout = synthetic_layout(layout.nbytes + args.layout_skew)
-    return make_state(layout, seed)
+    return make_state(layout, SENDER_SEED if args.role == Role.SENDER else None)
 
 
 def raw_reference(args: argparse.Namespace, agent: Agent, state: FlatState, channel: Channel) -> None:
     """One NIXL operation over the whole buffer: what chunked modes are measured against."""
     op = "WRITE" if args.mode == "raw-write" else "READ"
-    initiator = (args.role == "sender") == (op == "WRITE")
+    initiator = (args.role == Role.SENDER) == (op == "WRITE")
     pool = agent.register(state.buffer)
     if not initiator:
         channel.send(
             wire.Hello(
-                mode="rdma-e", layout_id=state.layout_id, nbytes=state.nbytes,
+                mode=Mode.RDMA_E, layout_id=state.layout_id, nbytes=state.nbytes,
                 metadata=wire.b64(agent.metadata()), region=wire.RegionMsg.of(pool.region),
             )
         )
     else:
-        hello = recv_progressing(channel, agent, PEER_TIMEOUT_S)
-        assert isinstance(hello, wire.Hello) and hello.region is not None
+        hello = recv_serving(channel, agent, PEER_TIMEOUT_S, Pacer())
+        if not isinstance(hello, wire.Hello) or hello.region is None:
+            raise ProtocolError(f"the raw reference's target sent {type(hello).__name__}, not a hello with its pool")
         peer = agent.add_peer(wire.unb64(hello.metadata))
-        remote = Region(hello.region.address, hello.region.length).slice(0, state.nbytes)
+        remote = Region(*hello.region.region().slice(0, state.nbytes))
     for _ in range(args.transfers):
         with Meter() as meter:
             if initiator:
-                local = agent.nixl.get_xfer_descs([(pool.region.address, state.nbytes, 0)], "DRAM")
-                far = agent.nixl.get_xfer_descs([(remote[0], remote[1], 0)], "DRAM")
-                handle = agent.nixl.initialize_xfer(op, local, far, peer)
-                status = agent.nixl.transfer(handle)
+                operation = agent.post_whole(op, pool.region, remote, peer)
                 deadline = time.monotonic() + RAW_DEADLINE_S
-                while status == "PROC" and time.monotonic() < deadline:
-                    time.sleep(50e-6)
-                    status = agent.nixl.check_xfer_state(handle)
-                agent.nixl.release_xfer_handle(handle)
+                while (status := operation.state()) == "PROC" and time.monotonic() < deadline:
+                    time.sleep(RAW_POLL_S)
+                operation.release()
                 if status != "DONE":
-                    raise FedRDMAError(f"raw {op} ended in state {status}")
+                    raise TransferError(f"raw {op} ended in state {status}: {operation.error}")
                 channel.send(wire.Status(transfer=0, complete=True))
             else:
-                msg = recv_progressing(channel, agent, RAW_DEADLINE_S)  # our worker serves the peer
-                assert isinstance(msg, wire.Status)
+                msg = recv_serving(channel, agent, RAW_DEADLINE_S, Pacer())  # our worker serves the peer
+                if not isinstance(msg, wire.Status):
+                    raise ProtocolError(f"the raw reference's initiator sent {type(msg).__name__}, not its status")
         report(args, state, meter, {"seconds": meter.span.seconds})
     pool.close()
 
@@ -116,8 +118,8 @@ def report(args: argparse.Namespace, state: FlatState, meter: Meter, fields: dic
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedrdma.bench.peer")
+def parser(prog: str = "python -m fedrdma.bench.peer") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--role", choices=tuple(Role), required=True)
     p.add_argument("--mode", choices=(*Mode, *RAW_MODES), required=True)
     p.add_argument("--listen", help="HOST:PORT to accept the peer on (port 0: any)")
@@ -132,22 +134,33 @@ def main(argv: list[str] | None = None) -> int:
                    help="sender: CHUNK:WINDOW,... settings to sweep, --transfers each, on one connection")
     p.add_argument("--peer-timeout", type=float, default=PEER_TIMEOUT_S)
     p.add_argument("--chunk-timeout", type=float, default=RetryPolicy().chunk_timeout_s)
-    p.add_argument("--corrupt-once", default="", help="comma list of chunk indices to corrupt once (test fault)")
-    p.add_argument("--cut-after", type=int, default=None, help="tear down the endpoint after N chunks (test fault)")
-    p.add_argument("--advertise-bytes", type=int, default=None, help="advertise a pool of N bytes (test fault)")
-    p.add_argument("--layout-skew", type=int, default=0, help="add bytes to the layout (test fault)")
-    args = p.parse_args(argv)
+    return p
+
+
+def one_sided(mode: str) -> bool:
+    return mode in RAW_MODES or Mode(mode).one_sided
+
+
+def run(
+    args: argparse.Namespace,
+    make_agent: Callable[[], Agent] = Agent,
+    build: Callable[[argparse.Namespace], FlatState] = build_state,
+) -> int:
+    """One peer's whole life; every failure ends in an `error` line, whatever raised it.
+
+    `make_agent` and `build` are where `fedrdma.testing.peer` injects its faults.
+    """
     if bool(args.listen) == bool(args.connect):
-        p.error("give exactly one of --listen and --connect")
-    if args.mode in RAW_MODES or Mode(args.mode).one_sided:  # as in the runtime; see fedrdma.memory
+        raise SystemExit("give exactly one of --listen and --connect")
+    if one_sided(args.mode):  # as in the runtime; see fedrdma.memory
         pin_mmap_threshold()
     listener = None
     session: Session | None = None
     agent: Agent | None = None
     state: FlatState | None = None
     try:
-        state = build_state(args)
-        agent = Agent() if args.mode in RAW_MODES or Mode(args.mode).one_sided else None
+        state = build(args)
+        agent = make_agent() if one_sided(args.mode) else None
         if args.listen:
             listener = Listener(args.listen)
             emit("ready", port=listener.port, pid=os.getpid())
@@ -160,23 +173,18 @@ def main(argv: list[str] | None = None) -> int:
             raw_reference(args, agent, state, channel)
             channel.close()
             return 0
-        faults = Faults(
-            corrupt_once=frozenset(int(i) for i in args.corrupt_once.split(",") if i),
-            cut_after=args.cut_after,
-            advertise_bytes=args.advertise_bytes,
-        )
         session = Session(
             agent, state, channel, args.mode, args.role, args.chunk_size, args.window,
-            policy=RetryPolicy(chunk_timeout_s=args.chunk_timeout), faults=faults, peer_timeout=args.peer_timeout,
+            policy=RetryPolicy(chunk_timeout_s=args.chunk_timeout), peer_timeout=args.peer_timeout,
         )
         session.open()
         pools = agent.registered_pools if agent else 0
         for chunk_size, window in parse_cells(args.cells) or [(args.chunk_size, args.window)]:
-            if args.cells and args.role == "sender":
+            if args.cells and args.role == Role.SENDER:
                 session.retune(chunk_size, window)
             for _ in range(args.transfers):
                 with Meter() as meter:
-                    stats = session.send() if args.role == "sender" else session.receive()
+                    stats = session.send() if args.role == Role.SENDER else session.receive()
                 report(
                     args, state, meter,
                     {
@@ -189,11 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         session.close()
         emit("closed", registered_pools_before=pools, registered_pools=agent.registered_pools if agent else 0)
         return 0
-    except (FedRDMAError, ValueError, TimeoutError) as exc:
+    except Exception as exc:  # noqa: BLE001  (the benchmark must see every failure, not a silent exit)
         if session is not None:
             session.abort()
+        expected = isinstance(exc, (FedRDMAError, ValueError, TimeoutError))
         emit(
             "error", type=type(exc).__name__, message=str(exc),
+            traceback="" if expected else traceback.format_exc(limit=8),
             registered_pools=agent.registered_pools if agent else 0,
             digest=state_digest(state.memoryview()) if state is not None else "",
         )
@@ -201,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if listener is not None:
             listener.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ from typing import Any
 from fedrdma.core.addresses import LOOPBACK_HOST
 from fedrdma.core.errors import RunError
 
+PEER_MODULE = "fedrdma.bench.peer"
+"""The peer process a pair runs (the tests run `fedrdma.testing.peer`, the same with faults)."""
+
 READY_TIMEOUT_S = 120.0
 """A peer builds its state before it listens: GPT-2 small from config takes ~10 s here."""
 
@@ -27,12 +30,13 @@ class PeerProcess:
     args: list[str]
     prefix: Sequence[str] = ()
     env: dict[str, str] | None = None
+    module: str = PEER_MODULE
     events: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "fedrdma.bench.peer", *self.args],
+            [*self.prefix, sys.executable, "-m", self.module, *self.args],
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
@@ -105,12 +109,14 @@ def start_pair(
     receiver_prefix: Sequence[str] = (),
     sender_prefix: Sequence[str] = (),
     listen_host: str = LOOPBACK_HOST,
+    module: str = PEER_MODULE,
 ) -> tuple[PeerProcess, PeerProcess]:
     """A listening receiver and a dialing sender of `mode`, both started."""
     receiver = PeerProcess(
         ["--role", "receiver", "--mode", mode, "--listen", f"{listen_host}:0", *common, *receiver_extra],
         prefix=receiver_prefix,
         env=env,
+        module=module,
     )
     try:
         port = receiver.wait_ready()
@@ -121,5 +127,6 @@ def start_pair(
         ["--role", "sender", "--mode", mode, "--connect", f"{listen_host}:{port}", *common, *sender_extra],
         prefix=sender_prefix,
         env=env,
+        module=module,
     )
     return sender, receiver

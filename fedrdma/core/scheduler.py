@@ -2,20 +2,28 @@
 
 In the manner of h11's `Connection`: the transport feeds events in by plain method calls
 and executes the actions that come out; the scheduler never touches a socket, a clock or
-NIXL. Time is passed in as `now`, so tests drive it with plain numbers.
+NIXL. Time is passed in as `now`, so tests drive it with plain numbers. Its counterpart on
+the verifying side is `core.receiver.Receiver`.
 
 Call order, for the side that initiates the one-sided transfers (the sender when pushing,
 the receiver when pulling):
 
 1. `poll(now)` returns the `Post` actions to execute now (window and backoff permitting).
 2. For every posted chunk the transport reports exactly one of `landed(i, gen)` (the
-   one-sided operation completed) or `failed(i, gen, now, why)` (error, or its deadline
+   one-sided operation completed) or `failed(i, gen, now, why)` (it errored, or its deadline
    from `expired(now)` passed and the transport released the handle).
 3. The verifier's verdict arrives: `verified(i)` or `corrupt(i, now)`.
-4. On a lost connection: `disconnected(now)` (everything not verified is unverified again,
-   the generation advances so stale completions are ignored), and after reconnecting
-   `resume(indices the peer holds verified)`.
+4. When `broken` names a reason, the transport rebuilds its endpoint to the peer, reports
+   `disconnected(now)` (everything not verified is unverified again, and the generation
+   advances so stale completions are ignored), then `resume(indices the peer holds verified)`.
 5. The transfer ends when `done` is true, or `error` names why it cannot finish.
+
+**The one rule for failures.** Bytes that arrived wrong (`corrupt`) are that chunk's
+problem: the connection works, so only the chunk is sent again, after a backoff, at most
+`max_attempts` times. An operation that errored or hung past its deadline (`failed`) is the
+endpoint's problem: UCX fails every operation of a broken endpoint, so retrying the chunk
+alone would only fail again. The scheduler then posts nothing more (`broken`) until the
+transport reconnected and resumed, at most `max_reconnects` times per transfer.
 """
 
 from __future__ import annotations
@@ -95,11 +103,15 @@ class Scheduler:
         self.reconnects = 0
         self.bytes_posted = 0
         self.error: str | None = None
+        self.broken: str | None = None
+        """Why the endpoint must be rebuilt before anything more is posted (None: it works)."""
         self._slots = [_Slot() for _ in self.plan.chunks]
         self._in_flight = 0
         self._verified = 0
         self._cursor = 0  # lowest index that may still be pending: keeps poll O(window)
         self._retry: set[int] = set()
+        self._quiet_until = 0.0
+        """After a reconnect nothing is posted before this: a peer that just failed gets a breath."""
 
     # -- queries ---------------------------------------------------------------------
     @property
@@ -122,14 +134,14 @@ class Scheduler:
 
     def next_wakeup(self, now: float) -> float | None:
         """When `poll` could next return something, for a transport that wants to sleep."""
-        times = [self._slots[i].not_before for i in self._retry]
+        times = [max(self._quiet_until, self._slots[i].not_before) for i in self._retry]
         times += [s.posted_at + self.policy.chunk_timeout_s for s in self._slots if s.status is ChunkStatus.IN_FLIGHT]
         return min(times) if times else None
 
     # -- events ----------------------------------------------------------------------
     def poll(self, now: float) -> list[Post]:
         """Chunks to post now: retries whose backoff has passed first, then new ones in order."""
-        if self.error is not None or self.done:
+        if self.error is not None or self.broken is not None or self.done or now < self._quiet_until:
             return []
         posts: list[Post] = []
         for index in sorted(self._retry):
@@ -159,12 +171,16 @@ class Scheduler:
         return True
 
     def failed(self, index: int, generation: int, now: float, reason: str) -> None:
-        """The operation errored or missed its deadline; retry it after a backoff."""
+        """The operation errored or missed its deadline: the endpoint is broken (see the rule above)."""
         slot = self._slots[index]
         if generation != self.generation or slot.status is not ChunkStatus.IN_FLIGHT:
             return
         self._in_flight -= 1
-        self._requeue(index, now, reason)
+        slot.status = ChunkStatus.PENDING
+        slot.last_reason = reason
+        self._retry.add(index)
+        if self.broken is None:
+            self.broken = f"chunk {index}: {reason}"
 
     def verified(self, index: int) -> None:
         slot = self._slots[index]
@@ -177,9 +193,16 @@ class Scheduler:
         self._verified += 1
 
     def corrupt(self, index: int, now: float) -> None:
-        """The landed bytes did not match their checksum: fetch or send them again."""
+        """The landed bytes did not match their checksum: fetch or send them again.
+
+        The verifier's word may overtake the operation's own completion (a push receiver
+        hashes on the notification): a chunk still in flight is requeued all the same, and
+        its late completion is then ignored.
+        """
         slot = self._slots[index]
-        if slot.status is not ChunkStatus.LANDED:
+        if slot.status is ChunkStatus.IN_FLIGHT:
+            self._in_flight -= 1
+        elif slot.status is not ChunkStatus.LANDED:
             return
         self._requeue(index, now, "checksum mismatch")
 
@@ -196,7 +219,8 @@ class Scheduler:
         ]
 
     def disconnected(self, now: float, reason: str = "connection lost") -> None:
-        """The connection is gone: nothing unverified can be trusted to land any more."""
+        """The endpoint was torn down: nothing unverified can be trusted to land any more."""
+        self.broken = None
         self.generation += 1
         self.reconnects += 1
         if self.reconnects > self.policy.max_reconnects:
@@ -204,8 +228,8 @@ class Scheduler:
         for index, slot in enumerate(self._slots):
             if slot.status in (ChunkStatus.IN_FLIGHT, ChunkStatus.LANDED):
                 slot.status = ChunkStatus.PENDING
-                slot.not_before = now + self.policy.backoff(1)
                 self._retry.add(index)
+        self._quiet_until = now + self.policy.backoff(self.reconnects)
         self._in_flight = 0
 
     def resume(self, verified: Iterable[int]) -> None:
@@ -238,68 +262,3 @@ class Scheduler:
             return
         slot.not_before = now + self.policy.backoff(slot.failures)
         self._retry.add(index)
-
-
-@dataclass
-class Ledger:
-    """The verifier's record: expected checksums, landed chunks, verified chunks.
-
-    Used by whoever holds the landed bytes: the receiver of a push (checksums arrive in the
-    notifications) or the initiator of a pull (checksums arrive from the holder). A chunk
-    is verified only once both its bytes and its expected checksum are here.
-    """
-
-    plan: ChunkPlan
-
-    def __post_init__(self) -> None:
-        n = len(self.plan)
-        self._expected: list[int | None] = [None] * n
-        self._landed = [False] * n
-        self._verified = [False] * n
-        self.verified_count = 0
-        self.corrupt_count = 0
-
-    @property
-    def complete(self) -> bool:
-        return self.verified_count == len(self.plan)
-
-    def is_verified(self, index: int) -> bool:
-        return self._verified[index]
-
-    def verified_indices(self) -> list[int]:
-        return [i for i, v in enumerate(self._verified) if v]
-
-    def expect(self, index: int, checksum: int) -> bool:
-        """Record the holder's checksum; True if the chunk can now be checked."""
-        self._check_index(index)
-        self._expected[index] = checksum
-        return self._landed[index] and not self._verified[index]
-
-    def land(self, index: int) -> bool:
-        """Record that bytes landed; True if the chunk can now be checked."""
-        self._check_index(index)
-        self._landed[index] = True
-        return self._expected[index] is not None and not self._verified[index]
-
-    def check(self, index: int, actual: int) -> bool:
-        """Compare the landed bytes' checksum with the expected one and record the verdict."""
-        expected = self._expected[index]
-        if expected is None or not self._landed[index]:
-            raise TransferError(f"chunk {index} checked before its bytes and checksum were both present")
-        if self._verified[index]:
-            return True
-        if actual == expected:
-            self._verified[index] = True
-            self.verified_count += 1
-            return True
-        self._landed[index] = False
-        self.corrupt_count += 1
-        return False
-
-    def reset_unverified(self) -> None:
-        """After a reconnect, landed-but-unchecked bytes may be torn: wait for them again."""
-        self._landed = list(self._verified)
-
-    def _check_index(self, index: int) -> None:
-        if not 0 <= index < len(self.plan):
-            raise TransferError(f"chunk index {index} outside the plan of {len(self.plan)} chunks")

@@ -32,7 +32,8 @@ from fedrdma.fl.state import build_trainable
 from fedrdma.memory import compute_heap, pin_mmap_threshold
 from fedrdma.metrics import mark_runtime, memory_report, reset_peak
 from fedrdma.transport.agent import Agent, Pool
-from fedrdma.transport.session import Session, TransferStats
+from fedrdma.transport.session import Session
+from fedrdma.transport.stats import TransferStats
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from fedrdma.config import SiloConfig
 from fedrdma.control import messages as m
@@ -35,9 +32,6 @@ log = logging.getLogger(__name__)
 REJOIN_PAUSE_S = 1.0
 """Pause between attempts to reach a lost aggregator."""
 
-FAULT_ENV = "FEDRDMA_SILO_FAULT"
-"""Test hook: a fault this silo injects into its own rounds (see `_fault`); unset in use."""
-
 ADAM_MOMENTS = 2
 """AdamW keeps two moments per trainable weight: the optimizer's share of memory."""
 
@@ -57,7 +51,6 @@ class Silo:
         self.agent: Agent | None = None
         self.pool: Pool | None = None
         self.rounds_done: list[int] = []
-        self._stalled: set[int] = set()
         self.metrics_path = self.out_dir / f"{cfg.id}.jsonl"
 
     def _event(self, event: dict[str, Any]) -> None:
@@ -131,53 +124,25 @@ class Silo:
                     session.abort()
             link.close()
 
-    def _write_outside(self, upload: Session, address: int) -> str:
-        """A misbehaving silo: WRITE to an aggregator address it was never handed.
+    def train(self, rnd: int, upload: Session) -> tuple[int, float, float]:
+        """Round `rnd`'s local training on the received global: (samples, loss, seconds).
 
-        Goes around our own range checks straight to NIXL, as a malicious silo would; only
-        the aggregator's registration keys stand in the way.
+        `upload` is the session the update will leave by, for a subclass that wants it
+        (`fedrdma.testing.silo` poisons or attacks here).
         """
-        if self.agent is None or not upload.peer_name:
-            return "no one-sided access to the aggregator at all"
-        junk = torch.full((1024,), 1e6, dtype=torch.float32)  # unmistakable if it ever lands
-        scratch = self.agent.nixl.register_memory([(junk.data_ptr(), 4096, 0, "")], "DRAM")
-        try:
-            remote = self.agent.nixl.prep_xfer_dlist(upload.peer_name, [(address, 4096, 0)], "DRAM")
-            local = self.agent.nixl.prep_xfer_dlist("NIXL_INIT_AGENT", [(junk.data_ptr(), 4096, 0)], "DRAM")
-            handle = self.agent.nixl.make_prepped_xfer("WRITE", local, [0], remote, [0])
-            status = self.agent.nixl.transfer(handle)
-            deadline = time.monotonic() + 5
-            while status == "PROC" and time.monotonic() < deadline:
-                status = self.agent.nixl.check_xfer_state(handle)
-            return f"status {status}"
-        except Exception as exc:
-            return f"refused: {type(exc).__name__}: {exc}"
-        finally:
-            self.agent.nixl.deregister_memory(scratch)
+        with compute_heap():
+            return self.trainer.train_round(rnd)
 
     def _round(self, link: AggregatorLink, broadcast: Session, upload: Session, rnd: int) -> None:
         cpu0 = time.process_time()
         reset_peak()  # the memory figures are this round's peak, not start-up's
         got = broadcast.receive()
-        fault = os.environ.get(FAULT_ENV, "")
-        if fault == f"exit-after-broadcast:{rnd}":
-            os._exit(17)  # a silo that dies mid-round
-        if fault.startswith(f"stall-once:{rnd}:") and rnd not in self._stalled:
-            self._stalled.add(rnd)  # a slow round, once per process: a window to kill the aggregator
-            time.sleep(float(fault.split(":")[2]))
-        with compute_heap():
-            n_samples, loss, train_seconds = self.trainer.train_round(rnd)
-        if fault.startswith("write-outside:"):
-            self._event({"event": "write_outside", "result": self._write_outside(upload, int(fault.split(":")[1]))})
-        elif fault == "nan":
-            next(iter(self.state.views.values())).view(-1)[0] = float("nan")
-        elif fault == "scale":
-            self.state.buffer.view(torch.float32).mul_(1000.0)
+        n_samples, loss, train_seconds = self.train(rnd, upload)
         pool_bytes = self.pool.region.length if self.pool else 0
         memory = memory_report(self.model, None, pool_bytes, pool_is_model=self.pool is not None)
         memory["optimizer"] = ADAM_MOMENTS * self.state.nbytes
         memory["rest"] = max(0, memory["rest"] - memory["optimizer"])
-        self.state.touch()  # training (and any injected fault) changed the bytes
+        self.state.touch()  # training changed the bytes
         link.control.send(
             m.Ready(
                 round=rnd, n_samples=n_samples, train_loss=loss, train_seconds=train_seconds,

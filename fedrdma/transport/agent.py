@@ -13,7 +13,6 @@ import sys
 import threading
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -100,6 +99,27 @@ class Agent:
         self._pools.append(pool)
         return pool
 
+    def stage(self, tensors: Sequence[torch.Tensor]) -> Staging:
+        """Register one buffer per chunk for one transfer (FedRDMA without pools)."""
+        return Staging(self, tensors)
+
+    def post(self, op: str, local: object, remote: object, index: int, notif: bytes) -> Operation:
+        """Start the one-sided `op` ("WRITE" or "READ") of chunk `index` between prepared lists."""
+        return Operation(self, op, local, remote, index, notif)
+
+    def post_whole(self, op: str, local: Region, remote: Region, peer: str) -> Operation:
+        """One operation over a whole buffer, unchunked: the raw reference the modes are read against."""
+        far = self.nixl.get_xfer_descs([(remote.address, remote.length, 0)], "DRAM")
+        near = self.nixl.get_xfer_descs([(local.address, local.length, 0)], "DRAM")
+        return Operation(self, op, None, None, 0, b"", handle=self.nixl.initialize_xfer(op, near, far, peer))
+
+    def remote_dlist(self, peer: str, ranges: Sequence[tuple[int, int]]) -> object:
+        """Prepared descriptors of a peer's memory, one per (address, length) range.
+
+        Callers build the ranges through `Region.slice`, so only advertised memory is named.
+        """
+        return self.nixl.prep_xfer_dlist(peer, [(address, length, 0) for address, length in ranges], "DRAM")
+
     def progress(self) -> None:
         """Let UCX move bytes and answer peers (READ emulation, wire-up) while we wait."""
         with self._lock:
@@ -170,33 +190,103 @@ class Pool:
         self.registered = False
 
 
-@dataclass
-class RemotePool:
-    """What a peer advertised: its agent name and the regions we may touch, per chunk."""
+class Staging:
+    """Buffers registered for one transfer only: what plain FedRDMA pays per transfer."""
 
-    agent: Agent
-    peer: str
-    regions: Sequence[Region]
-    """One region (a pool: chunk i at its own offset) or one per chunk (staging buffers)."""
+    def __init__(self, agent: Agent, tensors: Sequence[torch.Tensor]) -> None:
+        self.agent = agent
+        self.tensors = list(tensors)
+        self._reg = agent.nixl.register_memory(self.tensors)
+        self._local: object | None = None
+
+    def regions(self) -> list[Region]:
+        return [Region(int(t.data_ptr()), int(t.numel())) for t in self.tensors]
+
+    def partial_metadata(self) -> bytes:
+        """Connection info plus keys to these buffers alone, for the peer that WRITEs into them."""
+        return bytes(self.agent.nixl.get_partial_agent_metadata(self._reg, True))
+
+    def local_dlist(self) -> object:
+        if self._local is None:
+            self._local = self.agent.nixl.prep_xfer_dlist("NIXL_INIT_AGENT", self.tensors)
+        return self._local
+
+    def close(self) -> None:
+        if self._local is not None:
+            self._local.release()  # type: ignore[attr-defined]
+            self._local = None
+        if self._reg is not None:
+            self.agent.nixl.deregister_memory(self._reg)
+            self._reg = None
+
+
+class RemotePeer:
+    """A peer's agent as this side reaches it: its metadata, the memory it advertised, and
+    descriptors of that memory prepared per chunk size.
+
+    `regions` is one region (a pool: chunk i at its own offset) or one per chunk (staging
+    buffers). Every remote range is built through `Region.slice`, so nothing outside what
+    the peer advertised can be named.
+    """
+
+    def __init__(self, agent: Agent, metadata: bytes, regions: Sequence[Region]) -> None:
+        self.agent = agent
+        self.metadata = metadata
+        self.regions = list(regions)
+        self.name = agent.add_peer(metadata)
+        self._dlists: dict[int, object] = {}
 
     def dlist(self, plan: ChunkPlan) -> object:
-        """Prepared remote descriptors; every range is checked against what was advertised."""
-        if len(self.regions) == 1:
-            descs = [(*self.regions[0].slice(c.offset, c.length), 0) for c in plan.chunks]
-        elif len(self.regions) == len(plan):
-            descs = [(*r.slice(0, c.length), 0) for r, c in zip(self.regions, plan.chunks, strict=True)]
-        else:
-            raise TransferError(f"peer advertised {len(self.regions)} regions for a plan of {len(plan)} chunks")
-        return self.agent.nixl.prep_xfer_dlist(self.peer, descs, "DRAM")
+        """Prepared remote descriptors for `plan`, checked against the advertised regions."""
+        handle = self._dlists.get(plan.chunk_size)
+        if handle is None:
+            if len(self.regions) == 1:
+                ranges = [self.regions[0].slice(c.offset, c.length) for c in plan.chunks]
+            elif len(self.regions) == len(plan):
+                ranges = [r.slice(0, c.length) for r, c in zip(self.regions, plan.chunks, strict=True)]
+            else:
+                raise TransferError(f"peer advertised {len(self.regions)} regions for a plan of {len(plan)} chunks")
+            handle = self.agent.remote_dlist(self.name, ranges)
+            self._dlists[plan.chunk_size] = handle
+        return handle
+
+    def advertise(self, metadata: bytes, regions: Sequence[Region]) -> None:
+        """The peer handed other memory (per-transfer staging): forget the old descriptors."""
+        self._release()
+        self.metadata = metadata
+        self.regions = list(regions)
+        self.name = self.agent.add_peer(metadata)
+
+    def reconnect(self) -> None:
+        """Drop the endpoint and connect afresh; raises what NIXL raises while the peer is unreachable."""
+        self._release()
+        self.agent.remove_peer(self.name)
+        self.name = self.agent.add_peer(self.metadata)
+
+    def close(self) -> None:
+        self._release()
+        self.agent.remove_peer(self.name)
+
+    def _release(self) -> None:
+        for handle in self._dlists.values():
+            try:
+                handle.release()  # type: ignore[attr-defined]
+            except Exception as exc:  # a dlist of a removed peer may already be void
+                log.debug("releasing a remote descriptor list: %s", exc)
+        self._dlists.clear()
 
 
 class Operation:
     """One posted chunk operation; `state()` never blocks."""
 
-    def __init__(self, agent: Agent, op: str, local: object, remote: object, index: int, notif: bytes) -> None:
+    def __init__(
+        self, agent: Agent, op: str, local: object, remote: object, index: int, notif: bytes, handle: object = None
+    ) -> None:
         self.agent = agent
         self.index = index
-        self.handle = agent.nixl.make_prepped_xfer(op, local, [index], remote, [index], notif)
+        self.handle = handle if handle is not None else agent.nixl.make_prepped_xfer(
+            op, local, [index], remote, [index], notif
+        )
         status = agent.nixl.transfer(self.handle)
         self._done = status == "DONE"
         self._error = status == "ERR"

@@ -100,6 +100,14 @@ class Channel:
             raise TimeoutError(f"no message from {self.peer} within {timeout:.1f} s") from None
         return self._unwrap(item)
 
+    def wait(self, timeout: float) -> wire.Message | Blob | None:
+        """The next message within `timeout`, or None; raises PeerLost when the channel closes."""
+        try:
+            item = self._inbound.get(timeout=timeout) if timeout > 0 else self._inbound.get_nowait()
+        except queue.Empty:
+            return None
+        return self._unwrap(item)
+
     def poll(self) -> wire.Message | Blob | None:
         try:
             item = self._inbound.get_nowait()

@@ -94,6 +94,8 @@ class Status(_Msg):
 
     type: Literal["status"] = "status"
     transfer: int = Field(ge=0)
+    generation: int = Field(default=0, ge=0)
+    """The verifier's connection generation: the first status of a new one answers a Resume."""
     verified: list[int] = []
     corrupt: list[int] = []
     complete: bool = False

@@ -1,0 +1,118 @@
+"""A NIXL agent with faults: what a lossy wire, a cut endpoint or a lying peer does to a transfer.
+
+`FaultyAgent` is the production `Agent` with a few calls wrapped; the session and its
+movers run unchanged on top of it, so the faults reach them exactly as real ones would:
+bytes that land wrong, an endpoint that disappears, a pool advertised smaller than it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedrdma.core.chunks import Region
+from fedrdma.core.errors import ProtocolError
+from fedrdma.transport import wire
+from fedrdma.transport.agent import Agent, Operation, Pool, Staging
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Faults to inject; all off by default."""
+
+    corrupt_once: frozenset[int] = frozenset()
+    """Chunk indices whose landed bytes are flipped once before their first verification."""
+    cut_after: int | None = None
+    """Initiator: tear down the endpoint to the peer once this many operations completed."""
+    advertise_bytes: int | None = None
+    """Target: advertise a pool of this many bytes instead of its real length."""
+
+
+class FaultyAgent(Agent):
+    """An agent that corrupts landed chunks, cuts its endpoint, or understates its pool."""
+
+    def __init__(self, faults: Faults, chunk_size: int, name: str | None = None) -> None:
+        super().__init__(name)
+        self.faults = faults
+        self.chunk_size = chunk_size
+        self._pool: Pool | None = None
+        self._staging: Staging | None = None
+        self._peer = ""
+        self._flipped: set[int] = set()
+        self._completed = 0
+        self._cut = False
+
+    # -- a target's faults ---------------------------------------------------------------
+    def register(self, buffer: torch.Tensor) -> Pool:
+        pool = super().register(buffer)
+        if self.faults.advertise_bytes is not None:
+            pool.region = Region(pool.region.address, self.faults.advertise_bytes)
+        self._pool = pool
+        return pool
+
+    def stage(self, tensors: Sequence[torch.Tensor]) -> Staging:
+        self._staging = super().stage(tensors)
+        return self._staging
+
+    def notifications(self, peer: str) -> list[bytes]:
+        """A push target learns of a landed chunk here: flip its bytes before they are hashed."""
+        notes = super().notifications(peer)
+        for note in notes:
+            try:
+                _, _, index, _ = wire.parse_notice(note)
+            except ProtocolError:
+                continue
+            self._corrupt(index)
+        return notes
+
+    # -- an initiator's faults -------------------------------------------------------------
+    def add_peer(self, metadata: bytes) -> str:
+        self._peer = super().add_peer(metadata)
+        return self._peer
+
+    def post(self, op: str, local: object, remote: object, index: int, notif: bytes) -> Operation:
+        return _Watched(self, super().post(op, local, remote, index, notif), op)
+
+    def completed(self, op: str, index: int) -> None:
+        self._completed += 1
+        if op == "READ":  # a pull's bytes land in our own pool when our READ completes
+            self._corrupt(index)
+        if self.faults.cut_after is not None and not self._cut and self._completed >= self.faults.cut_after:
+            self._cut = True
+            self.remove_peer(self._peer)  # the fault: our endpoint to the peer is gone
+
+    def _corrupt(self, index: int) -> None:
+        if index not in self.faults.corrupt_once or index in self._flipped:
+            return
+        self._flipped.add(index)
+        if self._staging is not None:
+            self._staging.tensors[index][0] ^= 0xFF
+        elif self._pool is not None:
+            self._pool.buffer[index * self.chunk_size] ^= 0xFF
+
+
+class _Watched:
+    """An operation whose completion the faulty agent hears of."""
+
+    def __init__(self, agent: FaultyAgent, operation: Operation, op: str) -> None:
+        self._agent = agent
+        self._operation = operation
+        self._op = op
+        self._seen = False
+        self.index = operation.index
+
+    @property
+    def error(self) -> str:
+        return self._operation.error
+
+    def state(self) -> str:
+        state = self._operation.state()
+        if state == "DONE" and not self._seen:
+            self._seen = True
+            self._agent.completed(self._op, self.index)
+        return state
+
+    def release(self) -> bool:
+        return self._operation.release()

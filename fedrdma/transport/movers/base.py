@@ -1,0 +1,136 @@
+"""What every mover is: the interface a session drives, and the channel helpers they share.
+
+A mover moves one mode's bytes for one session; the session does the handshake and the
+lifecycle. The session calls, in this order:
+
+1. `offer()` before its hello: what this side hands the peer (NIXL metadata, a region).
+2. `connect(peer)` once both hellos agree: reach the peer with what it handed us.
+3. Per transfer, `send(transfer)` on the sending side or `receive()` on the receiving side.
+4. `replan(plan)` between transfers when the chunk size changes.
+5. `close()` once, after the peer's goodbye or its loss.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from fedrdma.core.chunks import ChunkPlan, Region
+from fedrdma.core.errors import PeerLost, ProtocolError, TransferError
+from fedrdma.core.layout import FlatState
+from fedrdma.core.modes import Mode, Role
+from fedrdma.core.scheduler import RetryPolicy
+from fedrdma.transport import wire
+from fedrdma.transport.agent import Agent, Pool
+from fedrdma.transport.channel import Blob, Channel
+from fedrdma.transport.pacing import IDLE_CAP_S, Pacer, recv_serving
+from fedrdma.transport.stats import TransferStats
+
+
+@dataclass
+class Context:
+    """What a session shares with its mover; `rebind` and `retune` change it between transfers."""
+
+    agent: Agent | None
+    state: FlatState
+    channel: Channel
+    mode: Mode
+    role: Role
+    plan: ChunkPlan
+    window: int
+    policy: RetryPolicy
+    peer_timeout: float
+    on_chunk: Callable[[int, int], None] | None = None
+    """Called as (offset, length) for every verified chunk: streaming aggregation hooks here."""
+    pool: Pool | None = None
+    peer: wire.Hello | None = None
+    """The peer's hello, once the session is open."""
+    generation: int = 0
+    """This connection's generation: it advances with every reconnect, across transfers."""
+
+    def verified(self, offset: int, length: int) -> None:
+        if self.on_chunk is not None:
+            self.on_chunk(offset, length)
+
+
+class Mover:
+    """Base of every mode's mover; see the module docstring for the order of calls."""
+
+    mode: ClassVar[Mode]
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    # -- the interface -----------------------------------------------------------------
+    def offer(self) -> tuple[bytes, Region | None]:
+        """NIXL metadata and a region this side hands the peer; by default nothing at all."""
+        return b"", None
+
+    def connect(self, peer: wire.Hello) -> None:
+        """Reach the peer with what its hello handed us."""
+
+    def send(self, transfer: int) -> TransferStats:
+        raise NotImplementedError
+
+    def receive(self) -> TransferStats:
+        raise NotImplementedError
+
+    def replan(self, plan: ChunkPlan) -> None:
+        """Use `plan` from the next transfer on."""
+        self.ctx.plan = plan
+
+    def close(self) -> None:
+        """Forget the peer; the session releases the pool."""
+
+    # -- shared helpers ----------------------------------------------------------------
+    def plan_for(self, chunk_size: int, nchunks: int) -> ChunkPlan:
+        """The plan a peer's Begin or Offer announces, refused unless it fits this side's state."""
+        plan = ChunkPlan.build(self.ctx.state.nbytes, chunk_size)
+        if len(plan) != nchunks:
+            raise ProtocolError(f"peer plans {nchunks} chunks, but {chunk_size}-byte chunks make {len(plan)}")
+        if plan.chunk_size != self.ctx.plan.chunk_size:
+            self.replan(plan)
+        return plan
+
+    def recv(self, timeout: float, pacer: Pacer | None = None) -> wire.Message | Blob:
+        """The next message, serving one-sided peers meanwhile (`pacing.recv_serving`).
+
+        A wait with nothing in flight paces itself up to the longest pause; one that serves
+        a peer's operations passes a pacer that follows the line.
+        """
+        return recv_serving(self.ctx.channel, self.ctx.agent, timeout, pacer or Pacer(floor=IDLE_CAP_S))
+
+    def expect(self, kind: type, timeout: float | None = None) -> wire.Message:
+        """The next message, which must be of `kind`; a Refuse or Abort from the peer becomes an error."""
+        wait = self.ctx.peer_timeout if timeout is None else timeout
+        try:
+            msg = self.recv(wait)
+        except TimeoutError:
+            raise PeerLost(f"the peer sent no {kind.__name__} within {wait:.0f} s; is it alive?") from None
+        refused(msg)
+        if not isinstance(msg, kind):
+            raise ProtocolError(f"expected {kind.__name__} from the peer, got {type(msg).__name__}")
+        return msg
+
+    def drain(self) -> list[wire.Message | Blob]:
+        """Every message that has arrived, without waiting."""
+        out = []
+        while (msg := self.ctx.channel.poll()) is not None:
+            refused(msg)
+            out.append(msg)
+        return out
+
+    def check_channel(self, transfer: int) -> None:
+        if self.ctx.channel.closed.is_set():
+            raise PeerLost(f"lost the peer during transfer {transfer}: {self.ctx.channel.close_reason}")
+
+    def stats(self, transfer: int, start: float, **fields: int) -> TransferStats:
+        return TransferStats(transfer, self.mode, time.perf_counter() - start, self.ctx.plan.nbytes, **fields)
+
+
+def refused(msg: object) -> None:
+    """A peer's Refuse or Abort, as the error this side raises."""
+    if isinstance(msg, (wire.Abort, wire.Refuse)):
+        raise TransferError(f"peer aborted: {msg.reason}")

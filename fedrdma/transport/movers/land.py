@@ -1,0 +1,85 @@
+"""The target's loop of a push: chunks land by the peer's WRITEs, and this side vouches for them.
+
+Shared by `rdma-e` (chunks land in the pool) and `rdma` (in staging buffers). Every rule is
+`core.receiver.Receiver`'s; this loop feeds it the peer's notifications and messages,
+hashes what it asks for, and sends what it says.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from fedrdma.core.chunks import ChunkPlan
+from fedrdma.core.errors import PeerLost, ProtocolError
+from fedrdma.core.receiver import Action, Corrupt, Hash, Lost, Receiver, Status, Verified
+from fedrdma.transport import wire
+from fedrdma.transport.hashing import LandedHashes
+from fedrdma.transport.movers.base import Mover
+from fedrdma.transport.pacing import Pacer
+
+log = logging.getLogger(__name__)
+
+
+def send_status(mover: Mover, receiver: Receiver, status: Status, bytes_posted: int = 0) -> None:
+    mover.ctx.channel.send(wire.Status(
+        transfer=receiver.transfer, generation=receiver.generation, verified=list(status.verified),
+        corrupt=list(status.corrupt), complete=status.complete, bytes_posted=bytes_posted,
+    ))
+
+
+def land(
+    mover: Mover, transfer: int, plan: ChunkPlan, view: Callable[[int], memoryview],
+    on_verified: Callable[[int], None],
+) -> Receiver:
+    """Receive one pushed transfer until every chunk is verified and the final status sent."""
+    ctx = mover.ctx
+    assert ctx.agent is not None and ctx.peer is not None
+    start = time.monotonic()
+    receiver = Receiver(plan, transfer, start, ctx.peer_timeout, generation=ctx.generation)
+    hashes = LandedHashes()
+    pacer = Pacer(start)
+
+    def execute(actions: list[Action], now: float) -> None:
+        for action in actions:
+            if isinstance(action, Hash):
+                hashes.submit(action.index, action.generation, view(action.index))
+            elif isinstance(action, Verified):
+                pacer.moved(plan.chunks[action.index].length, now)
+                on_verified(action.index)
+            elif isinstance(action, Status):
+                send_status(mover, receiver, action)
+            elif isinstance(action, Lost):
+                raise PeerLost(action.reason)
+            elif not isinstance(action, Corrupt):  # a corrupt chunk is reported by the status
+                raise AssertionError(f"unknown action {action!r}")
+
+    try:
+        while not receiver.complete:
+            now = time.monotonic()
+            progressed = False
+            for note in ctx.agent.notifications(ctx.peer.agent):
+                try:
+                    t, generation, index, checksum = wire.parse_notice(note)
+                except ProtocolError as exc:
+                    log.warning("dropping notification from %s: %s", ctx.peer.agent, exc)
+                    continue
+                progressed = True
+                execute(receiver.notice(t, generation, index, checksum, now), now)
+            for index, generation, value in hashes.finished():
+                progressed = True
+                execute(receiver.hashed(index, generation, value, now), now)
+            for msg in mover.drain():
+                progressed = True
+                if isinstance(msg, wire.Resume):
+                    execute(receiver.resume(msg.transfer, msg.generation, now), now)
+                    ctx.generation = receiver.generation
+                else:
+                    receiver.heard(now)
+            execute(receiver.tick(now), now)
+            mover.check_channel(transfer)
+            pacer(progressed)
+    finally:
+        hashes.close()
+    return receiver

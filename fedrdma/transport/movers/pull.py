@@ -1,0 +1,171 @@
+"""`rdma-e-pull` (FedRDMA-E pull, the paper's "reversed receiving"): the receiver READs each chunk.
+
+The holder advertises its pool and streams the chunk checksums; the receiver posts READs
+into its own pool, hashes what landed and vouches for it. The holder hands the receiver
+keys to its pool and receives no key at all. Over UCX TCP a READ is emulated by the
+holder's worker, so the holder keeps driving UCX until the receiver says it is done, and
+the receiver's statuses on the way are what tells the holder it is alive.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fedrdma.core.chunks import ChunkPlan, Region
+from fedrdma.core.errors import PeerLost, ProtocolError
+from fedrdma.core.liveness import Liveness
+from fedrdma.core.modes import Mode
+from fedrdma.core.receiver import Action, Corrupt, Hash, Lost, Receiver, Status, Verified
+from fedrdma.core.scheduler import Scheduler
+from fedrdma.transport import wire
+from fedrdma.transport.agent import RemotePeer
+from fedrdma.transport.hashing import ChunkHasher, LandedHashes
+from fedrdma.transport.movers.base import Mover, refused
+from fedrdma.transport.movers.initiate import drive
+from fedrdma.transport.movers.land import send_status
+from fedrdma.transport.pacing import Pacer
+from fedrdma.transport.stats import TransferStats
+
+CHECKSUM_BATCH = 64
+"""Chunk checksums per message from the holder: one small message each, 256 MiB of 4 MiB chunks."""
+
+
+class Pulling:
+    """The receiver's side of a pull, inside the initiator's loop."""
+
+    op = "READ"
+
+    def __init__(self, mover: Mover, receiver: Receiver) -> None:
+        self.mover = mover
+        self.receiver = receiver
+        self.hashes = LandedHashes()
+        self._sched: Scheduler | None = None
+
+    def notice(self, index: int, generation: int) -> bytes:
+        return b""
+
+    def on_message(self, sched: Scheduler, msg: wire.Message, now: float) -> None:
+        if isinstance(msg, wire.Checksums) and msg.transfer == self.receiver.transfer:
+            for k, value in enumerate(msg.values):
+                self._execute(sched, self.receiver.expect(msg.start + k, value, now), now)
+        else:
+            self.receiver.heard(now)
+
+    def on_landed(self, sched: Scheduler, index: int, now: float) -> None:
+        self._execute(sched, self.receiver.landed(index, now), now)
+
+    def each_turn(self, sched: Scheduler, now: float) -> bool:
+        finished = self.hashes.finished()
+        for index, generation, value in finished:
+            self._execute(sched, self.receiver.hashed(index, generation, value, now), now)
+        self._execute(sched, self.receiver.tick(now), now)
+        return bool(finished)
+
+    def resumed(self, sched: Scheduler) -> None:
+        """We verify ourselves, so we know what we hold: resume from that."""
+        self.receiver.reconnected(sched.generation)
+        sched.resume(self.receiver.verified_indices())
+
+    def _execute(self, sched: Scheduler, actions: list[Action], now: float) -> None:
+        ctx = self.mover.ctx
+        plan = self.receiver.plan
+        for action in actions:
+            if isinstance(action, Hash):
+                chunk = plan.chunks[action.index]
+                self.hashes.submit(action.index, action.generation, ctx.state.memoryview(chunk.offset, chunk.length))
+            elif isinstance(action, Verified):
+                sched.verified(action.index)
+                chunk = plan.chunks[action.index]
+                ctx.verified(chunk.offset, chunk.length)
+            elif isinstance(action, Corrupt):
+                sched.corrupt(action.index, now)
+            elif isinstance(action, Status):
+                send_status(self.mover, self.receiver, action, sched.bytes_posted if action.complete else 0)
+            elif isinstance(action, Lost):
+                raise PeerLost(action.reason)
+
+
+class PullMover(Mover):
+    mode = Mode.RDMA_E_PULL
+
+    remote: RemotePeer | None = None
+
+    def offer(self) -> tuple[bytes, Region | None]:
+        """The holder hands keys to its pool alone, and the pool's range."""
+        ctx = self.ctx
+        if ctx.role is ctx.mode.initiator:
+            return b"", None
+        assert ctx.agent is not None and ctx.pool is not None
+        return ctx.agent.partial_metadata(ctx.pool), ctx.pool.region
+
+    def connect(self, peer: wire.Hello) -> None:
+        if self.ctx.role is not self.ctx.mode.initiator:
+            return
+        assert self.ctx.agent is not None
+        if not peer.metadata or peer.region is None:
+            raise ProtocolError("the peer advertised no pool; it cannot be read from")
+        self.remote = RemotePeer(self.ctx.agent, wire.unb64(peer.metadata), [peer.region.region()])
+        self.remote.dlist(self.ctx.plan)
+
+    # -- the holder ----------------------------------------------------------------------
+    def send(self, transfer: int) -> TransferStats:
+        ctx = self.ctx
+        start = time.perf_counter()
+        plan = ctx.plan
+        ctx.channel.send(wire.Offer(transfer=transfer, chunk_size=plan.chunk_size, nchunks=len(plan)))
+        hasher = ChunkHasher(ctx.state, plan)
+        try:
+            for first in range(0, len(plan), CHECKSUM_BATCH):
+                values = [hasher.checksum(i) for i in range(first, min(len(plan), first + CHECKSUM_BATCH))]
+                ctx.channel.send(wire.Checksums(transfer=transfer, start=first, values=values))
+        finally:
+            hasher.close()
+        # The receiver may READ our pool until it says it is done: meanwhile let UCX serve the
+        # READs (over TCP the memory owner's worker answers them), and take each of its
+        # statuses as a sign of life, so a long transfer over a slow line is not cut short.
+        now = time.monotonic()
+        liveness = Liveness(ctx.peer_timeout, now)
+        pacer = Pacer(now)
+        while True:
+            try:
+                msg = self.recv(liveness.remaining(time.monotonic()), pacer)
+            except TimeoutError:
+                raise PeerLost(
+                    f"the receiver went silent for {ctx.peer_timeout:.0f} s during transfer {transfer}"
+                ) from None
+            now = time.monotonic()
+            liveness.heard(now)
+            refused(msg)
+            if isinstance(msg, wire.Status) and msg.transfer == transfer:
+                pacer.moved(sum(plan.chunks[i].length for i in msg.verified if 0 <= i < len(plan)), now)
+                if msg.complete:
+                    return self.stats(transfer, start, bytes_posted=msg.bytes_posted)
+
+    # -- the receiver ----------------------------------------------------------------------
+    def receive(self) -> TransferStats:
+        ctx = self.ctx
+        assert self.remote is not None and ctx.pool is not None
+        offer = self.expect(wire.Offer)
+        assert isinstance(offer, wire.Offer)
+        start = time.perf_counter()
+        plan = self.plan_for(offer.chunk_size, offer.nchunks)
+        receiver = Receiver(plan, offer.transfer, time.monotonic(), ctx.peer_timeout, generation=ctx.generation)
+        pulling = Pulling(self, receiver)
+        ctx.state.touch()  # bytes land from the first READ on
+        try:
+            sched = drive(self, offer.transfer, self.remote, ctx.pool.local_dlist(plan), pulling)
+        finally:
+            pulling.hashes.close()
+        ctx.state.touch()
+        return self.stats(offer.transfer, start, bytes_posted=sched.bytes_posted, reconnects=sched.reconnects,
+                          corrupt=receiver.corrupt_count)
+
+    def replan(self, plan: ChunkPlan) -> None:
+        super().replan(plan)
+        if self.remote is not None:
+            self.remote.dlist(plan)
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
+            self.remote = None
