@@ -7,6 +7,7 @@ form expected.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,6 @@ class TransportSettings(_Settings):
 
 def read_tuning(path: Path) -> dict[str, int]:
     """`chunk_size` and `window` from a `fedrdma tune --json` file, or a ValueError naming the fix."""
-    import json
-
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:

@@ -3,22 +3,19 @@
 glibc serves large allocations with mmap (returned to the system on free) only up to a
 threshold that it raises on its own after the first large free, up to 32 MiB. After that,
 every 4 MiB chunk temporary (checksums, folds, gRPC frames) lands in per-thread heap
-arenas that fragment and never shrink: measured on the aggregator of the demo (GPT-2
-small, 3 silos), memory beyond its pools and runtime was 289-358 MiB with the dynamic
-threshold and 190 MiB with it pinned. The pin makes every such temporary an mmap that is
-faulted and zeroed afresh, so the hot paths avoid them instead: FedAvg's folds reuse
-chunk-sized buffers (`core.fedavg._Scratch`), which halved the demo's rdma-e uploads.
+arenas that fragment and never shrink, and the aggregator's memory beyond its pools grows.
+The pin makes every such temporary an mmap that is faulted and zeroed afresh, so the hot
+paths avoid them instead: FedAvg's folds reuse chunk-sized buffers (`core.fedavg._Scratch`).
 
 Only for the RDMA modes: the gRPC baseline allocates a fresh multi-MiB buffer per frame and
-per (de)serialization, and with every one of them mmapped (page faults, zeroing) it ran at
-0.23 instead of 0.40 GB/s for 512 MiB here, with no memory saved. The baseline keeps
-glibc's defaults, its best setting.
+per (de)serialization, and with every one of them mmapped (page faults, zeroing) it runs
+far slower with no memory saved. The baseline keeps glibc's defaults, its best setting.
 
 Not while training: a training step's activations and gradients are multi-MiB tensors,
-each mmapped, page-faulted and zeroed afresh under the pin. A silo of the paper's T1 trained
-25-30 % slower with rdma-e than with grpc for that reason alone; `fedrdma bench heap`
-measures a GPT-2 small round at 1.37x glibc's default pinned, and 1.03x with the pin lifted
-while training. `compute_heap` lifts it while a model trains or evaluates and puts it back after.
+each mmapped, page-faulted and zeroed afresh under the pin, which slows a silo's local
+round markedly (`fedrdma bench heap` measures it). `compute_heap` lifts the pin while a model
+trains or evaluates and puts it back after. The figures behind each of these choices are in
+the README: Measurements behind the defaults.
 """
 
 from __future__ import annotations

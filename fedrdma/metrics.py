@@ -86,11 +86,11 @@ _RUNTIME_RSS = [0]
 
 
 def mark_runtime() -> None:
-    """Remember the RSS of the interpreter and its libraries, before any model exists."""
-    import grpc  # noqa: F401  (loaded here so that `runtime` includes every library we use)
-    import nixl_cu12  # noqa: F401
-    import transformers  # noqa: F401
+    """Remember the RSS of the interpreter and its libraries, before any model exists.
 
+    Called by the aggregator and the silo at start, when the modules they are made of (torch,
+    transformers, gRPC, NIXL) are imported and nothing else is allocated yet.
+    """
     _RUNTIME_RSS[0] = rss_bytes()
 
 
@@ -103,7 +103,7 @@ def memory_report(model: object, optimizer: object, pool_bytes: int, pool_is_mod
     When the pool is the model's own parameters (a silo in rdma-e), it is counted once,
     under `pools`, and `pool_is_model` says so.
     """
-    import torch
+    import torch  # here, not at the top: the command line imports this module and must start without torch
 
     model_bytes = 0
     if isinstance(model, torch.nn.Module):

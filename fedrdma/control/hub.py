@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from fedrdma.config import SiloEntry
 from fedrdma.control import messages as m
+from fedrdma.control.beats import MISSED_BEATS, beat
 from fedrdma.core.errors import PeerLost, ProtocolError
 from fedrdma.transport import wire
 from fedrdma.transport.channel import Channel, Listener
@@ -26,9 +27,6 @@ log = logging.getLogger(__name__)
 
 FIRST_MESSAGE_TIMEOUT_S = 10.0
 """A stream that does not say what it is within this long is closed."""
-
-MISSED_BEATS = 3
-"""Heartbeats a peer may miss before it is declared dead."""
 
 
 @dataclass
@@ -217,12 +215,3 @@ class Hub:
             link.close()
         self.listener.close()
 
-
-def beat(channels: Callable[[], list[Channel]], every: float, stop: threading.Event) -> None:
-    """Send a heartbeat on each live control stream every `every` seconds until `stop`."""
-    while not stop.wait(every):
-        for channel in channels():
-            try:
-                channel.send(m.Heartbeat())
-            except PeerLost:
-                pass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from fedrdma.control import messages as m
-from fedrdma.control.hub import MISSED_BEATS, beat
+from fedrdma.control.beats import MISSED_BEATS, beat
 from fedrdma.core.errors import FedRDMAError, PeerLost
 from fedrdma.transport import wire
 from fedrdma.transport.channel import Channel, dial

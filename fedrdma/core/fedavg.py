@@ -1,8 +1,7 @@
 """FedAvg arithmetic: the weighted mean of silo updates, all at once or streamed chunk by chunk.
 
 Pure torch, no I/O. The streaming form exists so the aggregator can fold each verified
-chunk of an upload into the running sum the moment it lands (DESIGN.md, round step 3),
-instead of waiting for every silo and then reading every inbox again.
+chunk of an upload into the running sum the moment it lands, instead of waiting for every silo and then reading every inbox again.
 
 Why float64 for the running sum: each silo adds `n_samples * x` for its float32 (or
 float16/bfloat16) values. With an integer `n_samples < 2**29` that product is exact in
@@ -105,8 +104,7 @@ class _Scratch:
     A fold needs a private copy of the chunk and room for its delta against the global
     state. Allocated afresh per chunk, each is a new multi-MiB block: under the RDMA modes'
     pinned mmap threshold (fedrdma.memory) it is mmapped, faulted and zeroed on every fold,
-    and in the demo (3 silos training on 2 cores) that made the aggregator's rdma-e uploads
-    take 1.1-2.7 s instead of 0.4-1.2 s. Grown on demand, never shrunk: a round's chunks
+    which slowed the demo's uploads severalfold (README: Measurements behind the defaults). Grown on demand, never shrunk: a round's chunks
     are all of one size but the last.
     """
 
@@ -140,9 +138,8 @@ class RoundAggregate:
     bytes per element, twice a float32 model, 950 MiB for gpt2-small), plus two chunk-sized
     scratch buffers reused by every fold; `sum_nbytes` reports the sum.
     `accumulate_dtype=torch.float32` halves the sum at the price of order dependence in the
-    last bit (~1e-7 relative between transports). Measured
-    for gpt2-small (475 MiB, 4 MiB chunks, one thread): folding runs at 1.2-1.6 GB/s,
-    `finish` takes ~0.1 s. Rejected silos are retracted by subtracting their values again, read from
+    last bit (~1e-7 relative between transports). How fast folds run is in the README's
+    "Measurements behind the defaults". Rejected silos are retracted by subtracting their values again, read from
     their update buffers. Each folded chunk is copied once (chunk-sized) and its xxh3 hash
     kept (8 bytes per chunk), so a buffer rewritten after its chunks were folded is detected
     rather than silently retracted wrong (see `finish`). Keeping a partial sum per silo

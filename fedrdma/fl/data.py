@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from transformers import AutoTokenizer
 
 from fedrdma.core.errors import FedRDMAError
 
@@ -107,8 +108,6 @@ def load_tokenizer(model: str | Path) -> Tokenizer:
     """
     path = Path(model)
     if path.is_dir():
-        from transformers import AutoTokenizer
-
         try:
             return HFTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
         except (OSError, ValueError) as exc:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file
+
 from fedrdma.core.addresses import LOOPBACK_HOST
 from fedrdma.core.errors import RunError
 from fedrdma.core.modes import Mode
@@ -189,8 +191,6 @@ def _rounds(metrics: Path) -> list[dict[str, Any]]:
 
 
 def max_abs_diff(a: Path, b: Path) -> float:
-    from safetensors.torch import load_file
-
     ta, tb = load_file(str(a)), load_file(str(b))
     if set(ta) != set(tb):
         raise ValueError("the transports' final models have different tensors")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 GPT2_SIZES: dict[str, dict[str, int]] = {
     "gpt2-tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 128, "vocab_size": 259,
@@ -22,8 +24,6 @@ GPT2_SIZES: dict[str, dict[str, int]] = {
 
 def build_model(name: str, seed: int = 0) -> torch.nn.Module:
     """A GPT-2 of a named size from config, or a local Hugging Face checkpoint directory."""
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
-
     if name in GPT2_SIZES:
         torch.manual_seed(seed)
         return GPT2LMHeadModel(GPT2Config(**GPT2_SIZES[name]))
@@ -61,8 +61,6 @@ def apply_lora(
     is reproducible because the trainer reseeds torch's RNG every round; 0 (the default)
     also makes rounds cheaper.
     """
-    from peft import LoraConfig, get_peft_model
-
     if r < 1 or alpha <= 0 or not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA needs r >= 1, alpha > 0 and 0 <= dropout < 1; got r={r}, alpha={alpha}, dropout={dropout}")
     model_type = getattr(getattr(model, "config", None), "model_type", None)

@@ -6,15 +6,13 @@ import torch
 
 from fedrdma.config import ModelSettings
 from fedrdma.core.layout import FlatState
-from fedrdma.fl.model import build_model
+from fedrdma.fl.model import apply_lora, build_model
 
 
 def build_configured(cfg: ModelSettings) -> torch.nn.Module:
     """Model from config, LoRA applied if asked: what every process of a federation builds alike."""
     model = build_model(cfg.model, seed=cfg.seed)
     if cfg.lora:
-        from fedrdma.fl.model import apply_lora
-
         torch.manual_seed(cfg.seed)
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha)
     return model

@@ -8,18 +8,15 @@ the federated result cannot depend on which transport moved the bytes):
 - every round reseeds torch's global RNG from `(seed, round_no)`: batch order, dropout
   (GPT-2's and LoRA's) and anything else random draw from it in a fixed order;
 - the thread count is fixed (`TRAIN_THREADS`): CPU reductions split work per thread, so a
-  different count changes the last bits. Measured on this machine (torch 2.13 CPU, MKL):
-  five steps of gpt2-tiny with 1 and with 2 threads end in different weights, while two
-  processes with the same count agree bit for bit. So every silo, and every repetition
-  of a run that is compared with another, must use the same `threads`;
+  different count changes the last bits, while two processes with the same count agree
+  bit for bit (README: Measurements behind the defaults). So every silo, and every repetition of a run that is compared with
+  another, must use the same `threads`;
 - `torch.use_deterministic_algorithms(True)` during the round, so an op without a
   deterministic CPU kernel raises instead of silently varying;
 - a fresh optimizer every round (see `LocalTrainer`).
 
-Cost measured on the 2-core dev VM (batch 4, seq 128, one thread, AdamW): gpt2-tiny
-0.015 s per step; gpt2-small (475 MiB of float32 weights) 5-6 s per step alone and up to
-~10 s with two silos training at once, peak RSS ~3.5 GB (weights, grads, Adam moments,
-50257-wide logits). Two threads were not faster on this VM.
+What a step costs (gpt2-tiny, gpt2-small, one and two threads) is in the README's
+"Measurements behind the defaults".
 """
 
 from __future__ import annotations
@@ -69,7 +66,7 @@ def reproducible(threads: int = TRAIN_THREADS) -> Iterator[None]:
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     # Filling every torch.empty with NaN only helps find reads of uninitialised memory, and
-    # costs up to ~5% of a step (measured on gpt2-small); results do not depend on it.
+    # costs a few per cent of a step; results do not depend on it.
     torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield

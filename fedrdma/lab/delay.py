@@ -1,7 +1,7 @@
 """The userspace delay element's process: find the helper, start it, stop it.
 
-The helper is C (delay.c) because Python reached only 1.7-3.3 Gbit/s with drops;
-scripts/lab-deps.sh compiles it. Nothing here compiles at import or run time: a lab
+The helper is C (delay.c) because a Python element fell far short of the lab's rates
+(README: Measurements behind the defaults); scripts/lab-deps.sh compiles it. Nothing here compiles at import or run time: a lab
 that silently built code as root on first use would be hard to reason about.
 """
 

@@ -27,8 +27,8 @@ CEILING_TRANSFER_S = 1.5
 """Counted seconds of each ceiling transfer: slow start at 20 ms is over inside iperf3's omit second."""
 
 CEILING_TRIES = 3
-"""The ceiling is the best of a few transfers: on a shared 2-core host one run measured 3.1 and the
-next 9.7 Gbit/s; other tenants' load only ever lowers a figure, so the maximum is the element's."""
+"""The ceiling is the best of a few transfers: on a shared host other tenants' load only ever
+lowers a figure, and single runs differ severalfold, so the maximum is the element's."""
 
 ELEMENT_BACKEND, NETEM_BACKEND, NO_DELAY = "element", "netem", "none"
 """How a lab delays packets: the userspace element, the kernel's netem, or not at all."""

@@ -1,9 +1,8 @@
 """Does this host's TCP let one connection fill a path? Bandwidth-delay product vs buffer limits.
 
 UCX's TCP transport and the gRPC baseline both ride on kernel TCP, whose window is capped
-by the socket buffers. Measured in the lab on a 1 Gbit/s, 20 ms, 1 % loss path: a NIXL
-WRITE reached 0.57-0.64 of line with the default limits (tcp_rmem max 6 MB) and
-0.95-0.97 with 32 MB. Only `read_tcp_limits` touches the file system, and it takes the
+by the socket buffers: with limits below the path's bandwidth-delay product a transfer
+falls well short of the line (README: "TCP buffers on real hosts"). Only `read_tcp_limits` touches the file system, and it takes the
 proc root as a parameter so tests can point it at a temporary directory.
 """
 

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Sequence
 
 import torch
+from nixl_cu12 import _bindings, nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
 from fedrdma.core.chunks import ChunkPlan, Region
 from fedrdma.core.errors import TransferError
@@ -26,19 +27,17 @@ NIXL_LOG_LEVEL = logging.WARNING
 
 PROGRESS_THREAD = False
 """NIXL's progress thread polls UCX without pause: a full core per process, even when idle
-(measured here: 1.99 CPU s per 2 s idle). On a host that also trains a model that core is
+(README: Measurements behind the defaults). On a host that also trains a model that core is
 stolen from training, so our loops drive progress themselves (`progress`, every poll of a
 transfer or notification) and nothing spins between transfers."""
 
 MAX_REGISTRATION_BYTES = 4 << 30
-"""Register a large pool in slices of at most 4 GiB: single regions above ~4 GiB ran well
-below line rate on RDMA NICs with an IOMMU (NIXL-NOTES)."""
+"""Register a large pool in slices of at most 4 GiB: single regions above ~4 GiB have been
+reported to run well below line rate on RDMA NICs with an IOMMU (README: Measurements behind the defaults)."""
 
 
 def _quiet_nixl() -> None:
     """NIXL configures its logger on import, to stdout; stdout is ours (JSON lines)."""
-    import nixl_cu12  # noqa: F401  (configures the logger we then adjust)
-
     logger = logging.getLogger("nixl")
     logger.setLevel(NIXL_LOG_LEVEL)
     for handler in logger.handlers:
@@ -46,13 +45,13 @@ def _quiet_nixl() -> None:
             handler.setStream(sys.stderr)
 
 
+_quiet_nixl()
+
+
 class Agent:
     """This process's NIXL agent over UCX; UCX_* environment settings pass through untouched."""
 
     def __init__(self, name: str | None = None) -> None:
-        _quiet_nixl()
-        from nixl_cu12 import nixl_agent, nixl_agent_config, nixl_thread_sync_t
-
         self.name = name or f"fedrdma-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.nixl = nixl_agent(
             self.name,
@@ -76,8 +75,6 @@ class Agent:
     def partial_metadata(self, pool: Pool | None) -> bytes:
         """Connection info, plus keys to `pool` alone (none at all when `pool` is None)."""
         if pool is None:
-            from nixl_cu12 import _bindings
-
             descs = _bindings.nixlRegDList(_bindings.DRAM_SEG, [])
         else:
             descs = pool.reg_descs

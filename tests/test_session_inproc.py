@@ -1,0 +1,209 @@
+"""Sessions in one process: two agents, a real gRPC channel over loopback, real NIXL transfers.
+
+The process tests (test_transfer_procs.py) show each mode between processes; these pin
+the session's and the movers' rules quickly, with every peer in reach of an assert.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from fedrdma.bench.states import make_state, synthetic_layout
+from fedrdma.core.chunks import state_digest
+from fedrdma.core.errors import LayoutError, PeerLost, TransferError
+from fedrdma.core.layout import FlatState
+from fedrdma.core.modes import Mode, Role
+from fedrdma.testing.faults import Faults, FaultyAgent
+from fedrdma.transport import wire
+from fedrdma.transport.agent import Agent
+from fedrdma.transport.channel import Channel, Listener, dial
+from fedrdma.transport.session import Session
+
+SIZE, CHUNK, WINDOW = 6 << 20, 1 << 20, 4
+THREAD_TIMEOUT_S = 60.0
+"""Bounds a hang; these transfers take milliseconds."""
+
+
+@pytest.fixture(autouse=True)
+def _ucx_over_tcp(monkeypatch):
+    monkeypatch.setenv("UCX_TLS", "tcp")
+
+
+def states(size: int = SIZE) -> tuple[FlatState, FlatState]:
+    layout = synthetic_layout(size)
+    return make_state(layout, 1234), make_state(layout, None)
+
+
+def pair(
+    mode: Mode, src: FlatState, dst: FlatState, transfers: int = 1,
+    sender_agent: Agent | None = None, receiver_agent: Agent | None = None, **receiver_kw: Any,
+) -> tuple[list, list, list[BaseException]]:
+    """Run a sender and a receiver session on two threads; return both sides' stats and errors."""
+    listener = Listener()
+    sent: list = []
+    got: list = []
+    errors: list[BaseException] = []
+    needs = mode.one_sided
+
+    def receiver() -> None:
+        try:
+            agent = receiver_agent or (Agent() if needs else None)
+            s = Session(agent, dst, listener.accept(10), mode, Role.RECEIVER, CHUNK, WINDOW, **receiver_kw)
+            s.open()
+            for _ in range(transfers):
+                got.append(s.receive())
+            s.close()
+        except BaseException as exc:  # reported to the test thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    try:
+        agent = sender_agent or (Agent() if needs else None)
+        s = Session(agent, src, dial(listener.address), mode, Role.SENDER, CHUNK, WINDOW)
+        s.open()
+        for _ in range(transfers):
+            sent.append(s.send())
+        s.close()
+    except BaseException as exc:
+        errors.append(exc)
+    finally:
+        thread.join(THREAD_TIMEOUT_S)
+        listener.close()
+    return sent, got, errors
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_every_mode_moves_identical_bytes_and_reports_every_chunk_once(mode):
+    src, dst = states()
+    seen: list[tuple[int, int]] = []
+    sent, got, errors = pair(mode, src, dst, transfers=2, on_chunk=lambda off, n: seen.append((off, n)))
+    assert errors == []
+    assert state_digest(dst.memoryview()) == state_digest(src.memoryview())
+    assert [s.transfer for s in got] == [1, 2] and [s.mode for s in got] == [mode, mode]
+    assert sorted(seen) == sorted(seen[: len(seen) // 2] * 2), "each transfer reports the same ranges"
+    covered = sorted(seen[: len(seen) // 2])
+    assert sum(n for _, n in covered) == SIZE and all(a + n <= b for (a, n), (b, _) in zip(covered, covered[1:]))
+
+
+def test_a_layout_mismatch_is_refused_on_both_sides_before_a_byte_moves():
+    src, _ = states()
+    dst = make_state(synthetic_layout(SIZE + 4096), None)
+    sent, got, errors = pair(Mode.RDMA_E, src, dst)
+    assert sent == [] and got == []
+    assert len(errors) == 2 and all(isinstance(e, LayoutError) for e in errors)
+    assert all("layout mismatch" in str(e) for e in errors)
+    assert state_digest(dst.memoryview()) == state_digest(make_state(dst.layout, None).memoryview())
+
+
+@pytest.mark.parametrize("mode", [Mode.RDMA_E, Mode.RDMA_E_PULL, Mode.RDMA])
+def test_corrupt_landings_are_fetched_again_and_the_result_is_identical(mode):
+    src, dst = states()
+    faulty = FaultyAgent(Faults(corrupt_once=frozenset({1, 4})), CHUNK)
+    initiator_is_receiver = mode.initiator is Role.RECEIVER
+    sent, got, errors = pair(mode, src, dst, receiver_agent=faulty)
+    assert errors == []
+    assert state_digest(dst.memoryview()) == state_digest(src.memoryview())
+    assert got[0].corrupt == 2
+    initiator = got[0] if initiator_is_receiver else sent[0]
+    assert initiator.bytes_posted == SIZE + 2 * CHUNK
+
+
+@pytest.mark.parametrize("mode", [Mode.RDMA_E, Mode.RDMA_E_PULL])
+def test_a_cut_endpoint_reconnects_and_resends_only_unverified_chunks(mode):
+    size = 16 << 20
+    src, dst = states(size)
+    cutter = FaultyAgent(Faults(cut_after=5), CHUNK)
+    kw = {"receiver_agent": cutter} if mode.initiator is Role.RECEIVER else {"sender_agent": cutter}
+    sent, got, errors = pair(mode, src, dst, **kw)
+    assert errors == []
+    assert state_digest(dst.memoryview()) == state_digest(src.memoryview())
+    initiator = got[0] if mode.initiator is Role.RECEIVER else sent[0]
+    assert initiator.reconnects >= 1
+    assert 0 < initiator.bytes_posted - size < size
+
+
+def test_a_receiver_whose_sender_falls_silent_mid_transfer_gives_up_within_its_deadline():
+    src, dst = states()
+    listener = Listener()
+    result: dict[str, Any] = {}
+
+    def receiver() -> None:
+        s = Session(Agent(), dst, listener.accept(10), Mode.RDMA_E, Role.RECEIVER, CHUNK, WINDOW, peer_timeout=1.0)
+        s.open()
+        started = time.monotonic()
+        try:
+            s.receive()
+        except PeerLost as exc:
+            result["error"], result["after"] = exc, time.monotonic() - started
+        s.abort()
+
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    channel = dial(listener.address)  # a sender that says hello and Begin, then nothing
+    channel.send(wire.Hello(mode=Mode.RDMA_E, layout_id=src.layout_id, nbytes=src.nbytes))
+    channel.send(wire.Begin(transfer=1, chunk_size=CHUNK, nchunks=SIZE // CHUNK))
+    thread.join(THREAD_TIMEOUT_S)
+    channel.close()
+    listener.close()
+    assert "went silent for 1 s during transfer 1 (0/6 chunks verified)" in str(result["error"])
+    assert result["after"] < 5.0
+
+
+def test_a_pull_holder_waits_as_long_as_the_receiver_reports_progress():
+    """A pull upload longer than the peer timeout completes: the receiver's statuses keep the holder."""
+    src, _ = states()
+    listener = Listener()
+    out: dict[str, Any] = {}
+
+    def holder() -> None:
+        s = Session(Agent(), src, listener.accept(10), Mode.RDMA_E_PULL, Role.SENDER, CHUNK, WINDOW, peer_timeout=1.0)
+        s.open()
+        out["stats"] = s.send()
+        s.abort()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    channel = dial(listener.address)  # a receiver that reports progress every 0.4 s for 3 s
+    channel.send(wire.Hello(mode=Mode.RDMA_E_PULL, layout_id=src.layout_id, nbytes=src.nbytes))
+    assert isinstance(channel.recv(10), wire.Hello)
+    offer = channel.recv(10)
+    assert isinstance(offer, wire.Offer) and offer.nchunks == SIZE // CHUNK
+    for k in range(7):
+        time.sleep(0.4)
+        channel.send(wire.Status(transfer=offer.transfer, verified=[k % offer.nchunks]))
+    channel.send(wire.Status(transfer=offer.transfer, complete=True, bytes_posted=SIZE))
+    thread.join(THREAD_TIMEOUT_S)
+    channel.close()
+    listener.close()
+    assert out["stats"].seconds > 2.5 and out["stats"].bytes_posted == SIZE
+
+
+def _call(fn: Callable[[], Any]) -> BaseException | None:
+    try:
+        fn()
+    except BaseException as exc:
+        return exc
+    return None
+
+
+def test_only_the_side_that_owns_a_choice_may_make_it():
+    src, dst = states()
+    receiver = Session(None, dst, _closed(), Mode.GRPC, Role.RECEIVER)
+    assert "only a pushing sender sets the chunk size" in str(_call(lambda: receiver.retune(CHUNK, 2)))
+    assert "only the initiating sender can switch buffers" in str(_call(lambda: receiver.rebind(src, None)))
+    assert isinstance(_call(receiver.send), TransferError)
+    assert "open() the session before moving bytes" in str(_call(receiver.receive))
+    with pytest.raises(ValueError, match="mode rdma-e needs a NIXL agent"):
+        Session(None, dst, _closed(), Mode.RDMA_E, Role.RECEIVER)
+
+
+def _closed() -> Channel:
+    channel = Channel("nobody")
+    channel.close()
+    return channel
