@@ -158,3 +158,32 @@ def test_a_later_pair_extends_a_modes_figures():
     assert both.extra == {"wire_seconds": [0.9, 2.9], "waits": [1.0]}
     assert both.bytes_posted == [7]
     assert both.summary(4)["seconds"] == 2.0
+
+
+def test_a_hung_peer_is_reported_with_where_its_threads_were():
+    from fedrdma.bench.procs import PeerProcess
+
+    waiting = PeerProcess(["--role", "receiver", "--mode", "rdma-e", "--listen", "127.0.0.1:0",
+                           "--size-bytes", str(1 << 20), "--chunk-size", str(1 << 20)], env=peer_env("tcp"))
+    try:
+        waiting.wait_ready()
+        with pytest.raises(TimeoutError) as caught:
+            waiting.next_event(2.0)  # nobody connects: it waits in accept
+    finally:
+        waiting.kill()
+    text = str(caught.value)
+    assert "printed nothing for 2 s" in text and "--role receiver --mode rdma-e" in text
+    assert "Thread 0x" in text and "in accept" in text, text[-2000:]
+
+
+def test_a_failing_peers_error_reaches_the_benchmark_with_both_sides_output():
+    from fedrdma.bench.transfer import run_pair_events, transfer_env
+    from fedrdma.core.errors import RunError
+
+    started = time.monotonic()
+    with pytest.raises(RunError) as caught:
+        run_pair_events("rdma-e", ["--size-bytes", str(1 << 20), "--chunk-size", "12345"], 1, transfer_env())
+    text = str(caught.value)
+    assert "rdma-e" in text and "failed: PlanError: chunk size 12345 is not a multiple of 8 bytes" in text
+    assert "--- sender's stderr:" in text and "--- receiver's stderr:" in text
+    assert time.monotonic() - started < 60, "a failure is reported as it happens, not after a timeout"

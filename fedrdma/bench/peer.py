@@ -9,8 +9,10 @@ processes, real sockets, real NIXL: nothing is shared but the network.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -152,6 +154,7 @@ def run(
     """
     if bool(args.listen) == bool(args.connect):
         raise SystemExit("give exactly one of --listen and --connect")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a benchmark that sees us hang asks where
     if one_sided(args.mode):  # as in the runtime; see fedrdma.memory
         pin_mmap_threshold()
     listener = None

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,9 @@ from fedrdma.core.errors import RunError
 
 PEER_MODULE = "fedrdma.bench.peer"
 """The peer process a pair runs (the tests run `fedrdma.testing.peer`, the same with faults)."""
+
+STACKS_WAIT_S = 1.0
+"""How long a hung peer gets to print its threads' stacks."""
 
 READY_TIMEOUT_S = 120.0
 """A peer builds its state before it listens: GPT-2 small from config takes ~10 s here."""
@@ -61,12 +66,29 @@ class PeerProcess:
         try:
             event = self._lines.get(timeout=timeout)
         except queue.Empty:
-            raise TimeoutError(f"peer {self.proc.pid} printed nothing for {timeout:.0f} s") from None
+            raise TimeoutError(
+                f"peer {self.proc.pid} ({' '.join(self.args[:4])}) printed nothing for {timeout:.0f} s; "
+                f"where its threads were:\n{self.stacks()}"
+            ) from None
         if event is None:
             self._lines.put(None)
             return None
         self.events.append(event)
         return event
+
+    def events_now(self) -> tuple[list[dict[str, Any]], bool]:
+        """The JSON lines printed since the last call, without waiting, and whether output ended."""
+        new: list[dict[str, Any]] = []
+        while True:
+            try:
+                event = self._lines.get_nowait()
+            except queue.Empty:
+                return new, False
+            if event is None:
+                self._lines.put(None)
+                return new, True
+            self.events.append(event)
+            new.append(event)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> int:
         event = self.next_event(timeout)
@@ -79,6 +101,13 @@ class PeerProcess:
         while self.next_event(timeout) is not None:
             pass
         return self.proc.wait(timeout)
+
+    def stacks(self) -> str:
+        """Ask a hung peer where its threads are (`faulthandler` on SIGUSR1), and return its stderr."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(STACKS_WAIT_S)
+        return self.stderr()
 
     def stderr(self) -> str:
         self._stderr.seek(0)

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedrdma.bench.procs import start_pair
+from fedrdma.bench.procs import PeerProcess, start_pair
 from fedrdma.bench.wan import ON_LOOPBACK, Placement
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW
 from fedrdma.core.errors import RunError
@@ -33,6 +34,12 @@ LOOPBACK_TLS = "tcp"
 
 TRANSFER_TIMEOUT_S = 600.0
 """Longest one transfer may take before the benchmark calls the run hung."""
+
+FINISH_TIMEOUT_S = 60.0
+"""How long a peer may take to say goodbye and exit after its last transfer."""
+
+GATHER_POLL_S = 0.05
+"""How often the benchmark looks at its peers' output: often against a transfer, rare for the CPU."""
 
 REFERENCES = {"reference": "raw-write", "reference_read": "raw-read"}
 
@@ -101,27 +108,61 @@ def run_pair_events(
         mode, common, env=env, sender_prefix=where.sender_prefix, receiver_prefix=where.receiver_prefix,
         listen_host=where.listen_host,
     )
+    procs = {"sender": sender, "receiver": receiver}
     try:
-        rows: dict[str, list[dict[str, Any]]] = {"sender": [], "receiver": []}
-        procs = {"sender": sender, "receiver": receiver}
+        rows = _gather(mode, procs, transfers, on_transfer)
         for role, proc in procs.items():
-            while len(rows[role]) < transfers:
-                event = proc.next_event(TRANSFER_TIMEOUT_S)
-                if event is None or event["event"] == "error":
-                    other = procs["receiver" if role == "sender" else "sender"]
-                    raise RunError(
-                        f"{mode} {role} failed: {event}\n{proc.stderr()}\n--- {other.proc.args[-1]}: {other.stderr()}"
-                    )
-                if event["event"] == "transfer":
-                    rows[role].append(event)
-                    if role == "sender":
-                        on_transfer()
-        for proc in procs.values():
-            proc.finish(60)
+            try:
+                proc.finish(FINISH_TIMEOUT_S)
+            except TimeoutError as exc:
+                raise RunError(f"{mode} {role} did not exit after its transfers: {exc}") from None
     finally:
         sender.kill()
         receiver.kill()
     return rows
+
+
+def _gather(
+    mode: str, procs: dict[str, PeerProcess], transfers: int, on_transfer: Callable[[], None]
+) -> dict[str, list[dict[str, Any]]]:
+    """Both sides' `transfer` events; the first failure of either side ends the run, naming both.
+
+    Both sides are read as their lines arrive, so a receiver that fails while the sender
+    still waits on it is reported at once, with what each side printed.
+    """
+    rows: dict[str, list[dict[str, Any]]] = {role: [] for role in procs}
+    last = time.monotonic()
+    while any(len(rows[role]) < transfers for role in procs):
+        progressed = False
+        for role, proc in procs.items():
+            events, ended = proc.events_now()
+            for event in events:
+                if event["event"] == "error":
+                    trace = f"\n{event['traceback']}" if event.get("traceback") else ""
+                    raise RunError(_failure(mode, role, procs, f"{event['type']}: {event['message']}{trace}"))
+                if event["event"] == "transfer" and len(rows[role]) < transfers:
+                    rows[role].append(event)
+                    progressed = True
+                    if role == "sender":
+                        on_transfer()
+            if ended and len(rows[role]) < transfers:
+                raise RunError(_failure(mode, role, procs, f"exited with code {proc.proc.wait(10)} after "
+                                                           f"{len(rows[role])} of {transfers} transfers"))
+        now = time.monotonic()
+        if progressed:
+            last = now
+        elif now - last > TRANSFER_TIMEOUT_S:
+            stacks = "\n".join(f"--- {role}: {proc.stacks()}" for role, proc in procs.items())
+            raise RunError(f"{mode}: no transfer finished for {TRANSFER_TIMEOUT_S:.0f} s; the peers hung\n{stacks}")
+        else:
+            time.sleep(GATHER_POLL_S)
+    return rows
+
+
+def _failure(mode: str, role: str, procs: dict[str, PeerProcess], what: str) -> str:
+    other = "receiver" if role == "sender" else "sender"
+    return (f"{mode} {role} failed: {what}\n--- {role}'s stderr:\n{procs[role].stderr()}"
+            f"\n--- {other}'s stderr:\n{procs[other].stderr()}")
 
 
 def run_mode(
