@@ -19,7 +19,7 @@ from fedrdma.bench.heap import DEFAULT_ROUNDS as DEFAULT_HEAP_ROUNDS
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, ChunkPlan, check_window
 from fedrdma.core.errors import PlanError
 from fedrdma.core.modes import Mode, choices
-from fedrdma.metrics import size_label
+from fedrdma.core.sizes import size_label
 
 app = typer.Typer(help="Federated fine-tuning of LLMs over chunked one-sided RDMA (FedRDMA).", no_args_is_help=True)
 bench = typer.Typer(help="Benchmarks that print ratios measured in one run.", no_args_is_help=True)
@@ -89,7 +89,7 @@ def bench_transfer(
             raise typer.BadParameter("--lora applies to --model; a --size-mb state is synthetic")
         nbytes = int(size_mb * 2**20) // 4 * 4
         size_args = ["--size-bytes", str(nbytes)]
-        what = f"{nbytes / 2**20:.0f} MiB synthetic fp32 state"
+        what = f"{size_label(nbytes)} synthetic fp32 state"
     else:
         from fedrdma.bench.states import gpt2_layout
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrdma.bench.wan import LOOPBACK_PATH
+from fedrdma.core.sizes import WHOLE, chunk_label
 
 REL_TOLERANCE = 0.10
 """Run-to-run swing of this 2-core host: the 5 Gbit/s WAN figure moved 0.877-0.940 (7 %)
@@ -162,10 +163,8 @@ class Comparison:
 
 
 def _cell_label(chunk: int, window: int, state: int) -> str:
-    if chunk >= state:
-        return "whole"
-    size = f"{chunk >> 20} MiB" if chunk >= 1 << 20 else f"{chunk >> 10} KiB"
-    return f"{size} x {window}"
+    label = chunk_label(chunk, state)
+    return label if label == WHOLE else f"{label} x {window}"
 
 
 def _state(row: dict[str, Any]) -> str:

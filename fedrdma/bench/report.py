@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fedrdma.metrics import size_label  # noqa: E402
+from fedrdma.core.sizes import chunk_label, size_label  # noqa: E402
 
 if TYPE_CHECKING:
     from fedrdma.bench.compare import Comparison
@@ -21,12 +21,6 @@ PAPER_FIGURES = {"T1": "44.97 % of round time is communication over TCP",
                  "T2": "Table 2: the best chunk size depends on the link",
                  "T3": "FedRDMA-E up to 3.8x faster than TCP per round",
                  "T4": "Table 4: CPU and memory per transfer"}
-
-
-def _chunk(nbytes: int, state: int) -> str:
-    if nbytes >= state:
-        return "whole"
-    return f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KiB"
 
 
 def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -78,9 +72,9 @@ def t2_markdown(t2: dict[str, Any]) -> str:
             m = model.get(chunk)
             cells.append(f"{m['goodput_fraction']:.3f}" + (" ✓" if chunk == path["model"]["chunk_size"] else "")
                          if m else "-")
-            rows.append([_chunk(chunk, state), *cells])
-        parts.append(f"**{path['label']}**, state {state >> 20} MiB: goodput as a fraction of the line, "
-                     f"median (best of {t2['repeat']}); bold: best cell (chunk {_chunk(best[0], state)}, "
+            rows.append([chunk_label(chunk, state), *cells])
+        parts.append(f"**{path['label']}**, state {size_label(state)}: goodput as a fraction of the line, "
+                     f"median (best of {t2['repeat']}); bold: best cell (chunk {chunk_label(best[0], state)}, "
                      f"window {best[1]}); ✓: the model's pick for RoCE.\n\n" + _md(header, rows))
     return "\n\n".join(parts)
 

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedrdma.core.sizes import chunk_label, size_label
 from fedrdma.lab.units import format_duration, format_rate, parse_duration, parse_loss, parse_rate
 from fedrdma.sim import roce
 from fedrdma.sim.tcp_buffers import BUFFER_BDP_FACTOR, bdp_bytes, check_buffers, read_tcp_limits
@@ -72,16 +73,6 @@ def _state_bytes(size_mb: float | None) -> int:
     if size_mb <= 0:
         raise typer.BadParameter(f"--size-mb {size_mb} must be positive (MiB of state to move)")
     return int(size_mb * 2**20) // 8 * 8 or 8
-
-
-def _mib(nbytes: float) -> str:
-    return f"{nbytes / 2**20:.4g} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.4g} KiB"
-
-
-def _chunk_label(chunk: int | None) -> str:
-    if chunk is None:
-        return "whole"
-    return f"{chunk >> 20}M" if chunk >= 2**20 else f"{chunk >> 10}K"
 
 
 @app.command("tune")
@@ -169,14 +160,14 @@ def _probe(console: Console, rate: str | None, rtt: str | None, loss: str, size_
 
 
 def probe_table(result: Any, path: str) -> Table:
-    table = Table(title=f"tune --probe: {path}, trials of {_mib(result.nbytes)}, "
+    table = Table(title=f"tune --probe: {path}, trials of {size_label(result.nbytes)}, "
                         f"median of {len(result.chosen.seconds)} after a warm-up")
     for col in ("chunk", "window", "goodput", "of line", ""):
         table.add_column(col, justify="right")
     for cell in result.cells:
         row = cell.row(result.nbytes, result.line_bps)
         chosen = cell is result.chosen
-        table.add_row(_mib(cell.chunk_size), str(cell.window), format_rate(row["goodput_gbit_s"] * 1e9),
+        table.add_row(size_label(cell.chunk_size), str(cell.window), format_rate(row["goodput_gbit_s"] * 1e9),
                       f"{row['vs_line']:.3f}" if "vs_line" in row else "-", "chosen" if chosen else "",
                       style="bold green" if chosen else None)
     return table
@@ -184,10 +175,10 @@ def probe_table(result: Any, path: str) -> Table:
 
 def recommendation_table(rec: Recommendation) -> Table:
     table = Table(title=f"tune: {format_rate(rec.rate_bps)}, RTT {format_duration(rec.rtt_s)}, loss {rec.loss:g}, "
-                        f"state {_mib(rec.state_bytes)} (RoCE model)")
+                        f"state {size_label(rec.state_bytes)} (RoCE model)")
     table.add_column("setting")
     table.add_column("value")
-    table.add_row("chunk_size", f"{rec.chunk_size} ({_mib(rec.chunk_size)})")
+    table.add_row("chunk_size", f"{rec.chunk_size} ({size_label(rec.chunk_size)})")
     table.add_row("window", str(rec.window))
     table.add_row("expected goodput", f"{format_rate(rec.expected_goodput_bps)} ({rec.goodput_fraction:.2f} of line)")
     table.add_row("expected time", f"{rec.expected_time_s:.3f} s")
@@ -210,7 +201,7 @@ def tcp_check(rate_bps: float, rtt_s: float, proc_root: Path) -> dict[str, Any]:
 
 
 def tcp_table(tcp: dict[str, Any], rate_bps: float, rtt_s: float) -> Table:
-    table = Table(title=f"TCP buffers vs {BUFFER_BDP_FACTOR:g} x BDP ({_mib(tcp['bdp_bytes'])} at "
+    table = Table(title=f"TCP buffers vs {BUFFER_BDP_FACTOR:g} x BDP ({size_label(tcp['bdp_bytes'])} at "
                         f"{format_rate(rate_bps)}, {format_duration(rtt_s)})")
     table.add_column("sysctl")
     table.add_column("now", justify="right")
@@ -219,9 +210,9 @@ def tcp_table(tcp: dict[str, Any], rate_bps: float, rtt_s: float) -> Table:
     if not tcp["checked"]:
         table.add_row("(skipped)", "", "", tcp["error"])
     elif not tcp["findings"]:
-        table.add_row("all four", "ok", _mib(tcp["required_bytes"]), "nothing to raise", style="green")
+        table.add_row("all four", "ok", size_label(tcp["required_bytes"]), "nothing to raise", style="green")
     for f in tcp["findings"]:
-        table.add_row(f["sysctl"], _mib(f["current"]), _mib(f["required"]), f["command"], style="yellow")
+        table.add_row(f["sysctl"], size_label(f["current"]), size_label(f["required"]), f["command"], style="yellow")
     return table
 
 
@@ -261,12 +252,12 @@ def _items(text: str, option: str) -> list[str]:
 
 def sim_table(results: list[tuple[tuple[float, float, float], Recommendation]], state: int) -> Table:
     grid = [row.chunk_bytes for row in results[0][1].rows]
-    table = Table(title=f"RoCE model: goodput / line rate by chunk size, {_mib(state)} state, window covering "
+    table = Table(title=f"RoCE model: goodput / line rate by chunk size, {size_label(state)} state, window covering "
                         f"the BDP per chunk; * best, x P(fail) > {roce.P_FAIL_MAX:g}")
     for col in ("rate", "RTT", "loss"):
         table.add_column(col, justify="right")
     for chunk in grid:
-        table.add_column(_chunk_label(chunk), justify="right")
+        table.add_column(chunk_label(chunk), justify="right")
     for col in ("best", "window", "P(fail) best", "P(fail) whole"):
         table.add_column(col, justify="right")
     for (rate, rtt, loss), rec in results:
@@ -285,7 +276,7 @@ def sim_table(results: list[tuple[tuple[float, float, float], Recommendation]], 
                 text = f"[bold green]{text}*[/]"
             cells.append(text)
         whole = by_chunk.get(None)
-        cells += [_chunk_label(best_key), str(rec.window), f"{rec.p_fail:.0e}",
+        cells += [chunk_label(best_key), str(rec.window), f"{rec.p_fail:.0e}",
                   f"{whole.result.p_fail:.0e}" if whole else ""]
         table.add_row(*cells)
     return table
