@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import io
+import json
+from pathlib import Path
+
 import pytest
+from rich.console import Console
+from rich.table import Table
 from typer.testing import CliRunner
 
 from fedrdma.cli import app
+from fedrdma.cli.console import PIPE_WIDTH, console
+from fedrdma.cli.tables import status_table, transfer_table
+from fedrdma.lab.config import LabConfig
+from fedrdma.lab.lab import Lab, PathStatus
+from fedrdma.lab.probe import TransferResult
+from fedrdma.lab.state import LabState
 
 runner = CliRunner()
 
@@ -56,3 +68,42 @@ def test_bench_transfer_moves_a_lora_state_in_one_chunk_by_default(tmp_path):
     assert saved["size_bytes"] == nbytes < (4 << 20)
     assert saved["chunk_size"] == nbytes
     assert saved["modes"]["rdma-e"]["identical"] is True
+
+
+# --- tables written to a pipe -------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _lab_rows() -> tuple[LabConfig, list[PathStatus]]:
+    """Two measured paths of a lab, as `lab status` shows them (no lab needed)."""
+    config = LabConfig.uniform(silos=2, rate="1gbit", rtt="20ms", loss=0.01, name="frl")
+    lab = Lab(LabState(name=config.name, config=config))
+    rows = [PathStatus(path, 0.0201, TransferResult(977e6, 12, 81234, 812), TransferResult(964e6, 9, 80321, 799))
+            for path in lab.paths]
+    return config, rows
+
+
+def _rendered(table: Table, out: Console) -> str:
+    out.print(table)
+    return out.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_tables_written_to_a_pipe_keep_every_header_and_figure_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At rich's 80 columns headers were cut to "referen…" and cells to "198.…"; the console
+    the commands use when stdout is not a terminal keeps them whole, even where COLUMNS says 80."""
+    monkeypatch.setenv("COLUMNS", "80")
+    transfer = json.loads((REPO / "results" / "wan-5gbit-20ms.json").read_text())
+    config, rows = _lab_rows()
+    tables = [transfer_table(transfer), status_table(config, rows, "element", 8.78e9, "bbr")]
+    narrow = "".join(_rendered(t, Console(file=io.StringIO(), width=80)) for t in tables)
+    assert "reference" not in narrow and "198.18.1.1 -> 198.19.1.1" not in narrow  # what the factory fixes
+    piped = [_rendered(t, console(file=io.StringIO())) for t in tables]
+    for word in ("reference", "identical", "recv +RSS MiB", "seconds (min)", "grpc (wire only 0.47 GB/s)"):
+        assert word in piped[0], word
+    assert "0.914 (0.910)" in piped[0] and "…" not in piped[0]
+    for text in ("198.18.1.1 -> 198.19.1.1", "198.18.2.1 -> 198.19.2.1", "977mbit (12 retr)",
+                 "0.0100 (812/81234)", "rate down (TCP)", "element ceiling 8.78gbit"):
+        assert text in piped[1], text
+    assert "…" not in piped[1]
+    assert all(len(line) <= PIPE_WIDTH for text in piped for line in text.splitlines())

@@ -19,8 +19,17 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from fedrdma.lab import Lab, LabConfig, LabError, PathShape, delay, netns, probe, shaping
-from fedrdma.lab import cli as lab_cli
+from fedrdma.cli import app
+from fedrdma.lab import (
+    Lab,
+    LabConfig,
+    LabError,
+    PathShape,
+    delay,
+    netns,
+    probe,
+    shaping,
+)
 from fedrdma.lab.lab import FAIL_AT_ENV, _check_ceiling
 from fedrdma.lab.netns import PathLinks
 from fedrdma.lab.state import LabState
@@ -108,7 +117,7 @@ def test_config_validates_fields() -> None:
 
 
 def test_cli_refuses_unparsable_input_before_touching_anything() -> None:
-    result = CliRunner().invoke(lab_cli.app, ["up", "--name", TEST_LAB, "--rate", "1xbit", "--loss", "3"])
+    result = CliRunner().invoke(app, ["lab", "up", "--name", TEST_LAB, "--rate", "1xbit", "--loss", "3"])
     assert result.exit_code == 1
     assert "--rate: cannot parse rate '1xbit'" in result.output
     assert "--loss" in result.output
@@ -248,7 +257,7 @@ def test_lab_topology_mtu_offloads_buffers_exec(clean_slate: dict[str, object]) 
         assert int(rmem[2]) == lab.config.tcp_buffer_max
         idle = netns.run(netns.in_ns(links.agg_ns, ["sysctl", "-n", "net.ipv4.tcp_slow_start_after_idle"]))
         assert idle.stdout.strip() == "0"
-        cli = subprocess.run([sys.executable, "-m", "fedrdma.lab.cli", "exec", "--name", TEST_LAB, "silo1", "--",
+        cli = subprocess.run([sys.executable, "-m", "fedrdma.cli", "lab", "exec", "--name", TEST_LAB, "silo1", "--",
                               "ping", "-c", "1", "-W", "2", lab.address("agg", silo=1)],
                              capture_output=True, text=True, timeout=30)
         assert cli.returncode == 0, cli.stderr
@@ -305,14 +314,14 @@ def test_failure_midway_leaves_nothing(step: str, clean_slate: dict[str, object]
 @needs_lab
 def test_down_after_killed_up_removes_everything(clean_slate: dict[str, object]) -> None:
     env = {**os.environ, FAIL_AT_ENV: "kill:shape"}
-    proc = subprocess.run([sys.executable, "-m", "fedrdma.lab.cli", "up", "--name", TEST_LAB, "--rate", "200mbit"],
+    proc = subprocess.run([sys.executable, "-m", "fedrdma.cli", "lab", "up", "--name", TEST_LAB, "--rate", "200mbit"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
     state = LabState.load(TEST_LAB)
     assert state is not None and not state.complete and state.element is not None
     assert delay.element_alive(state.element), "the crash should have left a running element to clean up"
     assert all(netns.namespace_exists(ns) for ns in state.namespaces)
-    down = subprocess.run([sys.executable, "-m", "fedrdma.lab.cli", "down", "--name", TEST_LAB],
+    down = subprocess.run([sys.executable, "-m", "fedrdma.cli", "lab", "down", "--name", TEST_LAB],
                           capture_output=True, text=True, timeout=60)
     assert down.returncode == 0, down.stderr
     assert not delay.element_alive(state.element)

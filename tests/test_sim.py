@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from fedrdma.cli import app
 from fedrdma.core.sizes import chunk_label
 from fedrdma.sim import roce
-from fedrdma.sim.cli import app
 from fedrdma.sim.roce import Link, Nic
 from fedrdma.sim.tcp_buffers import bdp_bytes, check_buffers, read_tcp_limits
 from fedrdma.sim.tune import recommend
