@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,55 @@ def test_tables_written_to_a_pipe_keep_every_header_and_figure_whole(monkeypatch
         assert text in piped[1], text
     assert "…" not in piped[1]
     assert all(len(line) <= PIPE_WIDTH for text in piped for line in text.splitlines())
+
+
+# --- list options, layers and start-up ----------------------------------------------------------
+
+
+def _unboxed(output: str) -> str:
+    """An error as typer prints it, without rich's box and line breaks."""
+    return " ".join(" ".join(line.strip("│╭╮╰╯─ ").split()) for line in output.splitlines())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["bench", "transfer", "--modes", "rdma-e,carrier-pigeon"],
+     "Invalid value for --modes: unknown mode 'carrier-pigeon'; choose from grpc, rdma, rdma-e, rdma-e-pull"),
+    (["demo", "--modes", "grpc,grpc"], "Invalid value for --modes: 'grpc' is listed twice"),
+    (["bench", "paper", "--tables", "T1,T9"], "Invalid value for --tables: unknown table 'T9'; choose from T1, T2"),
+    (["sim", "--rates", "1gbit,fast"], "Invalid value for --rates: cannot parse rate 'fast'"),
+    (["sim", "--rtts", ","], "Invalid value for --rtts: give at least one value, separated by ','"),
+    (["sim", "--losses", "0,2,3"], "Invalid value for --losses: loss '2' must be a fraction in [0, 1), e.g. 0.01 "
+                                   "for 1 %; loss '3' must be"),
+])
+def test_every_list_option_refuses_bad_values_in_one_form(args: list[str], message: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in _unboxed(result.output)
+
+
+def test_tables_are_named_case_insensitively() -> None:
+    from fedrdma.cli.options import comma_list, one_of
+
+    assert comma_list("t3, T1", "--tables", one_of("table", ("T1", "T2", "T3"))) == ["T3", "T1"]
+
+
+def _imported_after(code: str) -> set[str]:
+    probe = f"import sys\n{code}\nprint('\\n'.join(sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return set(proc.stdout.split())
+
+
+def test_the_command_starts_without_torch_or_matplotlib() -> None:
+    loaded = _imported_after("import fedrdma.cli")
+    assert not {"torch", "transformers", "matplotlib", "grpc", "fedrdma.bench.transfer"} & loaded
+
+
+def test_sim_is_a_pure_model() -> None:
+    """No command line, no console, no benchmark: `sim/` models, the CLI and bench use it."""
+    loaded = _imported_after("import pkgutil, importlib, fedrdma.sim\n"
+                             "for m in pkgutil.iter_modules(fedrdma.sim.__path__):\n"
+                             "    importlib.import_module('fedrdma.sim.' + m.name)")
+    assert "fedrdma.sim.tune" in loaded and "fedrdma.sim.tcp_buffers" in loaded
+    outside = {m for m in loaded if m.split(".")[0] in ("typer", "rich", "click")
+               or m.startswith(("fedrdma.bench", "fedrdma.cli", "fedrdma.lab", "fedrdma.fl"))}
+    assert not outside, sorted(outside)
