@@ -213,7 +213,7 @@ def run_t1(rounds: int, step: Step, mtu: int, logs: Path | None = None) -> dict[
     if logs is None:
         with tempfile.TemporaryDirectory(prefix="fedrdma-t1-") as scratch:
             return run_t1(rounds, step, mtu, Path(scratch))
-    from fedrdma.fl.data import DEMO_SILOS
+    from fedrdma.fl.inputs import DEMO_SILOS
     from fedrdma.fl.demo import run_federation
 
     out: dict[str, Any] = {"rounds": rounds, "model": T1_MODEL, "local_steps": T1_LOCAL_STEPS,

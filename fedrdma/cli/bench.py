@@ -15,7 +15,8 @@ from fedrdma.bench.heap import DEFAULT_MODEL as DEFAULT_HEAP_MODEL
 from fedrdma.bench.heap import DEFAULT_REPEAT as DEFAULT_HEAP_REPEAT
 from fedrdma.bench.heap import DEFAULT_ROUNDS as DEFAULT_HEAP_ROUNDS
 from fedrdma.cli.console import console, progress
-from fedrdma.cli.options import comma_list, mode, one_of
+from fedrdma.cli.inputs import model_name
+from fedrdma.cli.options import comma_list, mode, one_of, single
 from fedrdma.cli.tables import compare_table, heap_table, transfer_table
 from fedrdma.core.chunks import (
     DEFAULT_CHUNK_SIZE,
@@ -77,6 +78,7 @@ def bench_transfer(
     else:
         from fedrdma.bench.states import gpt2_layout
 
+        single(model, "--model", model_name)
         nbytes = gpt2_layout(model, lora).nbytes
         size_args = ["--model", model, *(["--lora"] if lora else [])]
         what = f"{model}{' LoRA' if lora else ''} trainable state, {size_label(nbytes)}"
@@ -271,6 +273,7 @@ def bench_heap(
     from fedrdma.bench import heap
 
     out = console()
+    single(model, "--model", model_name)
     total = repeat * len(heap.VARIANTS)
     with progress(out) as bar:
         task = bar.add_task("training, one process per setting", total=total)

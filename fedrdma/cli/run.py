@@ -13,11 +13,13 @@ from typing import Any
 import typer
 
 from fedrdma.cli.console import console
-from fedrdma.cli.options import comma_list, mode
-from fedrdma.cli.settings import settings_command
+from fedrdma.cli.inputs import demo_files, model_name, text_file
+from fedrdma.cli.options import comma_list, mode, single
+from fedrdma.cli.settings import USAGE_ERROR, flag, settings_command
 from fedrdma.cli.tables import add_round_row, demo_table, round_table
 from fedrdma.config import AggregatorConfig, SiloConfig
 from fedrdma.core.modes import choices
+from fedrdma.fl.inputs import DEMO_SILOS
 
 app = typer.Typer()
 
@@ -46,13 +48,19 @@ def run_aggregator(cfg: AggregatorConfig) -> None:
     from fedrdma.core.errors import FedRDMAError
     from fedrdma.fl.aggregator import Aggregator
     from fedrdma.fl.evaluate import evaluator
+    from fedrdma.fl.inputs import DataError
 
     _logging()
     out = console()
+    try:  # the held-out text is read before the model is built and the table drawn
+        evaluate = evaluator(cfg)
+    except DataError as exc:
+        typer.echo(f"aggregator: `eval_data` ({flag('eval_data')}): {exc}", err=True)
+        raise typer.Exit(USAGE_ERROR) from None
     table = round_table(cfg.mode)
     try:
         with Live(table, console=out, refresh_per_second=2):
-            records = Aggregator(cfg, evaluator(cfg)).run(on_round=lambda r: add_round_row(table, r))
+            records = Aggregator(cfg, evaluate).run(on_round=lambda r: add_round_row(table, r))
     except FedRDMAError as exc:
         out.print(f"[red]aggregator failed:[/] {exc}")
         raise typer.Exit(1) from None
@@ -76,10 +84,11 @@ def run_silo(cfg: SiloConfig) -> None:
 
 
 app.command("aggregator", help="Run the aggregator: rounds of broadcast, local training, upload, FedAvg.")(
-    settings_command(AggregatorConfig, run_aggregator, {"silos": _silo_entry})
+    settings_command("aggregator", AggregatorConfig, run_aggregator, {"silos": _silo_entry},
+                     {"eval_data": text_file, "model": model_name})
 )
 app.command("silo", help="Run one silo: join the aggregator, train on local data, upload each round.")(
-    settings_command(SiloConfig, run_silo, {})
+    settings_command("silo", SiloConfig, run_silo, {}, {"data": text_file, "model": model_name})
 )
 
 
@@ -96,11 +105,16 @@ def demo(
 ) -> None:
     """A local federation (aggregator + silos as processes) per mode, side by side."""
     from fedrdma.cli.plots import rounds_plot
-    from fedrdma.fl.data import DEMO_SILOS
     from fedrdma.fl.demo import run_demo
 
     out = console()
     names = comma_list(modes, "--modes", mode)
+    single(model, "--model", model_name)
+    try:
+        demo_files(DEMO_SILOS[:silos])
+    except ValueError as exc:
+        console(stderr=True).print(f"[bold red]demo:[/] the shipped corpus: {exc}")
+        raise typer.Exit(1) from None
     out.print(f"[bold]demo[/]: {model}{' + LoRA' if lora else ''}, {silos} silos, {rounds} rounds, "
               f"modes {', '.join(names)}; logs in {out_dir}")
 

@@ -24,7 +24,7 @@ from fedrdma.core.addresses import LOOPBACK_HOST
 from fedrdma.core.errors import RunError
 from fedrdma.core.modes import Mode
 from fedrdma.fl import checkpoint
-from fedrdma.fl.data import DEMO_EVAL, DEMO_SILOS, demo_corpus
+from fedrdma.fl.inputs import DEMO_EVAL, DEMO_SILOS, demo_corpus
 
 DEMO_MODEL = "gpt2-small"
 """GPT-2 small (124M, 475 MiB fp32): large enough that moving it shows next to training it."""
