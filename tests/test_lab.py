@@ -20,16 +20,7 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from fedrdma.cli import app
-from fedrdma.lab import (
-    Lab,
-    LabConfig,
-    LabError,
-    PathShape,
-    delay,
-    netns,
-    probe,
-    shaping,
-)
+from fedrdma.lab import Lab, LabConfig, LabError, PathShape, delay, netns, probe, shaping
 from fedrdma.lab.lab import FAIL_AT_ENV, _check_ceiling
 from fedrdma.lab.netns import PathLinks
 from fedrdma.lab.state import LabState

@@ -225,15 +225,15 @@ def run_t1(rounds: int, step: Step, mtu: int, logs: Path | None = None) -> dict[
                 step.start(f"T1 {mode} on {_path_label(shape)}", rounds)
                 records = run_federation(
                     logs / f"{rate}-{mode}", mode, rounds, T1_MODEL, False,
-                    DEMO_SILOS[:T1_SILOS], on_round=lambda r: step.advance() if r["round"] > 0 else None,
+                    DEMO_SILOS[:T1_SILOS], on_round=lambda r: step.advance() if r.round > 0 else None,
                     hosts=federation_hosts(lab), local_steps=T1_LOCAL_STEPS,
                 )
-                done = [r for r in records if r["round"] > 0]
+                done = [r for r in records if r.round > 0]
                 out["rows"].append({
                     "rate_bps": shape.rate_bps, "rtt_s": shape.rtt_s, "transport": mode,
                     "path": _path_label(shape),
-                    "rounds": [{k: r[k] for k in ("round", "comm_seconds", "compute_seconds", "comm_share",
-                                                  "round_seconds") if k in r} for r in done],
+                    "rounds": [r.model_dump(include={"round", "comm_seconds", "compute_seconds", "comm_share",
+                                                     "round_seconds"}) for r in done],
                 })
     return out
 

@@ -18,12 +18,7 @@ from fedrdma.cli.console import console, progress
 from fedrdma.cli.inputs import model_name
 from fedrdma.cli.options import comma_list, mode, one_of, single
 from fedrdma.cli.tables import compare_table, heap_table, transfer_table
-from fedrdma.core.chunks import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_WINDOW,
-    ChunkPlan,
-    check_window,
-)
+from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, ChunkPlan, check_window
 from fedrdma.core.errors import PlanError
 from fedrdma.core.modes import Mode, choices
 from fedrdma.core.sizes import size_label

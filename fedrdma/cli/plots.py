@@ -7,44 +7,45 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fedrdma.cli.tables import mean_over_silos  # noqa: E402
 from fedrdma.lab.units import format_duration, format_rate  # noqa: E402
 
 if TYPE_CHECKING:
+    from fedrdma.fl.records import AggregatorRound
     from fedrdma.sim.tune import Recommendation
 
 PHASES = ("broadcast_seconds", "train_seconds", "upload_seconds")
 """A silo's part of a round, in the order it happens; the aggregation follows."""
 
 
-def rounds_plot(by_mode: Mapping[str, Sequence[dict[str, Any]]], path: Path) -> Path:
+def rounds_plot(by_mode: Mapping[str, Sequence[AggregatorRound]], path: Path) -> Path:
     """Held-out loss per round per mode, and each mode's time per round by phase."""
     modes = list(by_mode)
     fig, axes = plt.subplots(1, 1 + len(modes), figsize=(5 * (1 + len(modes)), 4))
     loss_ax = axes[0]
     for mode in modes:
         rounds = by_mode[mode]
-        loss_ax.plot([r["round"] for r in rounds], [r["eval_loss"] for r in rounds], marker="o", label=mode)
+        scored = [r for r in rounds if r.eval_loss is not None]
+        loss_ax.plot([r.round for r in scored], [r.eval_loss for r in scored], marker="o", label=mode)
     loss_ax.set_xlabel("round")
     loss_ax.set_ylabel("held-out loss")
     loss_ax.set_title("held-out loss")
     loss_ax.legend()
     for ax, mode in zip(axes[1:], modes, strict=True):
-        rounds = [r for r in by_mode[mode] if r["round"] > 0]
-        xs = [r["round"] for r in rounds]
+        rounds = [r for r in by_mode[mode] if r.round > 0]
+        xs = [r.round for r in rounds]
         bottom = [0.0] * len(rounds)
         for phase in PHASES:
-            vals = [mean_over_silos(r, phase) for r in rounds]
+            vals = [r.silo_mean(phase) for r in rounds]
             ax.bar(xs, vals, bottom=bottom, label=phase.replace("_seconds", ""))
             bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-        agg = [r.get("aggregation_seconds", 0.0) for r in rounds]
+        agg = [r.aggregation_seconds for r in rounds]
         ax.bar(xs, agg, bottom=bottom, label="aggregation")
         ax.set_xlabel("round")
         ax.set_ylabel("seconds (mean over silos)")

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
 
-from fedrdma.cli.console import console
+from fedrdma.cli.console import console, live
 from fedrdma.cli.inputs import demo_files, model_name, text_file
 from fedrdma.cli.options import comma_list, mode, single
 from fedrdma.cli.settings import USAGE_ERROR, flag, settings_command
@@ -20,6 +20,9 @@ from fedrdma.cli.tables import add_round_row, demo_table, round_table
 from fedrdma.config import AggregatorConfig, SiloConfig
 from fedrdma.core.modes import choices
 from fedrdma.fl.inputs import DEMO_SILOS
+
+if TYPE_CHECKING:
+    from fedrdma.fl.records import AggregatorRound
 
 app = typer.Typer()
 
@@ -40,8 +43,6 @@ def _logging() -> None:
 
 
 def run_aggregator(cfg: AggregatorConfig) -> None:
-    from rich.live import Live
-
     from fedrdma.cli.plots import (
         rounds_plot,  # heavy, as every import inside a command here: torch, matplotlib
     )
@@ -59,14 +60,14 @@ def run_aggregator(cfg: AggregatorConfig) -> None:
         raise typer.Exit(USAGE_ERROR) from None
     table = round_table(cfg.mode)
     try:
-        with Live(table, console=out, refresh_per_second=2):
+        with live(out, table):
             records = Aggregator(cfg, evaluate).run(on_round=lambda r: add_round_row(table, r))
     except FedRDMAError as exc:
         out.print(f"[red]aggregator failed:[/] {exc}")
         raise typer.Exit(1) from None
     png = rounds_plot({cfg.mode: records}, Path(cfg.out_dir) / "rounds.png") \
-        if any(r.get("eval_loss") is not None for r in records) else None
-    out.print(f"aggregator: {len(records)} rounds; metrics in {cfg.out_dir}/metrics.jsonl"
+        if any(r.eval_loss is not None for r in records) else None
+    out.print(f"aggregator: {sum(r.round > 0 for r in records)} rounds; metrics in {cfg.out_dir}/metrics.jsonl"
               + (f", plot {png}" if png else ""))
 
 
@@ -118,22 +119,22 @@ def demo(
     out.print(f"[bold]demo[/]: {model}{' + LoRA' if lora else ''}, {silos} silos, {rounds} rounds, "
               f"modes {', '.join(names)}; logs in {out_dir}")
 
-    def show(name: str, r: dict[str, Any]) -> None:
-        if r["round"] == 0:
-            out.print(f"  {name:11} round 0  held-out loss {r['eval_loss']:.3f}")
+    def show(name: str, r: AggregatorRound) -> None:
+        loss = f"held-out loss {r.eval_loss:.3f}" if r.eval_loss is not None else "not scored"
+        if r.round == 0:
+            out.print(f"  {name:11} round 0  {loss}")
             return
         out.print(
-            f"  {name:11} round {r['round']}  held-out loss {r['eval_loss']:.3f}  "
-            f"comm {r['comm_seconds']:.2f} s  compute {r['compute_seconds']:.2f} s  "
-            f"comm share {100 * r['comm_share']:.0f} %  accepted {', '.join(r['accepted'])}"
+            f"  {name:11} round {r.round}  {loss}  comm {r.comm_seconds:.2f} s  compute {r.compute_seconds:.2f} s  "
+            f"comm share {100 * r.comm_share:.0f} %  accepted {', '.join(r.accepted)}"
         )
 
     result = run_demo(out_dir, rounds, model, lora, names, DEMO_SILOS[:silos], on_round=show)
     out.print(demo_table(result))
-    png = rounds_plot({m: t["rounds"] for m, t in result["transports"].items()}, out_dir / "demo.png")
+    png = rounds_plot({m: t.rounds for m, t in result.transports.items()}, out_dir / "demo.png")
     out.print(f"plot: {png}")
-    out.print(f"max |difference| between the modes' final models: {result['max_abs_diff_between_transports']:.2e}")
+    out.print(f"max |difference| between the modes' final models: {result.max_abs_diff_between_transports:.2e}")
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        json_path.write_text(json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
         out.print(f"wrote {json_path}")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from fedrdma.core.modes import Mode
 from fedrdma.core.sizes import chunk_label, size_label
 from fedrdma.lab.units import format_duration, format_rate
 from fedrdma.sim.roce import P_FAIL_MAX
@@ -20,6 +21,7 @@ from fedrdma.sim.tcp_buffers import BUFFER_BDP_FACTOR
 if TYPE_CHECKING:
     from fedrdma.bench.compare import Comparison
     from fedrdma.bench.probe import ProbeResult
+    from fedrdma.fl.records import AggregatorRound, DemoResult
     from fedrdma.lab.config import LabConfig
     from fedrdma.lab.lab import PathStatus
     from fedrdma.sim.tune import Recommendation
@@ -99,27 +101,35 @@ def heap_table(result: dict[str, Any], local_steps: int, batch_size: int, seq_le
 # --- the federation -----------------------------------------------------------------------
 
 
-def demo_table(result: dict[str, Any]) -> Table:
-    transports = list(result["transports"])
-    against_grpc = [t for t in transports if t != "grpc"] if "grpc" in transports and len(transports) > 1 else []
+def _loss(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def demo_table(result: DemoResult) -> Table:
+    modes = list(result.transports)
+    against_grpc = [m for m in modes if m != Mode.GRPC] if Mode.GRPC in modes and len(modes) > 1 else []
     columns: list[str] = ["round"]
-    for t in transports:
-        columns += [f"{t} loss", f"{t} round s", f"{t} comm %"]
-    columns += [f"comm speedup {t} vs grpc" for t in against_grpc]
+    for m in modes:
+        columns += [f"{m} loss", f"{m} round s", f"{m} comm %"]
+    columns += [f"comm speedup {m} vs grpc" for m in against_grpc]
     table = _table("federated rounds, side by side", columns)
-    rows = {t: {r["round"]: r for r in result["transports"][t]["rounds"]} for t in transports}
+    rows = {m: {r.round: r for r in result.transports[m].rounds} for m in modes}
     for rnd in sorted(set().union(*(r.keys() for r in rows.values()))):
         cells = [str(rnd)]
-        for t in transports:
-            r = rows[t].get(rnd, {})
-            cells += [f"{r.get('eval_loss', float('nan')):.3f}", f"{r.get('round_seconds', 0.0):.1f}",
-                      f"{100 * r.get('comm_share', 0.0):.0f}"]
-        g = rows["grpc"].get(rnd, {}).get("comm_seconds", 0.0) if against_grpc else 0.0
-        for t in against_grpc:
-            mine = rows[t].get(rnd, {}).get("comm_seconds", 0.0)
-            cells.append(f"{g / mine:.1f}x" if mine > 0 and g > 0 else "")
+        for m in modes:
+            r = rows[m].get(rnd)
+            cells += ["", "", ""] if r is None else [_loss(r.eval_loss), f"{r.round_seconds:.1f}",
+                                                     f"{100 * r.comm_share:.0f}"]
+        cells += [_speedup(rows[Mode.GRPC].get(rnd), rows[m].get(rnd)) for m in against_grpc]
         table.add_row(*cells)
     return table
+
+
+def _speedup(grpc: AggregatorRound | None, mine: AggregatorRound | None) -> str:
+    """How many times less a round spent communicating than grpc's; empty where either did not."""
+    if grpc is None or mine is None or grpc.comm_seconds <= 0 or mine.comm_seconds <= 0:
+        return ""
+    return f"{grpc.comm_seconds / mine.comm_seconds:.1f}x"
 
 
 def round_table(mode: str) -> Table:
@@ -128,23 +138,17 @@ def round_table(mode: str) -> Table:
                                        "comm %", ("accepted", LEFT), ("rejected", LEFT)])
 
 
-def mean_over_silos(record: dict[str, Any], key: str) -> float:
-    vals = [s[key] for s in record.get("silos", []) if s.get("ok") and key in s]
-    return sum(vals) / len(vals) if vals else 0.0
-
-
-def add_round_row(table: Table, r: dict[str, Any]) -> None:
-    loss = r.get("eval_loss")
+def add_round_row(table: Table, r: AggregatorRound) -> None:
     table.add_row(
-        str(r["round"]),
-        f"{loss:.3f}" if loss is not None else "",
-        f"{mean_over_silos(r, 'broadcast_seconds'):.2f}",
-        f"{mean_over_silos(r, 'train_seconds'):.2f}",
-        f"{mean_over_silos(r, 'upload_seconds'):.2f}",
-        f"{r.get('aggregation_seconds', 0.0):.2f}",
-        f"{100 * r.get('comm_share', 0.0):.0f}",
-        ", ".join(r.get("accepted", [])),
-        "; ".join(f"{k}: {v}" for k, v in (r.get("rejected") or {}).items()),
+        str(r.round),
+        _loss(r.eval_loss),
+        f"{r.silo_mean('broadcast_seconds'):.2f}",
+        f"{r.silo_mean('train_seconds'):.2f}",
+        f"{r.silo_mean('upload_seconds'):.2f}",
+        f"{r.aggregation_seconds:.2f}",
+        f"{100 * r.comm_share:.0f}",
+        ", ".join(r.accepted),
+        "; ".join(f"{k}: {v}" for k, v in r.rejected.items()),
     )
 
 
