@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +12,13 @@ from rich.console import Console
 from rich.table import Table
 from typer.testing import CliRunner
 
+from fedrdma.bench.records import TransferResult
 from fedrdma.cli import app
 from fedrdma.cli.console import PIPE_WIDTH, console
 from fedrdma.cli.tables import status_table, transfer_table
 from fedrdma.lab.config import LabConfig
 from fedrdma.lab.lab import Lab, PathStatus
-from fedrdma.lab.probe import TransferResult
+from fedrdma.lab.probe import TransferResult as TcpTransfer
 from fedrdma.lab.state import LabState
 
 runner = CliRunner()
@@ -81,7 +81,7 @@ def _lab_rows() -> tuple[LabConfig, list[PathStatus]]:
     """Two measured paths of a lab, as `lab status` shows them (no lab needed)."""
     config = LabConfig.uniform(silos=2, rate="1gbit", rtt="20ms", loss=0.01, name="frl")
     lab = Lab(LabState(name=config.name, config=config))
-    rows = [PathStatus(path, 0.0201, TransferResult(977e6, 12, 81234, 812), TransferResult(964e6, 9, 80321, 799))
+    rows = [PathStatus(path, 0.0201, TcpTransfer(977e6, 12, 81234, 812), TcpTransfer(964e6, 9, 80321, 799))
             for path in lab.paths]
     return config, rows
 
@@ -95,7 +95,7 @@ def test_tables_written_to_a_pipe_keep_every_header_and_figure_whole(monkeypatch
     """At rich's 80 columns headers were cut to "referen…" and cells to "198.…"; the console
     the commands use when stdout is not a terminal keeps them whole, even where COLUMNS says 80."""
     monkeypatch.setenv("COLUMNS", "80")
-    transfer = json.loads((REPO / "results" / "wan-5gbit-20ms.json").read_text())
+    transfer = TransferResult.model_validate_json((REPO / "results" / "wan-5gbit-20ms.json").read_text())
     config, rows = _lab_rows()
     tables = [transfer_table(transfer), status_table(config, rows, "element", 8.78e9, "bbr")]
     narrow = "".join(_rendered(t, Console(file=io.StringIO(), width=80)) for t in tables)

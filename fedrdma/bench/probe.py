@@ -58,8 +58,8 @@ class ProbeResult:
             "path": where.fields() | {"described": where.describe()},
             "state_bytes": self.nbytes,
             "config": self.config(),
-            "chosen": self.chosen.row(self.nbytes, self.line_bps),
-            "table": [c.row(self.nbytes, self.line_bps) for c in self.cells],
+            "chosen": self.chosen.row(self.nbytes, self.line_bps).model_dump(mode="json"),
+            "table": [c.row(self.nbytes, self.line_bps).model_dump(mode="json") for c in self.cells],
         }
 
 

@@ -56,9 +56,8 @@ def bench_transfer(
     With --rate the sender runs in a silo namespace and the receiver in the aggregator's,
     joined by a path shaped in the lab's router; figures are then also read against the line.
     """
-    from fedrdma.bench import (
-        transfer,  # heavy, as every import inside a command here: torch and the transport
-    )
+    # Heavy, as every import inside a command here: torch and the transport stack.
+    from fedrdma.bench import transfer
 
     out = console()
     mode_list = comma_list(modes, "--modes", mode)
@@ -102,7 +101,7 @@ def bench_transfer(
     if json_path:
         transfer.write_json(result, json_path)
         out.print(f"wrote {json_path}")
-    if not all(row["identical"] for row in result["modes"].values()):
+    if not all(row.identical for row in result.modes.values()):
         raise typer.Exit(1)
 
 
@@ -171,14 +170,7 @@ def bench_paper(
     import shlex
     import sys
 
-    from fedrdma.bench.paper import (
-        MIN_REPEAT,
-        TABLES,
-        Step,
-        keep_previous,
-        rewrite_report,
-        run_paper,
-    )
+    from fedrdma.bench.paper import MIN_REPEAT, TABLES, Step, keep_previous, rewrite_report, run_paper
 
     out = console()
     if report_only:
@@ -211,10 +203,10 @@ def bench_paper(
 
         result = run_paper(out_dir, wanted, repeat, mtu, Step(start, lambda: bar.advance(current[-1])), command,
                            against=previous, logs=logs)
-    out.print(f"wrote {out_dir / 'report.md'} ({result['minutes']:.0f} min)")
-    if "repeats" in result:
+    out.print(f"wrote {out_dir / 'report.md'} ({result.minutes or 0:.0f} min)")
+    if result.repeats is not None:
         out.print(f"against {previous}: " + ("every claim bound by the line or the transport repeats within "
-                                             "noise" if result["repeats"]["agrees"]
+                                             "noise" if result.repeats.agrees
                                              else "some claims differ beyond noise (see the report)"))
 
 
@@ -273,8 +265,8 @@ def bench_heap(
     with progress(out) as bar:
         task = bar.add_task("training, one process per setting", total=total)
         result = heap.run(model, rounds, repeat, on_child=lambda variant: bar.advance(task))
-    out.print(heap_table(result, heap.LOCAL_STEPS, heap.BATCH_SIZE, heap.SEQ_LEN))
+    out.print(heap_table(result, heap.PROBE_BYTES))
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        json_path.write_text(json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
         out.print(f"wrote {json_path}")

@@ -43,9 +43,8 @@ def _logging() -> None:
 
 
 def run_aggregator(cfg: AggregatorConfig) -> None:
-    from fedrdma.cli.plots import (
-        rounds_plot,  # heavy, as every import inside a command here: torch, matplotlib
-    )
+    # Heavy, as every import inside a command here: torch, transformers, matplotlib.
+    from fedrdma.cli.plots import rounds_plot
     from fedrdma.core.errors import FedRDMAError
     from fedrdma.fl.aggregator import Aggregator
     from fedrdma.fl.evaluate import evaluator

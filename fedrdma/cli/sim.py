@@ -89,11 +89,8 @@ def tune(
 def _probe(out: Console, rate: str | None, rtt: str | None, loss: str, size_mb: float | None,
            lab_name: str | None, silo: int, proc_root: Path) -> dict[str, Any]:
     """Trial transfers on a running lab's path, or on a one-path lab built for the occasion."""
-    from fedrdma.bench.probe import (  # heavy: the peers' transport stack
-        probe,
-        probe_path,
-        tuning_json,
-    )
+    # Heavy, as every import inside a command here: the peers' transport stack, matplotlib.
+    from fedrdma.bench.probe import probe, probe_path, tuning_json
     from fedrdma.lab.config import PathShape
     from fedrdma.lab.errors import LabError
 
@@ -144,7 +141,7 @@ def sim(
     if json_path:
         _write(out, json_path, [rec.to_json() for _, rec in results])
     if png:
-        from fedrdma.cli.plots import sim_plot  # heavy: matplotlib
+        from fedrdma.cli.plots import sim_plot
 
         sim_plot(results, png)
         out.print(f"plot: {png}")

@@ -21,6 +21,7 @@ from fedrdma.sim.tcp_buffers import BUFFER_BDP_FACTOR
 if TYPE_CHECKING:
     from fedrdma.bench.compare import Comparison
     from fedrdma.bench.probe import ProbeResult
+    from fedrdma.bench.records import HeapResult, ModeSummary, TransferResult
     from fedrdma.fl.records import AggregatorRound, DemoResult
     from fedrdma.lab.config import LabConfig
     from fedrdma.lab.lab import PathStatus
@@ -42,35 +43,37 @@ def _table(title: str, columns: Sequence[str | tuple[str, str]]) -> Table:
 # --- bench --------------------------------------------------------------------------------
 
 
-def transfer_table(result: dict[str, Any]) -> Table:
-    on_line = result.get("link_rate_gbit") is not None
-    table = _table(f"{size_label(result['size_bytes'])} over {result.get('path', 'loopback')}, "
-                   f"medians of {result['repeat']}",
+def _ratio(value: float | None, form: str) -> str:
+    return "" if value is None else form.format(value)
+
+
+def transfer_table(result: TransferResult) -> Table:
+    on_line = result.link_rate_gbit is not None
+    table = _table(f"{size_label(result.size_bytes)} over {result.path}, medians of {result.repeat}",
                    [("mode", LEFT), "seconds (min)", "GB/s", *(["of line"] if on_line else []), "vs reference",
                     "vs grpc", "CPU s", "recv +RSS MiB", "identical"])
 
-    def line(row: dict[str, Any]) -> list[str]:
-        return [f"{row['vs_line']:.3f}"] if on_line else []
+    def line(row: ModeSummary) -> list[str]:
+        return [_ratio(row.vs_line, "{:.3f}")] if on_line else []
 
-    for label, key in [("raw WRITE", "reference"), ("raw READ", "reference_read")]:
-        if key not in result:
+    for label, row in [("raw WRITE", result.reference), ("raw READ", result.reference_read)]:
+        if row is None:
             continue
-        row = result[key]
-        table.add_row(label, f"{row['seconds']:.3f} ({row['seconds_min']:.3f})", f"{row['goodput_gb_s']:.2f}",
-                      *line(row), "1.00", "", f"{row['cpu_seconds']:.2f}", f"{row['receiver_extra_rss_mb']:.0f}", "",
+        table.add_row(label, f"{row.seconds:.3f} ({row.seconds_min:.3f})", f"{row.goodput_gb_s:.2f}",
+                      *line(row), "1.00", "", f"{row.cpu_seconds:.2f}", f"{row.receiver_extra_rss_mb:.0f}", "",
                       style="dim")
-    for mode, row in result["modes"].items():
-        label = mode if "goodput_wire_gb_s" not in row else f"{mode} (wire only {row['goodput_wire_gb_s']:.2f} GB/s)"
+    for mode, row in result.modes.items():
+        wire = row.goodput_wire_gb_s
         table.add_row(
-            label,
-            f"{row['seconds']:.3f} ({row['seconds_min']:.3f})",
-            f"{row['goodput_gb_s']:.3f}",
+            mode if wire is None else f"{mode} (wire only {wire:.2f} GB/s)",
+            f"{row.seconds:.3f} ({row.seconds_min:.3f})",
+            f"{row.goodput_gb_s:.3f}",
             *line(row),
-            f"{row['vs_reference']:.2f}" if "vs_reference" in row else "",
-            f"{row['vs_grpc']:.1f}x" if "vs_grpc" in row else "",
-            f"{row['cpu_seconds']:.2f}",
-            f"{row['receiver_extra_rss_mb']:.0f}",
-            "yes" if row["identical"] else "[red]NO",
+            _ratio(row.vs_reference, "{:.2f}"),
+            _ratio(row.vs_grpc, "{:.1f}x"),
+            f"{row.cpu_seconds:.2f}",
+            f"{row.receiver_extra_rss_mb:.0f}",
+            "yes" if row.identical else "[red]NO",
         )
     return table
 
@@ -87,14 +90,14 @@ def compare_table(comparison: Comparison, before: str, after: str) -> Table:
     return table
 
 
-def heap_table(result: dict[str, Any], local_steps: int, batch_size: int, seq_len: int) -> Table:
-    table = _table(f"{result['model']}: {local_steps} local steps of batch {batch_size} x {seq_len} tokens "
-                   f"per round, {result['rounds'] - 1} counted rounds x {result['repeat']} processes",
+def heap_table(result: HeapResult, probe_bytes: int) -> Table:
+    table = _table(f"{result.model}: {result.local_steps} local steps of batch {result.batch_size} x "
+                   f"{result.seq_len} tokens per round, {result.rounds - 1} counted rounds x {result.repeat} processes",
                    [(c, LEFT) for c in ("heap", "s per round, median (min)", "vs default",
-                                        "4 MiB mmapped while training")])
-    for variant, row in result["variants"].items():
-        table.add_row(variant, f"{row['seconds']:.2f} ({row['seconds_min']:.2f})", f"{row['vs_default']:.2f}x",
-                      str(row["chunk_mmapped_while_training"]))
+                                        f"{size_label(probe_bytes)} mmapped while training")])
+    for variant, row in result.variants.items():
+        table.add_row(variant, f"{row.seconds:.2f} ({row.seconds_min:.2f})", f"{row.vs_default:.2f}x",
+                      str(row.chunk_mmapped_while_training))
     return table
 
 
@@ -191,8 +194,8 @@ def probe_table(result: ProbeResult, path: str) -> Table:
     for cell in result.cells:
         row = cell.row(result.nbytes, result.line_bps)
         chosen = cell is result.chosen
-        table.add_row(size_label(cell.chunk_size), str(cell.window), format_rate(row["goodput_gbit_s"] * 1e9),
-                      f"{row['vs_line']:.3f}" if "vs_line" in row else "-", "chosen" if chosen else "",
+        table.add_row(size_label(cell.chunk_size), str(cell.window), format_rate(row.goodput_gbit_s * 1e9),
+                      _ratio(row.vs_line, "{:.3f}") or "-", "chosen" if chosen else "",
                       style="bold green" if chosen else None)
     return table
 
