@@ -27,7 +27,7 @@ runner = CliRunner()
 def test_every_command_is_listed():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("aggregator", "silo", "demo", "bench", "lab", "tune", "sim"):
+    for command in ("aggregator", "silo", "demo", "bench", "lab", "tune", "sim", "schemas"):
         assert command in result.output
 
 
