@@ -81,7 +81,7 @@ T1_RATES = (REFERENCE_RATE, "5gbit")
 T1_MODES = (Mode.GRPC, Mode.RDMA, Mode.RDMA_E)
 T1_MODEL = "gpt2-small"
 T1_LOCAL_STEPS = 2
-"""A few local steps, as in the demo: on 2 CPU cores a GPT-2 small step takes seconds."""
+"""A few local steps, as in the demo: a CPU host trains GPT-2 small slowly."""
 
 T1_SILOS = 1
 """One silo: real silos train on their own hardware; two here would split 2 cores and
@@ -258,7 +258,7 @@ PREVIOUS = "paper.previous.json"
 def keep_previous(out_dir: Path, against: Path | None) -> Path | None:
     """The earlier result a run compares itself with: `against`, or the one already in DIR.
 
-    Checked before anything is measured: a 35-minute run must not end on an unreadable file.
+    Checked before anything is measured: a long run must not end on an unreadable file.
     """
     from fedrdma.bench.compare import load
 
@@ -331,7 +331,7 @@ def _save(out_dir: Path, result: PaperResult, before: PaperResult | None) -> Non
 def rewrite_report(out_dir: Path) -> PaperResult:
     """The report, plots and comparison of DIR's paper.json again, measuring nothing.
 
-    For a report whose form changed after a 50-minute run: the figures stay as measured.
+    For a report whose form changed after a long run: the figures stay as measured.
     """
     from fedrdma.bench.compare import load
 

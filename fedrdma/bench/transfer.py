@@ -28,7 +28,7 @@ DEFAULT_REPEAT = 3
 """Counted transfers per mode: enough for a median on a noisy 2-core VM."""
 
 WARMUP = 1
-"""Uncounted first transfers per mode: first-touch page faults run at ~0.45 GB/s here."""
+"""Uncounted first transfers per mode: memory on these VMs is slow on first touch (see the README)."""
 
 LOOPBACK_TLS = "tcp"
 """On loopback UCX would pick shared memory; tcp makes the benchmark measure a network path."""

@@ -163,8 +163,8 @@ def bench_paper(
 ) -> None:
     """The FedRDMA paper's tables T1-T4, measured in the WAN lab: report, JSON and plots.
 
-    Needs root (the lab) and about 50 minutes on a 2-core host. A rerun into the same --out
-    compares itself with the run it replaces, figure by figure, in the report.
+    Needs root (the lab) and time: the README gives how long a run took here. A rerun into
+    the same --out compares itself with the run it replaces, figure by figure, in the report.
     """
     import os
     import shlex

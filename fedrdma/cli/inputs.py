@@ -1,8 +1,8 @@
 """Checks of the files a command needs, run before anything is built or drawn.
 
-A command that builds a model first takes seconds (GPT-2 small: tens of seconds) to fail
-on a misspelt path, and a live table would already be on the screen. Each check raises
-ValueError with what is wrong; the command names its own flag or setting.
+A command that built a model first would fail on a misspelt path only after the build, with
+a live table already on the screen. Each check raises ValueError with what is wrong; the
+command names its own flag or setting.
 """
 
 from __future__ import annotations

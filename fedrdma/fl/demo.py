@@ -32,7 +32,7 @@ DEMO_MODEL = "gpt2-small"
 
 DEMO_ROUNDS = 3
 DEMO_LOCAL_STEPS = 2
-"""Few local steps: on 2 CPU cores every step of GPT-2 small takes seconds."""
+"""Few local steps: a CPU host trains GPT-2 small slowly, and the demo is about moving it."""
 
 DEMO_SEQ_LEN = 64
 DEMO_BATCH_SIZE = 2
