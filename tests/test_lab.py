@@ -343,9 +343,10 @@ def test_bench_transfer_crosses_shaped_path() -> None:
                               chunk_size=2**20, window=4, repeat=1, where=where, references=False)
     assert not [ns for ns in netns.list_namespaces() if ns.startswith(f"{BENCH_LAB_NAME}-")]
     assert LabState.load(BENCH_LAB_NAME) is None
-    assert result["link_rate_gbit"] == 0.5 and result["rtt_ms"] == 4.0 and result["loss"] == 0.0
-    assert result["mtu"] == 9000 and "reference" not in result
+    assert result.link_rate_gbit == 0.5 and result.rtt_ms == 4.0 and result.loss == 0.0
+    assert result.mtu == 9000 and result.reference is None
     for mode in ("rdma-e", "grpc"):
-        row = result["modes"][mode]
-        assert row["identical"], mode
-        assert 0 < row["vs_line"] <= TBF_BURST_SLACK, f"{mode} moved {row['vs_line']:.2f}x the line: not shaped"
+        row = result.modes[mode]
+        assert row.identical, mode
+        assert row.vs_line is not None and 0 < row.vs_line <= TBF_BURST_SLACK, \
+            f"{mode} moved {row.vs_line}x the line: not shaped"
