@@ -22,7 +22,7 @@ from fedrdma.fl.demo import (
     run_federation,
     write_configs,
 )
-from fedrdma.fl.records import AggregatorRound, DemoResult, SiloRound
+from fedrdma.fl.records import AggregatorRound, DemoResult, SiloRoundRecord
 
 MODEL = "gpt2-tiny"
 WAIT_S = 180.0
@@ -76,7 +76,7 @@ def test_transports_give_the_same_model_and_loss_falls(tmp_path):
                                                                    "round")]
         assert [r.round for r in rows] == [0, 1, 2]
         for silo in DEMO_SILOS[:2]:
-            mine = [SiloRound.model_validate(e) for e in events(tmp_path / transport / "silos" / f"{silo}.jsonl",
+            mine = [SiloRoundRecord.model_validate(e) for e in events(tmp_path / transport / "silos" / f"{silo}.jsonl",
                                                                 "round")]
             assert [r.round for r in mine] == [1, 2] and all(r.silo == silo for r in mine)
 

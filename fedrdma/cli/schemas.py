@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from fedrdma.bench.records import HeapResult, PaperResult, TransferResult
 from fedrdma.cli.console import console
-from fedrdma.fl.records import AggregatorRound, DemoResult, SiloRound
+from fedrdma.fl.records import AggregatorRound, DemoResult, SiloRoundRecord
 
 app = typer.Typer()
 
@@ -26,7 +26,7 @@ SUFFIX = ".schema.json"
 
 RECORDS: dict[str, tuple[type[BaseModel], str]] = {
     "aggregator-round": (AggregatorRound, "a line of the aggregator's `out_dir/metrics.jsonl` whose event is `round`"),
-    "silo-round": (SiloRound, "a line of a silo's `out_dir/<id>.jsonl` whose event is `round`"),
+    "silo-round": (SiloRoundRecord, "a line of a silo's `out_dir/<id>.jsonl` whose event is `round`"),
     "demo": (DemoResult, "`fedrdma demo --json PATH`"),
     "bench-transfer": (TransferResult, "`fedrdma bench transfer --json PATH`"),
     "bench-paper": (PaperResult, "`fedrdma bench paper`: `DIR/paper.json` (and `paper.previous.json`)"),

@@ -90,7 +90,7 @@ class AggregatorRound(Record):
         return sum(values) / len(values) if values else 0.0
 
 
-class SiloRound(Record):
+class SiloRoundRecord(Record):
     """A line of a silo's own metrics file (`<id>.jsonl`) whose event is `round`."""
 
     event: Literal["round"] = "round"
