@@ -3,25 +3,32 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
-from fedrdma.bench.heap import DEFAULT_MODEL as DEFAULT_HEAP_MODEL
-from fedrdma.bench.heap import DEFAULT_REPEAT as DEFAULT_HEAP_REPEAT
-from fedrdma.bench.heap import DEFAULT_ROUNDS as DEFAULT_HEAP_ROUNDS
+from fedrdma.bench import heap
+from fedrdma.bench.compare import compare, host_speed, load, markdown
+from fedrdma.bench.wan import ON_LOOPBACK, Placement, shaped_path
 from fedrdma.cli.console import console, progress
 from fedrdma.cli.inputs import model_name
+from fedrdma.cli.lab import describe_validation
 from fedrdma.cli.options import comma_list, mode, one_of, single
 from fedrdma.cli.tables import compare_table, heap_table, transfer_table
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, ChunkPlan, check_window
 from fedrdma.core.errors import PlanError
 from fedrdma.core.modes import Mode, choices
 from fedrdma.core.sizes import size_label
+from fedrdma.lab.config import DEFAULT_MTU, LabConfig, PathShape
+from fedrdma.lab.errors import LabError
 
 app = typer.Typer(help="Benchmarks that print ratios measured in one run.", no_args_is_help=True)
 
@@ -105,7 +112,7 @@ def bench_transfer(
         raise typer.Exit(1)
 
 
-def _path_shape(rate: str | None, rtt: str | None, loss: str | None, mtu: int | None) -> Any:
+def _path_shape(rate: str | None, rtt: str | None, loss: str | None, mtu: int | None) -> PathShape | None:
     """The lab path the flags ask for, or None for loopback; bad values fail before anything starts."""
     if rate is None:
         given = [flag for flag, value in (("--rtt", rtt), ("--loss", loss), ("--mtu", mtu)) if value is not None]
@@ -113,11 +120,6 @@ def _path_shape(rate: str | None, rtt: str | None, loss: str | None, mtu: int | 
             verb = "shapes" if len(given) == 1 else "shape"
             raise typer.BadParameter(f"{', '.join(given)} {verb} a lab path, which also needs --rate (e.g. --rate 1gbit)")
         return None
-    from pydantic import ValidationError
-
-    from fedrdma.cli.lab import describe_validation
-    from fedrdma.lab.config import LabConfig, PathShape
-
     try:
         shape = PathShape.of(rate, rtt or 0, loss or 0)
         if mtu is not None:
@@ -129,12 +131,8 @@ def _path_shape(rate: str | None, rtt: str | None, loss: str | None, mtu: int | 
 
 
 @contextmanager
-def _placement(out: Console, shape: Any, mtu: int | None) -> Iterator[Any]:
+def _placement(out: Console, shape: PathShape | None, mtu: int | None) -> Iterator[Placement]:
     """Loopback, or a one-path lab that is taken down however the benchmark ends."""
-    from fedrdma.bench.wan import ON_LOOPBACK, shaped_path
-    from fedrdma.lab.config import DEFAULT_MTU
-    from fedrdma.lab.errors import LabError
-
     if shape is None:
         yield ON_LOOPBACK
         return
@@ -166,10 +164,6 @@ def bench_paper(
     Needs root (the lab) and time: the README gives how long a run took here. A rerun into
     the same --out compares itself with the run it replaces, figure by figure, in the report.
     """
-    import os
-    import shlex
-    import sys
-
     from fedrdma.bench.paper import MIN_REPEAT, TABLES, Step, keep_previous, rewrite_report, run_paper
 
     out = console()
@@ -219,8 +213,6 @@ def bench_compare(
                                 "to the same rule: they then decide the exit code too."),
 ) -> None:
     """Do two `bench paper` runs give the same tables within noise? Exit 1 if not."""
-    from fedrdma.bench.compare import compare, host_speed, load, markdown
-
     out = console()
     try:
         runs = [load(before), load(after)]
@@ -251,14 +243,12 @@ def bench_compare(
 
 @app.command("heap")
 def bench_heap(
-    model: str = typer.Option(DEFAULT_HEAP_MODEL, help="Model to train (gpt2-tiny ... or a local checkpoint dir)."),
-    rounds: int = typer.Option(DEFAULT_HEAP_ROUNDS, min=2, help="Local rounds per child process; the first is a warm-up."),
-    repeat: int = typer.Option(DEFAULT_HEAP_REPEAT, min=1, help="Child processes per setting, interleaved with the others."),
+    model: str = typer.Option(heap.DEFAULT_MODEL, help="Model to train (gpt2-tiny ... or a local checkpoint dir)."),
+    rounds: int = typer.Option(heap.DEFAULT_ROUNDS, min=2, help="Local rounds per child process; the first is a warm-up."),
+    repeat: int = typer.Option(heap.DEFAULT_REPEAT, min=1, help="Child processes per setting, interleaved with the others."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the results here as JSON."),
 ) -> None:
     """Local training under glibc's default heap, the pinned mmap threshold, and the pin lifted while computing."""
-    from fedrdma.bench import heap
-
     out = console()
     single(model, "--model", model_name)
     total = repeat * len(heap.VARIANTS)

@@ -7,10 +7,12 @@ one per field; `demo` runs a whole federation per mode on this host.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from rich.logging import RichHandler
 
 from fedrdma.cli.console import console, live
 from fedrdma.cli.inputs import demo_files, model_name, text_file
@@ -18,8 +20,9 @@ from fedrdma.cli.options import comma_list, mode, single
 from fedrdma.cli.settings import USAGE_ERROR, flag, settings_command
 from fedrdma.cli.tables import add_round_row, demo_table, round_table
 from fedrdma.config import AggregatorConfig, SiloConfig
+from fedrdma.core.errors import FedRDMAError
 from fedrdma.core.modes import choices
-from fedrdma.fl.inputs import DEMO_SILOS
+from fedrdma.fl.inputs import DEMO_SILOS, DataError
 
 if TYPE_CHECKING:
     from fedrdma.fl.records import AggregatorRound
@@ -35,20 +38,14 @@ def _silo_entry(text: str) -> dict[str, str]:
 
 
 def _logging() -> None:
-    import logging
-
-    from rich.logging import RichHandler
-
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console(stderr=True))])
 
 
 def run_aggregator(cfg: AggregatorConfig) -> None:
     # Heavy, as every import inside a command here: torch, transformers, matplotlib.
     from fedrdma.cli.plots import rounds_plot
-    from fedrdma.core.errors import FedRDMAError
     from fedrdma.fl.aggregator import Aggregator
     from fedrdma.fl.evaluate import evaluator
-    from fedrdma.fl.inputs import DataError
 
     _logging()
     out = console()
@@ -71,7 +68,6 @@ def run_aggregator(cfg: AggregatorConfig) -> None:
 
 
 def run_silo(cfg: SiloConfig) -> None:
-    from fedrdma.core.errors import FedRDMAError
     from fedrdma.fl.silo import Silo
 
     _logging()

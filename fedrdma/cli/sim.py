@@ -18,6 +18,8 @@ from fedrdma.cli.console import console
 from fedrdma.cli.options import comma_list, line_rate, single
 from fedrdma.cli.tables import probe_table, recommendation_table, sim_table, tcp_table
 from fedrdma.core.chunks import CHUNK_ALIGN
+from fedrdma.lab.config import PathShape
+from fedrdma.lab.errors import LabError
 from fedrdma.lab.units import parse_duration, parse_loss
 from fedrdma.sim.tcp_buffers import tcp_check
 from fedrdma.sim.tune import DEFAULT_STATE_BYTES, recommend
@@ -91,8 +93,6 @@ def _probe(out: Console, rate: str | None, rtt: str | None, loss: str, size_mb: 
     """Trial transfers on a running lab's path, or on a one-path lab built for the occasion."""
     # Heavy, as every import inside a command here: the peers' transport stack, matplotlib.
     from fedrdma.bench.probe import probe, probe_path, tuning_json
-    from fedrdma.lab.config import PathShape
-    from fedrdma.lab.errors import LabError
 
     shape = None
     if lab_name is not None:

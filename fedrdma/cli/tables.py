@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from fedrdma.bench.compare import groups, held
 from fedrdma.core.modes import Mode
 from fedrdma.core.sizes import chunk_label, size_label
 from fedrdma.lab.units import format_duration, format_rate
@@ -79,8 +80,6 @@ def transfer_table(result: TransferResult) -> Table:
 
 
 def compare_table(comparison: Comparison, before: str, after: str) -> Table:
-    from fedrdma.bench.compare import groups, held
-
     table = _table(f"{after} against {before}", [(c, LEFT) for c in (
         "table", "figures", "count", "within noise", "direction holds", "largest difference")])
     for name, kind, pairs in groups(comparison):
