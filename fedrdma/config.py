@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +62,29 @@ RENAMED["upload"] = RENAMED["transport"]
 """Settings of earlier releases, refused with what replaced them rather than as unknown keys."""
 
 
+FLAGS = "flags"
+"""The source of settings given on the command line rather than in a file."""
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One setting that cannot be used: its key (None for the file as a whole) and why."""
+
+    key: str | None
+    message: str
+
+
 class ConfigError(FedRDMAError):
-    """A setting that cannot be used; the message names the key and the expected form."""
+    """Settings that cannot be used; each issue names its key and the expected form.
+
+    The issues stay apart so that a command can name its own flag beside each key.
+    """
+
+    def __init__(self, source: str, issues: Sequence[Issue]) -> None:
+        self.source = source
+        self.issues = tuple(issues)
+        super().__init__("\n".join(f"{source}: `{i.key}`: {i.message}" if i.key else f"{source}: {i.message}"
+                                   for i in self.issues))
 
 
 class _Settings(BaseModel):
@@ -165,34 +188,30 @@ class SiloConfig(RuntimeSettings):
     out_dir: Path = Field(Path("runs/silo"), description="this silo's metrics")
 
 
-def _describe(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(file)"
-        got = e.get("input")
-        lines.append(f"{source}: `{key}`: {e['msg']} (got {got!r})")
-    return "\n".join(lines)
+def _issues(err: ValidationError) -> list[Issue]:
+    return [Issue(".".join(str(p) for p in e["loc"]) or None, f"{e['msg']} (got {e.get('input')!r})")
+            for e in err.errors()]
 
 
 def load(kind: type[BaseModel], path: Path | None, overrides: dict[str, Any]) -> Any:
     """Settings from a TOML file (optional) with flag overrides on top, validated."""
     data: dict[str, Any] = {}
-    source = "flags"
+    source = FLAGS
     if path is not None:
         source = str(path)
         try:
             data = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
+            raise ConfigError(source, [Issue(None, f"config file {path} does not exist")]) from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+            raise ConfigError(source, [Issue(None, f"{path} is not valid TOML: {exc}")]) from None
     data.update({k: v for k, v in overrides.items() if v is not None})
     if data.get("tuning") and "tuning" in kind.model_fields:
         try:  # the tuning file fills only what the file and the flags left unset
             data = read_tuning(Path(data["tuning"])) | data
         except ValueError as exc:
-            raise ConfigError(f"{source}: `tuning`: {exc}") from None
+            raise ConfigError(source, [Issue("tuning", str(exc))]) from None
     try:
         return kind.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from None
+        raise ConfigError(source, _issues(exc)) from None

@@ -15,16 +15,6 @@ _RESET_HWM = "5"
 """Writing this to clear_refs resets VmHWM to the current RSS (Linux >= 4.0)."""
 
 
-SIZE_DECIMAL_BELOW = 100 << 20
-"""Sizes below this get one decimal: LoRA adapters are 1-3 MiB, full models hundreds."""
-
-
-def size_label(nbytes: int) -> str:
-    """A state's size as tables and titles print it."""
-    mib = nbytes / 2**20
-    return f"{mib:.1f} MiB" if nbytes < SIZE_DECIMAL_BELOW else f"{mib:.0f} MiB"
-
-
 def _status_kib(field: str) -> int:
     with open(_PROC_STATUS) as fh:
         for line in fh:

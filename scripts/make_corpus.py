@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "fedrdma" / "fl" / "corpus"
-"""Where the package expects the corpus (fedrdma.fl.data.CORPUS_DIR)."""
+"""Where the package expects the corpus (fedrdma.fl.inputs.CORPUS_DIR)."""
 
 SILOS: dict[str, tuple[int, dict[str, float]]] = {
     "hospital": (900, {"hospital": 0.85, "bank": 0.05, "support": 0.10}),

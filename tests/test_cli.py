@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+from rich.console import Console
+from rich.table import Table
 from typer.testing import CliRunner
 
+from fedrdma.bench.records import TransferResult
 from fedrdma.cli import app
+from fedrdma.cli.console import PIPE_WIDTH, console
+from fedrdma.cli.tables import status_table, transfer_table
+from fedrdma.lab.config import LabConfig
+from fedrdma.lab.lab import Lab, PathStatus
+from fedrdma.lab.probe import TransferResult as TcpTransfer
+from fedrdma.lab.state import LabState
 
 runner = CliRunner()
 
@@ -13,7 +27,7 @@ runner = CliRunner()
 def test_every_command_is_listed():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("aggregator", "silo", "demo", "bench", "lab", "tune", "sim"):
+    for command in ("aggregator", "silo", "demo", "bench", "lab", "tune", "sim", "schemas"):
         assert command in result.output
 
 
@@ -56,3 +70,94 @@ def test_bench_transfer_moves_a_lora_state_in_one_chunk_by_default(tmp_path):
     assert saved["size_bytes"] == nbytes < (4 << 20)
     assert saved["chunk_size"] == nbytes
     assert saved["modes"]["rdma-e"]["identical"] is True
+
+
+# --- tables written to a pipe -------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _lab_rows() -> tuple[LabConfig, list[PathStatus]]:
+    """Two measured paths of a lab, as `lab status` shows them (no lab needed)."""
+    config = LabConfig.uniform(silos=2, rate="1gbit", rtt="20ms", loss=0.01, name="frl")
+    lab = Lab(LabState(name=config.name, config=config))
+    rows = [PathStatus(path, 0.0201, TcpTransfer(977e6, 12, 81234, 812), TcpTransfer(964e6, 9, 80321, 799))
+            for path in lab.paths]
+    return config, rows
+
+
+def _rendered(table: Table, out: Console) -> str:
+    out.print(table)
+    return out.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_tables_written_to_a_pipe_keep_every_header_and_figure_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At rich's 80 columns headers were cut to "referen…" and cells to "198.…"; the console
+    the commands use when stdout is not a terminal keeps them whole, even where COLUMNS says 80."""
+    monkeypatch.setenv("COLUMNS", "80")
+    transfer = TransferResult.model_validate_json((REPO / "results" / "wan-5gbit-20ms.json").read_text())
+    config, rows = _lab_rows()
+    tables = [transfer_table(transfer), status_table(config, rows, "element", 8.78e9, "bbr")]
+    narrow = "".join(_rendered(t, Console(file=io.StringIO(), width=80)) for t in tables)
+    assert "reference" not in narrow and "198.18.1.1 -> 198.19.1.1" not in narrow  # what the factory fixes
+    piped = [_rendered(t, console(file=io.StringIO())) for t in tables]
+    for word in ("reference", "identical", "recv +RSS MiB", "seconds (min)", "grpc (wire only 0.47 GB/s)"):
+        assert word in piped[0], word
+    assert "0.914 (0.910)" in piped[0] and "…" not in piped[0]
+    for text in ("198.18.1.1 -> 198.19.1.1", "198.18.2.1 -> 198.19.2.1", "977mbit (12 retr)",
+                 "0.0100 (812/81234)", "rate down (TCP)", "element ceiling 8.78gbit"):
+        assert text in piped[1], text
+    assert "…" not in piped[1]
+    assert all(len(line) <= PIPE_WIDTH for text in piped for line in text.splitlines())
+
+
+# --- list options, layers and start-up ----------------------------------------------------------
+
+
+def _unboxed(output: str) -> str:
+    """An error as typer prints it, without rich's box and line breaks."""
+    return " ".join(" ".join(line.strip("│╭╮╰╯─ ").split()) for line in output.splitlines())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["bench", "transfer", "--modes", "rdma-e,carrier-pigeon"],
+     "Invalid value for --modes: unknown mode 'carrier-pigeon'; choose from grpc, rdma, rdma-e, rdma-e-pull"),
+    (["demo", "--modes", "grpc,grpc"], "Invalid value for --modes: 'grpc' is listed twice"),
+    (["bench", "paper", "--tables", "T1,T9"], "Invalid value for --tables: unknown table 'T9'; choose from T1, T2"),
+    (["sim", "--rates", "1gbit,fast"], "Invalid value for --rates: cannot parse rate 'fast'"),
+    (["sim", "--rtts", ","], "Invalid value for --rtts: give at least one value, separated by ','"),
+    (["sim", "--losses", "0,2,3"], "Invalid value for --losses: loss '2' must be a fraction in [0, 1), e.g. 0.01 "
+                                   "for 1 %; loss '3' must be"),
+])
+def test_every_list_option_refuses_bad_values_in_one_form(args: list[str], message: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in _unboxed(result.output)
+
+
+def test_tables_are_named_case_insensitively() -> None:
+    from fedrdma.cli.options import comma_list, one_of
+
+    assert comma_list("t3, T1", "--tables", one_of("table", ("T1", "T2", "T3"))) == ["T3", "T1"]
+
+
+def _imported_after(code: str) -> set[str]:
+    probe = f"import sys\n{code}\nprint('\\n'.join(sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return set(proc.stdout.split())
+
+
+def test_the_command_starts_without_torch_or_matplotlib() -> None:
+    loaded = _imported_after("import fedrdma.cli")
+    assert not {"torch", "transformers", "matplotlib", "grpc", "fedrdma.bench.transfer"} & loaded
+
+
+def test_sim_is_a_pure_model() -> None:
+    """No command line, no console, no benchmark: `sim/` models, the CLI and bench use it."""
+    loaded = _imported_after("import pkgutil, importlib, fedrdma.sim\n"
+                             "for m in pkgutil.iter_modules(fedrdma.sim.__path__):\n"
+                             "    importlib.import_module('fedrdma.sim.' + m.name)")
+    assert "fedrdma.sim.tune" in loaded and "fedrdma.sim.tcp_buffers" in loaded
+    outside = {m for m in loaded if m.split(".")[0] in ("typer", "rich", "click")
+               or m.startswith(("fedrdma.bench", "fedrdma.cli", "fedrdma.lab", "fedrdma.fl"))}
+    assert not outside, sorted(outside)

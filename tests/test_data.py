@@ -9,21 +9,17 @@ import torch
 
 from fedrdma.fl.data import (
     BYTE_TOKENIZER_VOCAB_SIZE,
-    CORPUS_DIR,
-    DEMO_EVAL,
-    DEMO_SILOS,
     EOS_ID,
     ByteTokenizer,
-    DataError,
     HFTokenizer,
     check_vocab,
-    demo_corpus,
     load_silo_data,
     load_tokenizer,
     pack_blocks,
     read_documents,
     split_documents,
 )
+from fedrdma.fl.inputs import CORPUS_DIR, DEMO_EVAL, DEMO_SILOS, DataError, demo_corpus
 from fedrdma.fl.model import GPT2_SIZES
 
 REPO = Path(__file__).resolve().parent.parent

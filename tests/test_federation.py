@@ -11,9 +11,18 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from fedrdma.cli import app
 from fedrdma.fl import checkpoint
-from fedrdma.fl.demo import DEMO_SILOS, free_port, max_abs_diff, run_federation, write_configs
+from fedrdma.fl.demo import (
+    DEMO_SILOS,
+    free_port,
+    max_abs_diff,
+    run_federation,
+    write_configs,
+)
+from fedrdma.fl.records import AggregatorRound, DemoResult, SiloRoundRecord
 
 MODEL = "gpt2-tiny"
 WAIT_S = 180.0
@@ -52,21 +61,39 @@ def wait(proc: subprocess.Popen, timeout: float = WAIT_S) -> int:
 
 
 def test_transports_give_the_same_model_and_loss_falls(tmp_path):
+    """`fedrdma demo` as `make demo` runs it, small: its JSON, table and plot, and what they say."""
+    out = tmp_path / "demo.json"
+    shown = CliRunner().invoke(app, ["demo", "--model", MODEL, "--rounds", "2", "--silos", "2", "--modes",
+                                     "rdma-e,grpc", "--out", str(tmp_path), "--json", str(out)])
+    assert shown.exit_code == 0, shown.output
+    assert "federated rounds, side by side" in shown.output and (tmp_path / "demo.png").stat().st_size > 0
+    result = DemoResult.model_validate_json(out.read_text())
+    assert list(result.transports) == ["rdma-e", "grpc"] and result.silos == list(DEMO_SILOS[:2])
     finals = {}
-    for transport in ("rdma-e", "grpc"):
-        records = run_federation(tmp_path / transport, transport, 2, MODEL, False, DEMO_SILOS[:2])
-        losses = [r["eval_loss"] for r in records]
-        assert [r["round"] for r in records] == [0, 1, 2]
+    for transport, run in result.transports.items():
+        losses = [r.eval_loss for r in run.rounds]
+        assert [r.round for r in run.rounds] == [0, 1, 2]
         assert losses[-1] < losses[0], losses
-        assert all(sorted(r["accepted"]) == sorted(DEMO_SILOS[:2]) for r in records[1:])
+        assert all(sorted(r.accepted) == sorted(DEMO_SILOS[:2]) and r.mode == transport for r in run.rounds[1:])
+        assert all(s.ok and s.upload_bytes == run.rounds[1].state_bytes for r in run.rounds[1:] for s in r.silos)
         finals[transport] = checkpoint.path_for(tmp_path / transport / "aggregator", 2)
-    assert max_abs_diff(finals["rdma-e"], finals["grpc"]) < 1e-4
+    difference = max_abs_diff(finals["rdma-e"], finals["grpc"])
+    assert difference < 1e-4 and result.max_abs_diff_between_transports == difference
+    # every round line both sides wrote reads back into its record
+    for transport in result.transports:
+        rows = [AggregatorRound.model_validate(e) for e in events(tmp_path / transport / "aggregator" / "metrics.jsonl",
+                                                                   "round")]
+        assert [r.round for r in rows] == [0, 1, 2]
+        for silo in DEMO_SILOS[:2]:
+            mine = [SiloRoundRecord.model_validate(e) for e in events(tmp_path / transport / "silos" / f"{silo}.jsonl",
+                                                                "round")]
+            assert [r.round for r in mine] == [1, 2] and all(r.silo == silo for r in mine)
 
 
 @pytest.mark.parametrize("mode", ["rdma-e", "rdma-e-pull"])
 def test_what_each_silo_is_handed(tmp_path, mode):
     records = run_federation(tmp_path, mode, 1, MODEL, False, DEMO_SILOS[:2])
-    assert records[-1]["accepted"] == sorted(DEMO_SILOS[:2])
+    assert records[-1].accepted == sorted(DEMO_SILOS[:2])
     agg_events = tmp_path / "aggregator" / "metrics.jsonl"
     pools = events(agg_events, "pools")[0]
     nbytes = pools["nbytes"]
@@ -87,7 +114,7 @@ def test_what_each_silo_is_handed(tmp_path, mode):
 
 def test_a_silo_writing_outside_its_inbox_is_refused_and_changes_nothing(tmp_path):
     clean = run_federation(tmp_path / "clean", "rdma-e", 1, MODEL, False, DEMO_SILOS[:2])
-    assert clean[-1]["accepted"] == sorted(DEMO_SILOS[:2])
+    assert clean[-1].accepted == sorted(DEMO_SILOS[:2])
     # the same federation, where one silo also tries to WRITE into the aggregator's global pool
     root = tmp_path / "attack"
     port = free_port()

@@ -19,8 +19,8 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from fedrdma.cli import app
 from fedrdma.lab import Lab, LabConfig, LabError, PathShape, delay, netns, probe, shaping
-from fedrdma.lab import cli as lab_cli
 from fedrdma.lab.lab import FAIL_AT_ENV, _check_ceiling
 from fedrdma.lab.netns import PathLinks
 from fedrdma.lab.state import LabState
@@ -108,7 +108,7 @@ def test_config_validates_fields() -> None:
 
 
 def test_cli_refuses_unparsable_input_before_touching_anything() -> None:
-    result = CliRunner().invoke(lab_cli.app, ["up", "--name", TEST_LAB, "--rate", "1xbit", "--loss", "3"])
+    result = CliRunner().invoke(app, ["lab", "up", "--name", TEST_LAB, "--rate", "1xbit", "--loss", "3"])
     assert result.exit_code == 1
     assert "--rate: cannot parse rate '1xbit'" in result.output
     assert "--loss" in result.output
@@ -248,7 +248,7 @@ def test_lab_topology_mtu_offloads_buffers_exec(clean_slate: dict[str, object]) 
         assert int(rmem[2]) == lab.config.tcp_buffer_max
         idle = netns.run(netns.in_ns(links.agg_ns, ["sysctl", "-n", "net.ipv4.tcp_slow_start_after_idle"]))
         assert idle.stdout.strip() == "0"
-        cli = subprocess.run([sys.executable, "-m", "fedrdma.lab.cli", "exec", "--name", TEST_LAB, "silo1", "--",
+        cli = subprocess.run([sys.executable, "-m", "fedrdma.cli", "lab", "exec", "--name", TEST_LAB, "silo1", "--",
                               "ping", "-c", "1", "-W", "2", lab.address("agg", silo=1)],
                              capture_output=True, text=True, timeout=30)
         assert cli.returncode == 0, cli.stderr
@@ -305,14 +305,14 @@ def test_failure_midway_leaves_nothing(step: str, clean_slate: dict[str, object]
 @needs_lab
 def test_down_after_killed_up_removes_everything(clean_slate: dict[str, object]) -> None:
     env = {**os.environ, FAIL_AT_ENV: "kill:shape"}
-    proc = subprocess.run([sys.executable, "-m", "fedrdma.lab.cli", "up", "--name", TEST_LAB, "--rate", "200mbit"],
+    proc = subprocess.run([sys.executable, "-m", "fedrdma.cli", "lab", "up", "--name", TEST_LAB, "--rate", "200mbit"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
     state = LabState.load(TEST_LAB)
     assert state is not None and not state.complete and state.element is not None
     assert delay.element_alive(state.element), "the crash should have left a running element to clean up"
     assert all(netns.namespace_exists(ns) for ns in state.namespaces)
-    down = subprocess.run([sys.executable, "-m", "fedrdma.lab.cli", "down", "--name", TEST_LAB],
+    down = subprocess.run([sys.executable, "-m", "fedrdma.cli", "lab", "down", "--name", TEST_LAB],
                           capture_output=True, text=True, timeout=60)
     assert down.returncode == 0, down.stderr
     assert not delay.element_alive(state.element)
@@ -343,9 +343,10 @@ def test_bench_transfer_crosses_shaped_path() -> None:
                               chunk_size=2**20, window=4, repeat=1, where=where, references=False)
     assert not [ns for ns in netns.list_namespaces() if ns.startswith(f"{BENCH_LAB_NAME}-")]
     assert LabState.load(BENCH_LAB_NAME) is None
-    assert result["link_rate_gbit"] == 0.5 and result["rtt_ms"] == 4.0 and result["loss"] == 0.0
-    assert result["mtu"] == 9000 and "reference" not in result
+    assert result.link_rate_gbit == 0.5 and result.rtt_ms == 4.0 and result.loss == 0.0
+    assert result.mtu == 9000 and result.reference is None
     for mode in ("rdma-e", "grpc"):
-        row = result["modes"][mode]
-        assert row["identical"], mode
-        assert 0 < row["vs_line"] <= TBF_BURST_SLACK, f"{mode} moved {row['vs_line']:.2f}x the line: not shaped"
+        row = result.modes[mode]
+        assert row.identical, mode
+        assert row.vs_line is not None and 0 < row.vs_line <= TBF_BURST_SLACK, \
+            f"{mode} moved {row.vs_line}x the line: not shaped"

@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from fedrdma.bench.compare import ABSOLUTE, CLAIM, HOST_BOUND, compare, groups, host_speed, markdown
+from fedrdma.bench import compare as comparing
+from fedrdma.bench import report
+from fedrdma.bench.compare import ABSOLUTE, CLAIM, HOST_BOUND, Comparison, groups, markdown
 from fedrdma.bench.paper import (
     T2_MAX_BYTES,
     T2_MIN_BYTES,
@@ -24,10 +26,27 @@ from fedrdma.bench.paper import (
     t2_state_bytes,
     t4_from_t3,
 )
-from fedrdma.bench.report import write_report
+from fedrdma.bench.records import PaperResult, T3Table
 from fedrdma.cli import app
 
 MIB = 1 << 20
+
+
+def _paper(result: dict[str, Any]) -> PaperResult:
+    """The tests build results as paper.json holds them; the code reads them as records."""
+    return PaperResult.model_validate(result)
+
+
+def compare(before: dict[str, Any], after: dict[str, Any]) -> Comparison:
+    return comparing.compare(_paper(before), _paper(after))
+
+
+def write_report(result: dict[str, Any], out: Path) -> Path:
+    return report.write_report(_paper(result), out)
+
+
+def host_speed(result: dict[str, Any]) -> str:
+    return comparing.host_speed(_paper(result))
 
 
 def test_t2_paths_vary_one_factor_around_the_reference() -> None:
@@ -50,14 +69,18 @@ def test_t2_state_and_cells() -> None:
     assert (16 * MIB, 8) not in cells and all(c < 32 * MIB for c, _ in cells[:-1])
 
 
-def _cell(chunk: int, window: int, fraction: float) -> dict[str, object]:
+def _cell(chunk: int, window: int, fraction: float) -> dict[str, Any]:
     return {"chunk_size": chunk, "window": window, "vs_line": fraction, "goodput_gbit_s_best": fraction + 0.01,
             "goodput_gbit_s": fraction, "seconds": 1.0, "seconds_min": 0.9, "repeat": 3, "identical": True}
 
 
-def _modes(scale: float) -> dict[str, dict[str, float]]:
-    return {m: {"seconds": s * scale, "seconds_min": s * scale * 0.9, "cpu_seconds": s, "receiver_extra_rss_mb": r,
-                "sender_extra_rss_mb": 1.0}
+def _mode(seconds: float, seconds_min: float, cpu: float = 1.0, rss: float = 0.0) -> dict[str, Any]:
+    return {"seconds": seconds, "seconds_min": seconds_min, "goodput_gb_s": 1.0 / seconds, "cpu_seconds": cpu,
+            "receiver_extra_rss_mb": rss, "sender_extra_rss_mb": 1.0, "identical": True, "repeat": 3}
+
+
+def _modes(scale: float) -> dict[str, dict[str, Any]]:
+    return {m: _mode(s * scale, s * scale * 0.9, s, r)
             for m, s, r in (("grpc", 4.0, 1000.0), ("rdma", 2.0, 1500.0), ("rdma-e", 1.0, 0.0),
                             ("rdma-e-pull", 1.5, 0.0))}
 
@@ -90,7 +113,7 @@ def _result() -> dict[str, Any]:
                     {"chunk_size": state, "unchunked": True, "goodput_fraction": 0.4, "p_fail": 0.1}]},
             }]},
             "T3": t3,
-            "T4": t4_from_t3(t3),
+            "T4": t4_from_t3(T3Table.model_validate(t3)).model_dump(mode="json"),
         },
     }
     return result
@@ -138,7 +161,7 @@ def test_lora_rows_on_a_wan_path_are_read_in_round_trips(tmp_path: Path) -> None
     t3["rows"].append({
         "model": "gpt2-small", "lora": True, "state_bytes": MIB, "path": "1gbit / 20ms / loss 0",
         "link_rate_gbit": 1.0, "rtt_ms": 20.0,
-        "modes": {m: {"seconds": line_s + trips * 0.020, "seconds_min": line_s + trips * 0.020}
+        "modes": {m: _mode(line_s + trips * 0.020, line_s + trips * 0.020)
                   for m, trips in (("grpc", 1.0), ("rdma", 3.0), ("rdma-e", 2.0), ("rdma-e-pull", 2.5))},
     })
     report = write_report(result, tmp_path).read_text()
@@ -309,8 +332,8 @@ def test_bench_compare_exit_codes_and_markdown(tmp_path: Path) -> None:
     assert out.exit_code == 0, out.output
     assert "some host-bound claims moved (0 changed direction; --strict counts them)" in " ".join(out.output.split())
     assert CliRunner().invoke(app, ["bench", "compare", "--strict", str(before), str(after)]).exit_code == 1
-    only_t1 = {"tables": {"T1": _result()["tables"]["T1"]}}
-    after.write_text(json.dumps({"tables": {"T3": _result()["tables"]["T3"]}}))
+    only_t1 = {**_result(), "tables": {"T1": _result()["tables"]["T1"]}}
+    after.write_text(json.dumps({**_result(), "tables": {"T3": _result()["tables"]["T3"]}}))
     before.write_text(json.dumps(only_t1))
     out = CliRunner().invoke(app, ["bench", "compare", str(before), str(after)])
     unboxed = " ".join(" ".join(line.strip("│╭╮╰╯─ ").split()) for line in out.output.splitlines())
@@ -331,7 +354,7 @@ def test_report_only_writes_the_report_again_from_the_json(tmp_path: Path) -> No
     report = (tmp_path / "report.md").read_text()
     assert "| T3 | gpt2-small full, 1gbit / 20ms / loss 0, rdma-e | claim | 4.00x | 3.08x | 23 % |" in report
     saved = json.loads((tmp_path / "paper.json").read_text())
-    assert saved["repeats"]["agrees"] is False and saved["tables"] == now["tables"]
+    assert saved["repeats"]["agrees"] is False and _paper(saved).tables == _paper(now).tables
     assert (tmp_path / "t3.png").read_bytes()[:4] == b"\x89PNG"
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from fedrdma.cli import app
+from fedrdma.core.sizes import chunk_label
 from fedrdma.sim import roce
-from fedrdma.sim.cli import app
 from fedrdma.sim.roce import Link, Nic
 from fedrdma.sim.tcp_buffers import bdp_bytes, check_buffers, read_tcp_limits
 from fedrdma.sim.tune import recommend
@@ -340,4 +341,4 @@ def test_cli_sim_table_and_plot(tmp_path: Path) -> None:
     assert len(lines) == 2
     assert lines[0].count("*") == 1 and "whole" in lines[0]
     best = recommend(GBIT, RTT, 0.01, state_bytes=STATE)
-    assert f"{best.chunk_size >> 10}K" in lines[1] and lines[1].count("*") == 1
+    assert chunk_label(best.chunk_size) in lines[1] and lines[1].count("*") == 1

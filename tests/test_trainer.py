@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fedrdma.core.layout import FlatState
-from fedrdma.fl.data import ByteTokenizer, demo_corpus, load_eval_blocks, load_silo_data
+from fedrdma.fl.data import ByteTokenizer, load_eval_blocks, load_silo_data
+from fedrdma.fl.inputs import demo_corpus
 from fedrdma.fl.model import apply_lora, build_model
 from fedrdma.fl.trainer import LocalTrainer, TrainingError, evaluate
 
@@ -87,7 +88,8 @@ def test_same_seed_gives_bit_identical_buffers_across_processes(hospital):
         import hashlib, json, sys
         sys.path.insert(0, sys.argv[1])
         from test_trainer import run_rounds, digest, SEQ_LEN
-        from fedrdma.fl.data import ByteTokenizer, demo_corpus, load_silo_data
+        from fedrdma.fl.data import ByteTokenizer, load_silo_data
+        from fedrdma.fl.inputs import demo_corpus
         blocks = load_silo_data(demo_corpus("hospital"), ByteTokenizer(), SEQ_LEN).train
         full, _ = run_rounds(blocks, rounds=2)
         lora, _ = run_rounds(blocks, rounds=2, lora=True)

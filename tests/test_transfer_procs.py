@@ -137,13 +137,13 @@ def test_interleaved_modes_take_turns_and_pool_every_turns_transfer():
                           references=False, interleave=True)
     assert order == ["grpc", "rdma-e", "grpc", "rdma-e"]
     assert len(counted) == 2 * 2 * (1 + transfer.WARMUP)
-    assert result["interleaved"] is True and result["repeat"] == 2
+    assert result.interleaved is True and result.repeat == 2
     for mode in ("grpc", "rdma-e"):
-        row = result["modes"][mode]
-        assert row["repeat"] == 2, mode
-        assert row["identical"], mode
-        assert row["seconds_min"] <= row["seconds"]
-    assert result["modes"]["rdma-e"]["vs_grpc"] > 0
+        row = result.modes[mode]
+        assert row.repeat == 2, mode
+        assert row.identical, mode
+        assert row.seconds_min <= row.seconds
+    assert result.modes["rdma-e"].vs_grpc > 0 and result.modes["grpc"].goodput_wire_gb_s > 0
 
 
 def test_a_later_pair_extends_a_modes_figures():
@@ -157,7 +157,9 @@ def test_a_later_pair_extends_a_modes_figures():
     assert both.identical is False, "one pair that moved different bytes spoils the mode"
     assert both.extra == {"wire_seconds": [0.9, 2.9], "waits": [1.0]}
     assert both.bytes_posted == [7]
-    assert both.summary(4)["seconds"] == 2.0
+    summary = both.summary(4)
+    assert summary.seconds == 2.0 and summary.wire_seconds == 1.9
+    assert summary.model_dump()["waits"] == 1.0, "a mover's own timing is kept as it came"
 
 
 def test_a_hung_peer_is_reported_with_where_its_threads_were():

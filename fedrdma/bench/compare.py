@@ -16,10 +16,12 @@ Some claims are bound by the host rather than by the line or the transport: rati
 modes measured on loopback (T3's loopback speedups, T4's CPU against grpc), where nothing
 but this VM's cores and memory limits either side, and grpc and rdma pay allocations and
 copies of the whole state that rdma-e does not. Between rows of one run the host moves
-them more than any within-run spread shows (grpc's loopback time went 1.8 -> 3.3 s between
-two runs whose memory-copy rate was the same). They are judged apart: listed with whether
-their direction (faster or slower than grpc, or at parity) held, and left out of the
-verdict unless asked for (`strict`).
+them more than any within-run spread shows (the README's "Host-bound claims" gives a case).
+They are judged apart: listed with whether their direction (faster or slower than grpc, or
+at parity) held, and left out of the verdict unless asked for (`strict`).
+
+Runs are read as `PaperResult` records (fedrdma.bench.records), so a result written before
+a field existed compares with one written after.
 """
 
 from __future__ import annotations
@@ -29,13 +31,17 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from pydantic import ValidationError
+
+from fedrdma.bench.records import Cell, PaperResult, Repeats, T1Table, T2Path, T2Table, T3Table, T4Table, TableCounts
 from fedrdma.bench.wan import LOOPBACK_PATH
+from fedrdma.core.modes import Mode
+from fedrdma.core.sizes import WHOLE, chunk_label
 
 REL_TOLERANCE = 0.10
-"""Run-to-run swing of this 2-core host: the 5 Gbit/s WAN figure moved 0.877-0.940 (7 %)
-between four runs of one build, with nothing else changed."""
+"""Run-to-run swing of this 2-core host, with nothing else changed (the README's WAN section
+lists four runs of one build on the 5 Gbit/s path)."""
 
 FLOORS = {"s": 0.003, "of line": 0.02, "% of round": 3.0, "CPU s": 0.05, "MiB": 64.0, "x grpc": 0.05}
 """Smallest difference that counts, per unit: a few ms of scheduling on millisecond LoRA
@@ -162,111 +168,110 @@ class Comparison:
 
 
 def _cell_label(chunk: int, window: int, state: int) -> str:
-    if chunk >= state:
-        return "whole"
-    size = f"{chunk >> 20} MiB" if chunk >= 1 << 20 else f"{chunk >> 10} KiB"
-    return f"{size} x {window}"
+    label = chunk_label(chunk, state)
+    return label if label == WHOLE else f"{label} x {window}"
 
 
-def _state(row: dict[str, Any]) -> str:
-    return f"{row['model']} {'LoRA' if row['lora'] else 'full'}"
-
-
-def _t1(t1: dict[str, Any]) -> Iterable[Figure]:
-    for row in t1["rows"]:
-        shares = [r["comm_share"] * 100 for r in row["rounds"]]
+def _t1(t1: T1Table) -> Iterable[Figure]:
+    for row in t1.rows:
+        shares = [r.comm_share * 100 for r in row.rounds]
         med = statistics.median(shares)
-        yield Figure("T1", f"{row['path']}, {row['transport']}", "% of round", med, max(shares) - min(shares))
+        yield Figure("T1", f"{row.path}, {row.mode}", "% of round", med, max(shares) - min(shares))
 
 
-def _t2_best(path: dict[str, Any], cell: dict[str, Any]) -> float:
-    return cell["goodput_gbit_s_best"] * 1e9 / path["rate_bps"]
+def _t2_best(path: T2Path, cell: Cell) -> float:
+    return cell.goodput_gbit_s_best * 1e9 / path.rate_bps
 
 
-def _t2(t2: dict[str, Any]) -> Iterable[Figure]:
-    for path in t2["paths"]:
-        for cell in path["cells"]:
-            name = f"{path['label']}, {_cell_label(cell['chunk_size'], cell['window'], path['state_bytes'])}"
-            yield Figure("T2", name, "of line", cell["vs_line"], _t2_best(path, cell) - cell["vs_line"])
+def _t2(t2: T2Table) -> Iterable[Figure]:
+    for path in t2.paths:
+        for cell in path.cells:
+            name = f"{path.label}, {_cell_label(cell.chunk_size, cell.window, path.state_bytes)}"
+            yield Figure("T2", name, "of line", path.of_line(cell), _t2_best(path, cell) - path.of_line(cell))
 
 
-def _ratio(num: dict[str, float], den: dict[str, float], key: str, floor: float) -> tuple[float, float]:
-    """num/den and its spread: the widest the ratio goes when each figure moves within its own
-    range (median to min, widened by the unit's floor)."""
-    ratio = num[key] / den[key]
-    num_min, den_min = num.get(f"{key}_min", num[key]), den.get(f"{key}_min", den[key])  # older runs: median only
-    lo = max(num_min - floor, 0.0) / (den[key] + floor)
-    hi = (num[key] + floor) / max(den_min - floor, 1e-9)
+def _ratio(num: tuple[float, float | None], den: tuple[float, float | None], floor: float) -> tuple[float, float]:
+    """num/den of two (median, min) figures and its spread: the widest the ratio goes when each
+    figure moves within its own range (median to min, widened by the unit's floor)."""
+    (num_med, num_min), (den_med, den_min) = num, den
+    ratio = num_med / den_med
+    num_min = num_med if num_min is None else num_min  # older runs: median only
+    den_min = den_med if den_min is None else den_min
+    lo = max(num_min - floor, 0.0) / (den_med + floor)
+    hi = (num_med + floor) / max(den_min - floor, 1e-9)
     return ratio, max(ratio - lo, hi - ratio)
 
 
-def _t3(t3: dict[str, Any]) -> Iterable[Figure]:
-    for row in t3["rows"]:
-        grpc = row["modes"].get("grpc")
-        kind = HOST_BOUND if row["path"] == LOOPBACK_PATH else CLAIM
-        for mode, m in row["modes"].items():
-            name = f"{_state(row)}, {row['path']}, {mode}"
-            yield Figure("T3", name, "s", m["seconds"], m["seconds"] - m["seconds_min"], kind=ABSOLUTE)
-            if grpc is not None and mode != "grpc":
-                speedup, spread = _ratio(grpc, m, "seconds", FLOORS["s"])
+def _t3(t3: T3Table) -> Iterable[Figure]:
+    for row in t3.rows:
+        grpc = row.modes.get(Mode.GRPC)
+        kind = HOST_BOUND if row.path == LOOPBACK_PATH else CLAIM
+        state = f"{row.model} {'LoRA' if row.lora else 'full'}"
+        for mode, m in row.modes.items():
+            name = f"{state}, {row.path}, {mode}"
+            yield Figure("T3", name, "s", m.seconds, m.seconds - m.seconds_min, kind=ABSOLUTE)
+            if grpc is not None and mode != Mode.GRPC:
+                speedup, spread = _ratio((grpc.seconds, grpc.seconds_min), (m.seconds, m.seconds_min), FLOORS["s"])
                 yield Figure("T3", name, "x grpc", speedup, spread, kind=kind)
 
 
-def _t4(t4: dict[str, Any]) -> Iterable[Figure]:
-    grpc = {row["model"]: row for row in t4["rows"] if row["mode"] == "grpc"}
-    for row in t4["rows"]:
-        name = f"{row['model']}, {row['mode']}"
-        yield Figure("T4", f"{name}, CPU", "CPU s", row["cpu_seconds"],
-                     row["cpu_seconds"] - row.get("cpu_seconds_min", row["cpu_seconds"]), kind=ABSOLUTE)
-        base = grpc.get(row["model"])
-        if base is not None and row["mode"] != "grpc":  # T4 comes from T3's loopback runs
-            yield Figure("T4", f"{name}, CPU", "x grpc", *_ratio(row, base, "cpu_seconds", FLOORS["CPU s"]),
-                         kind=HOST_BOUND)
-        yield Figure("T4", f"{name}, receiver +RSS", "MiB", row["receiver_extra_rss_mb"])
+def _t4(t4: T4Table) -> Iterable[Figure]:
+    grpc = {row.model: row for row in t4.rows if row.mode == Mode.GRPC}
+    for row in t4.rows:
+        name = f"{row.model}, {row.mode}"
+        cpu_min = row.cpu_seconds if row.cpu_seconds_min is None else row.cpu_seconds_min
+        yield Figure("T4", f"{name}, CPU", "CPU s", row.cpu_seconds, row.cpu_seconds - cpu_min, kind=ABSOLUTE)
+        base = grpc.get(row.model)
+        if base is not None and row.mode != Mode.GRPC:  # T4 comes from T3's loopback runs
+            yield Figure("T4", f"{name}, CPU", "x grpc", *_ratio((row.cpu_seconds, row.cpu_seconds_min),
+                                                                 (base.cpu_seconds, base.cpu_seconds_min),
+                                                                 FLOORS["CPU s"]), kind=HOST_BOUND)
+        yield Figure("T4", f"{name}, receiver +RSS", "MiB", row.receiver_extra_rss_mb)
 
 
 EXTRACTORS = {"T1": _t1, "T2": _t2, "T3": _t3, "T4": _t4}
 
 
-def figures(result: dict[str, Any]) -> dict[tuple[str, str, str], Figure]:
+def figures(result: PaperResult) -> dict[tuple[str, str, str], Figure]:
     out: dict[tuple[str, str, str], Figure] = {}
-    for table, extract in EXTRACTORS.items():
-        if table in result.get("tables", {}):
-            for fig in extract(result["tables"][table]):
+    for name, extract in EXTRACTORS.items():
+        table = getattr(result.tables, name)
+        if table is not None:
+            for fig in extract(table):
                 out[(fig.table, fig.name, fig.unit)] = fig
     return out
 
 
-def _picks(before: dict[str, Any], after: dict[str, Any]) -> list[Pick]:
-    if "T2" not in before.get("tables", {}) or "T2" not in after.get("tables", {}):
+def _picks(before: PaperResult, after: PaperResult) -> list[Pick]:
+    if before.tables.T2 is None or after.tables.T2 is None:
         return []
-    earlier = {p["label"]: p for p in before["tables"]["T2"]["paths"]}
+    earlier = {p.label: p for p in before.tables.T2.paths}
     picks = []
-    for path in after["tables"]["T2"]["paths"]:
-        prev = earlier.get(path["label"])
+    for path in after.tables.T2.paths:
+        prev = earlier.get(path.label)
         if prev is None:
             continue
-        cells_b = {(c["chunk_size"], c["window"]): c for c in prev["cells"]}
-        cells_a = {(c["chunk_size"], c["window"]): c for c in path["cells"]}
-        best_b = (prev["best"]["chunk_size"], prev["best"]["window"])
-        best_a = (path["best"]["chunk_size"], path["best"]["window"])
+        cells_b = {(c.chunk_size, c.window): c for c in prev.cells}
+        cells_a = {(c.chunk_size, c.window): c for c in path.cells}
+        best_b = (prev.best.chunk_size, prev.best.window)
+        best_a = (path.best.chunk_size, path.best.window)
         if best_a not in cells_b or best_b not in cells_a:
             continue  # different grids: the figures' lists already say so
         top_b, top_a = cells_b[best_b], cells_a[best_a]
-        spread = (_t2_best(prev, top_b) - top_b["vs_line"]) + (_t2_best(path, top_a) - top_a["vs_line"])
-        tolerance = max(REL_TOLERANCE * max(top_a["vs_line"], top_b["vs_line"]), FLOORS["of line"], spread)
-        state = path["state_bytes"]
+        spread = (_t2_best(prev, top_b) - prev.of_line(top_b)) + (_t2_best(path, top_a) - path.of_line(top_a))
+        tolerance = max(REL_TOLERANCE * max(path.of_line(top_a), prev.of_line(top_b)), FLOORS["of line"], spread)
+        state = path.state_bytes
         picks.append(Pick(
-            path=path["label"], before=_cell_label(*best_b, state), after=_cell_label(*best_a, state),
-            before_of_after=cells_b[best_a]["vs_line"], before_best=top_b["vs_line"],
-            after_of_before=cells_a[best_b]["vs_line"], after_best=top_a["vs_line"], tolerance=tolerance,
+            path=path.label, before=_cell_label(*best_b, state), after=_cell_label(*best_a, state),
+            before_of_after=prev.of_line(cells_b[best_a]), before_best=prev.of_line(top_b),
+            after_of_before=path.of_line(cells_a[best_b]), after_best=path.of_line(top_a), tolerance=tolerance,
         ))
     return picks
 
 
-def compare(before: dict[str, Any], after: dict[str, Any]) -> Comparison:
+def compare(before: PaperResult, after: PaperResult) -> Comparison:
     """Pair the figures of the tables both runs measured; list the ones only one run has."""
-    common = set(before.get("tables", {})) & set(after.get("tables", {}))
+    common = before.tables.names() & after.tables.names()
     a = {k: f for k, f in figures(before).items() if k[0] in common}
     b = {k: f for k, f in figures(after).items() if k[0] in common}
     pairs = [Pair(a[k], b[k]) for k in b if k in a]
@@ -277,7 +282,7 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> Comparison:
     )
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: Path) -> PaperResult:
     """A `bench paper` result, or an error that says what the file is not."""
     try:
         result = json.loads(path.read_text())
@@ -286,7 +291,12 @@ def load(path: Path) -> dict[str, Any]:
     if not isinstance(result, dict) or not isinstance(result.get("tables"), dict):
         raise ValueError(f"{path} is not a bench paper result (it has no 'tables'); "
                          "give the paper.json that `fedrdma bench paper` wrote")
-    return result
+    try:
+        return PaperResult.model_validate(result)
+    except ValidationError as exc:
+        where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3])
+        raise ValueError(f"{path} is not a bench paper result this version reads ({where}); "
+                         "see docs/schemas/bench-paper.schema.json") from None
 
 
 def groups(comparison: Comparison) -> list[tuple[str, str, list[Pair]]]:
@@ -305,20 +315,14 @@ def held(kind: str, pairs: list[Pair]) -> str:
     return str(sum(p.direction_holds for p in pairs)) if kind == HOST_BOUND else ""
 
 
-def repeat_summary(comparison: Comparison) -> dict[str, Any]:
+def repeat_summary(comparison: Comparison) -> Repeats:
     """What paper.json records of a comparison: the verdict and the counts per table."""
-    tables: dict[str, dict[str, int]] = {}
-    for t, kind, ps in groups(comparison):
-        counts = {"figures": len(ps), "within_noise": sum(p.agrees for p in ps)}
-        if kind == HOST_BOUND:
-            counts["direction_holds"] = sum(p.direction_holds for p in ps)
-        tables[f"{t} {kind}"] = counts
-    return {
-        "agrees": comparison.agrees,
-        "agrees_strictly": comparison.agrees_strictly,
-        "tables": tables,
-        "t2_picks_hold": all(p.holds for p in comparison.picks),
-    }
+    tables = {f"{t} {kind}": TableCounts(figures=len(ps), within_noise=sum(p.agrees for p in ps),
+                                         direction_holds=sum(p.direction_holds for p in ps) if kind == HOST_BOUND
+                                         else None)
+              for t, kind, ps in groups(comparison)}
+    return Repeats(agrees=comparison.agrees, agrees_strictly=comparison.agrees_strictly, tables=tables,
+                   t2_picks_hold=all(p.holds for p in comparison.picks))
 
 
 # --- markdown -----------------------------------------------------------------------------
@@ -339,9 +343,9 @@ def _fmt(value: float, unit: str) -> str:
     return f"{value:.3f} s"
 
 
-def host_speed(result: dict[str, Any]) -> str:
+def host_speed(result: PaperResult) -> str:
     """The memory copy rates a run recorded at its start and end, for the reader to weigh its seconds."""
-    rates = result.get("host", {}).get("memcpy_gb_s")
+    rates = result.host.memcpy_gb_s
     return " / ".join(f"{r:.1f}" for r in rates) + " GB/s" if rates else "not recorded"
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
+from fedrdma.bench.records import HeapResult, HeapVariant
 from fedrdma.core.errors import RunError
 
 VARIANTS = ("default", "pinned", "compute-heap")
@@ -79,7 +80,7 @@ def child(variant: str, model_name: str, rounds: int) -> dict[str, Any]:
 
 
 def run(model: str, rounds: int, repeat: int,
-        on_child: Callable[[str], None] = lambda v: None) -> dict[str, Any]:
+        on_child: Callable[[str], None] = lambda v: None) -> HeapResult:
     """`repeat` children per variant, interleaved; medians over the counted rounds of all of them.
 
     `on_child` is told of each child as it finishes (progress).
@@ -102,13 +103,13 @@ def run(model: str, rounds: int, repeat: int,
             seen[variant] = row["chunk_mmapped_while_training"]
             on_child(variant)
     base = statistics.median(counted["default"])
-    return {
-        "model": model, "rounds": rounds, "repeat": repeat, "local_steps": LOCAL_STEPS, "batch_size": BATCH_SIZE,
-        "seq_len": SEQ_LEN, "time": time.time(),
-        "variants": {v: {"seconds": statistics.median(s), "seconds_min": min(s), "rounds_counted": len(s),
-                         "vs_default": statistics.median(s) / base, "chunk_mmapped_while_training": seen[v]}
-                     for v, s in counted.items()},
-    }
+    return HeapResult(
+        model=model, rounds=rounds, repeat=repeat, local_steps=LOCAL_STEPS, batch_size=BATCH_SIZE, seq_len=SEQ_LEN,
+        time=time.time(),
+        variants={v: HeapVariant(seconds=statistics.median(s), seconds_min=min(s), rounds_counted=len(s),
+                                 vs_default=statistics.median(s) / base, chunk_mmapped_while_training=seen[v])
+                  for v, s in counted.items()},
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,22 @@ from pathlib import Path
 from typing import Any
 
 from fedrdma.bench import transfer
+from fedrdma.bench.records import (
+    ChunkWindow,
+    Host,
+    ModelChunk,
+    ModelPick,
+    PaperResult,
+    T1Round,
+    T1Row,
+    T1Table,
+    T2Path,
+    T2Table,
+    T3Row,
+    T3Table,
+    T4Row,
+    T4Table,
+)
 from fedrdma.bench.sweep import best, run_cells
 from fedrdma.bench.wan import LOOPBACK_PATH, ON_LOOPBACK, federation_hosts, placement
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW
@@ -65,7 +81,7 @@ T1_RATES = (REFERENCE_RATE, "5gbit")
 T1_MODES = (Mode.GRPC, Mode.RDMA, Mode.RDMA_E)
 T1_MODEL = "gpt2-small"
 T1_LOCAL_STEPS = 2
-"""A few local steps, as in the demo: on 2 CPU cores a GPT-2 small step takes seconds."""
+"""A few local steps, as in the demo: a CPU host trains GPT-2 small slowly."""
 
 T1_SILOS = 1
 """One silo: real silos train on their own hardware; two here would split 2 cores and
@@ -119,10 +135,10 @@ def t2_cells(nbytes: int) -> list[tuple[int, int]]:
     return cells + [(nbytes, 1)]
 
 
-def run_t2(repeat: int, step: Step, mtu: int, top_bps: float | None = None) -> dict[str, Any]:
+def run_t2(repeat: int, step: Step, mtu: int, top_bps: float | None = None) -> T2Table:
     from fedrdma.sim.tune import recommend
 
-    def measure(shape: PathShape, lab: Any) -> dict[str, Any]:
+    def measure(shape: PathShape, lab: Any) -> T2Path:
         assert shape.rate_bps is not None
         nbytes = t2_state_bytes(shape.rate_bps)
         cells = t2_cells(nbytes)
@@ -130,19 +146,18 @@ def run_t2(repeat: int, step: Step, mtu: int, top_bps: float | None = None) -> d
         results = run_cells(nbytes, cells, repeat, placement(lab), on_transfer=step.advance)
         top = best(results, nbytes)
         model = recommend(shape.rate_bps, shape.rtt_s, shape.loss, state_bytes=nbytes)
-        return {
-            "rate_bps": shape.rate_bps, "rtt_s": shape.rtt_s, "loss": shape.loss, "state_bytes": nbytes,
-            "label": _path_label(shape),
-            "cells": [r.row(nbytes, shape.rate_bps) for r in results],
-            "best": {"chunk_size": top.chunk_size, "window": top.window},
-            "model": {
-                "chunk_size": model.chunk_size, "window": model.window,
-                "goodput_fraction": model.goodput_fraction,
-                "by_chunk": [{"chunk_size": row.chunk_bytes or nbytes, "unchunked": row.chunk_bytes is None,
-                              "goodput_fraction": row.result.goodput_bps / shape.rate_bps,
-                              "p_fail": row.result.p_fail} for row in model.rows],
-            },
-        }
+        return T2Path(
+            rate_bps=shape.rate_bps, rtt_s=shape.rtt_s, loss=shape.loss, state_bytes=nbytes,
+            label=_path_label(shape),
+            cells=[r.row(nbytes, shape.rate_bps) for r in results],
+            best=ChunkWindow(chunk_size=top.chunk_size, window=top.window),
+            model=ModelPick(
+                chunk_size=model.chunk_size, window=model.window, goodput_fraction=model.goodput_fraction,
+                by_chunk=[ModelChunk(chunk_size=row.chunk_bytes or nbytes, unchunked=row.chunk_bytes is None,
+                                     goodput_fraction=row.result.goodput_bps / shape.rate_bps,
+                                     p_fail=row.result.p_fail) for row in model.rows],
+            ),
+        )
 
     # The reference path's lab also tells the element's ceiling, which sets the fastest path.
     reference = PathShape.of(REFERENCE_RATE, REFERENCE_RTT, 0)
@@ -156,18 +171,18 @@ def run_t2(repeat: int, step: Step, mtu: int, top_bps: float | None = None) -> d
         if shape not in measured:
             with running_lab(LabConfig(name=PAPER_LAB, mtu=mtu, paths=(shape,))) as lab:
                 measured[shape] = measure(shape, lab)
-    return {"paths": [measured[s] for s in paths], "mtu": mtu, "repeat": repeat, "ceiling_bps": ceiling}
+    return T2Table(paths=[measured[s] for s in paths], mtu=mtu, repeat=repeat, ceiling_bps=ceiling)
 
 
 # --- T3 and T4 ------------------------------------------------------------------------------
 
 
-def run_t3(repeat: int, step: Step, mtu: int) -> dict[str, Any]:
+def run_t3(repeat: int, step: Step, mtu: int) -> T3Table:
     from fedrdma.bench.states import gpt2_layout
 
     configs = [(m, lora) for m in T3_MODELS for lora in (False, True)]
     sizes = {c: gpt2_layout(*c).nbytes for c in configs}
-    out: dict[str, Any] = {"repeat": repeat, "interleaved": True, "rows": []}
+    out = T3Table(repeat=repeat, interleaved=True, rows=[])
 
     def measure(where_label: str, where: Any) -> None:
         for model, lora in configs:
@@ -179,9 +194,9 @@ def run_t3(repeat: int, step: Step, mtu: int) -> dict[str, Any]:
             res = transfer.run(size_args, nbytes, T3_MODES, min(DEFAULT_CHUNK_SIZE, nbytes), DEFAULT_WINDOW,
                                repeat, on_transfer=step.advance, where=where, references=False, interleave=True)
             host.append(memcpy_gb_s())
-            out["rows"].append({"model": model, "lora": lora, "state_bytes": nbytes, "path": where_label,
-                                "link_rate_gbit": res["link_rate_gbit"], "rtt_ms": res["rtt_ms"],
-                                "memcpy_gb_s": host, "modes": res["modes"]})
+            out.rows.append(T3Row(model=model, lora=lora, state_bytes=nbytes, path=where_label,
+                                  link_rate_gbit=res.link_rate_gbit, rtt_ms=res.rtt_ms, memcpy_gb_s=host,
+                                  modes=res.modes))
 
     measure(LOOPBACK_PATH, ON_LOOPBACK)
     shape = PathShape.of(REFERENCE_RATE, REFERENCE_RTT, 0)
@@ -190,34 +205,33 @@ def run_t3(repeat: int, step: Step, mtu: int) -> dict[str, Any]:
     return out
 
 
-def t4_from_t3(t3: dict[str, Any]) -> dict[str, Any]:
+def t4_from_t3(t3: T3Table) -> T4Table:
     """CPU and memory per transfer: T3's loopback runs, where nothing but the host limits them."""
     rows = []
-    for row in t3["rows"]:
-        if row["path"] != LOOPBACK_PATH or row["lora"]:
+    for row in t3.rows:
+        if row.path != LOOPBACK_PATH or row.lora:
             continue
         for mode in T4_MODES:
-            m = row["modes"][mode]
-            rows.append({"model": row["model"], "state_bytes": row["state_bytes"], "mode": mode,
-                         "cpu_seconds": m["cpu_seconds"], "cpu_seconds_min": m.get("cpu_seconds_min", m["cpu_seconds"]),
-                         "receiver_extra_rss_mb": m["receiver_extra_rss_mb"],
-                         "sender_extra_rss_mb": m["sender_extra_rss_mb"], "seconds": m["seconds"]})
-    return {"repeat": t3["repeat"], "rows": rows}
+            m = row.modes[mode]
+            rows.append(T4Row(model=row.model, state_bytes=row.state_bytes, mode=mode, cpu_seconds=m.cpu_seconds,
+                              cpu_seconds_min=m.cpu_seconds if m.cpu_seconds_min is None else m.cpu_seconds_min,
+                              receiver_extra_rss_mb=m.receiver_extra_rss_mb, sender_extra_rss_mb=m.sender_extra_rss_mb,
+                              seconds=m.seconds))
+    return T4Table(repeat=t3.repeat, rows=rows)
 
 
 # --- T1 -------------------------------------------------------------------------------------
 
 
-def run_t1(rounds: int, step: Step, mtu: int, logs: Path | None = None) -> dict[str, Any]:
+def run_t1(rounds: int, step: Step, mtu: int, logs: Path | None = None) -> T1Table:
     """Federations in the lab; their logs and checkpoints (GBs) go to `logs`, or to scratch."""
     if logs is None:
         with tempfile.TemporaryDirectory(prefix="fedrdma-t1-") as scratch:
             return run_t1(rounds, step, mtu, Path(scratch))
-    from fedrdma.fl.data import DEMO_SILOS
     from fedrdma.fl.demo import run_federation
+    from fedrdma.fl.inputs import DEMO_SILOS
 
-    out: dict[str, Any] = {"rounds": rounds, "model": T1_MODEL, "local_steps": T1_LOCAL_STEPS,
-                           "silos": T1_SILOS, "rows": []}
+    out = T1Table(rounds=rounds, model=T1_MODEL, local_steps=T1_LOCAL_STEPS, silos=T1_SILOS, rows=[])
     for rate in T1_RATES:
         shape = PathShape.of(rate, REFERENCE_RTT, 0)
         with running_lab(LabConfig(name=PAPER_LAB, mtu=mtu, paths=(shape,) * T1_SILOS)) as lab:
@@ -225,16 +239,12 @@ def run_t1(rounds: int, step: Step, mtu: int, logs: Path | None = None) -> dict[
                 step.start(f"T1 {mode} on {_path_label(shape)}", rounds)
                 records = run_federation(
                     logs / f"{rate}-{mode}", mode, rounds, T1_MODEL, False,
-                    DEMO_SILOS[:T1_SILOS], on_round=lambda r: step.advance() if r["round"] > 0 else None,
+                    DEMO_SILOS[:T1_SILOS], on_round=lambda r: step.advance() if r.round > 0 else None,
                     hosts=federation_hosts(lab), local_steps=T1_LOCAL_STEPS,
                 )
-                done = [r for r in records if r["round"] > 0]
-                out["rows"].append({
-                    "rate_bps": shape.rate_bps, "rtt_s": shape.rtt_s, "transport": mode,
-                    "path": _path_label(shape),
-                    "rounds": [{k: r[k] for k in ("round", "comm_seconds", "compute_seconds", "comm_share",
-                                                  "round_seconds") if k in r} for r in done],
-                })
+                assert shape.rate_bps is not None
+                out.rows.append(T1Row(rate_bps=shape.rate_bps, rtt_s=shape.rtt_s, mode=mode, path=_path_label(shape),
+                                      rounds=[T1Round.of(r) for r in records if r.round > 0]))
     return out
 
 
@@ -248,7 +258,7 @@ PREVIOUS = "paper.previous.json"
 def keep_previous(out_dir: Path, against: Path | None) -> Path | None:
     """The earlier result a run compares itself with: `against`, or the one already in DIR.
 
-    Checked before anything is measured: a 35-minute run must not end on an unreadable file.
+    Checked before anything is measured: a long run must not end on an unreadable file.
     """
     from fedrdma.bench.compare import load
 
@@ -266,78 +276,77 @@ def keep_previous(out_dir: Path, against: Path | None) -> Path | None:
 
 def run_paper(out_dir: Path, tables: Sequence[str] = TABLES, repeat: int = MIN_REPEAT, mtu: int = 9000,
               step: Step | None = None, command: str = "", against: Path | None = None,
-              logs: Path | None = None) -> dict[str, Any]:
+              logs: Path | None = None) -> PaperResult:
     """Measure `tables` into DIR; `against` is an earlier result the report compares with."""
     step = step or _quiet()
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    result: dict[str, Any] = {
-        "command": command,
-        "host": {"machine": platform.machine(), "python": sys.version.split()[0], "cpus": _cpus(),
-                 "memcpy_gb_s": [memcpy_gb_s()]},
-        "mtu": mtu, "repeat": repeat, "tables": {},
-    }
+    result = PaperResult(
+        command=command,
+        host=Host(machine=platform.machine(), python=sys.version.split()[0], cpus=_cpus(),
+                  memcpy_gb_s=[memcpy_gb_s()]),
+        mtu=mtu, repeat=repeat,
+    )
     from fedrdma.bench.compare import load
 
     before = load(against) if against is not None else None
     if against is not None:
         inside = against.resolve().parent == out_dir.resolve()
-        result["against"] = against.name if inside else str(against.resolve())
+        result.against = against.name if inside else str(against.resolve())
 
     def save() -> None:
         """After every table: a run cut short still leaves a report of what it measured."""
-        result["minutes"] = (time.time() - started) / 60
+        result.minutes = (time.time() - started) / 60
         _save(out_dir, result, before)
 
     if "T3" in tables or "T4" in tables:
         t3 = run_t3(repeat, step, mtu)
         if "T3" in tables:
-            result["tables"]["T3"] = t3
+            result.tables.T3 = t3
         if "T4" in tables:
-            result["tables"]["T4"] = t4_from_t3(t3)
+            result.tables.T4 = t4_from_t3(t3)
         save()
     if "T2" in tables:
-        result["tables"]["T2"] = run_t2(repeat, step, mtu, _previous_top(before))
+        result.tables.T2 = run_t2(repeat, step, mtu, _previous_top(before))
         save()
     if "T1" in tables:
-        result["tables"]["T1"] = run_t1(repeat, step, mtu, logs)
-    result["host"]["memcpy_gb_s"].append(memcpy_gb_s())
+        result.tables.T1 = run_t1(repeat, step, mtu, logs)
+    result.host.memcpy_gb_s.append(memcpy_gb_s())
     save()
     return result
 
 
-def _save(out_dir: Path, result: dict[str, Any], before: dict[str, Any] | None) -> None:
+def _save(out_dir: Path, result: PaperResult, before: PaperResult | None) -> None:
     """paper.json and the report, with the comparison against `before` made afresh."""
     from fedrdma.bench.compare import compare, repeat_summary
     from fedrdma.bench.report import write_report
 
     comparison = compare(before, result) if before is not None else None
     if comparison is not None:
-        result["repeats"] = repeat_summary(comparison)
-    (out_dir / "paper.json").write_text(json.dumps(result, indent=2) + "\n")
+        result.repeats = repeat_summary(comparison)
+    (out_dir / "paper.json").write_text(json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
     write_report(result, out_dir, before, comparison)
 
 
-def rewrite_report(out_dir: Path) -> dict[str, Any]:
+def rewrite_report(out_dir: Path) -> PaperResult:
     """The report, plots and comparison of DIR's paper.json again, measuring nothing.
 
-    For a report whose form changed after a 50-minute run: the figures stay as measured.
+    For a report whose form changed after a long run: the figures stay as measured.
     """
     from fedrdma.bench.compare import load
 
     result = load(out_dir / "paper.json")
     # `against` is a name inside DIR or an absolute path; joining keeps an absolute one whole.
-    before = load(out_dir / result["against"]) if result.get("against") else None
+    before = load(out_dir / result.against) if result.against else None
     _save(out_dir, result, before)
     return result
 
 
-def _previous_top(before: dict[str, Any] | None) -> float | None:
+def _previous_top(before: PaperResult | None) -> float | None:
     """The fastest T2 path of the run we compare with: the same path makes the same figures comparable."""
-    if before is None:
+    if before is None or before.tables.T2 is None:
         return None
-    paths = before["tables"].get("T2", {}).get("paths", [])
-    return max((p["rate_bps"] for p in paths), default=None)
+    return max((p.rate_bps for p in before.tables.T2.paths), default=None)
 
 
 CALIBRATION_BYTES = 256 << 20

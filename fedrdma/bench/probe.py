@@ -2,18 +2,25 @@
 
 The model (`fedrdma.sim`) predicts RoCE; a UCX-over-TCP path has its own costs (per-chunk
 notifications, socket buffers, the polling loop), so on a path we can reach we measure:
-short trial transfers over a small grid, on one warm connection, best median wins.
+short trial transfers over a small grid, on one warm connection, best median wins. The
+measuring lives here, with the benchmarks, so that `sim/` stays a model that moves no byte.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fedrdma.bench.sweep import CellResult, best, run_cells
-from fedrdma.bench.wan import Placement
+from fedrdma.bench.wan import Placement, placement, shaped_path
 from fedrdma.core.errors import RunError
+from fedrdma.lab.config import PathShape
+from fedrdma.lab.errors import LabError
+from fedrdma.lab.lab import Lab
+from fedrdma.sim.tcp_buffers import tcp_check
 
 PROBE_CHUNKS = (1 << 20, 4 << 20, 16 << 20)
 """1-16 MiB: below 1 MiB per-chunk costs show over TCP, above 16 MiB a lost chunk costs much."""
@@ -51,8 +58,8 @@ class ProbeResult:
             "path": where.fields() | {"described": where.describe()},
             "state_bytes": self.nbytes,
             "config": self.config(),
-            "chosen": self.chosen.row(self.nbytes, self.line_bps),
-            "table": [c.row(self.nbytes, self.line_bps) for c in self.cells],
+            "chosen": self.chosen.row(self.nbytes, self.line_bps).model_dump(mode="json"),
+            "table": [c.row(self.nbytes, self.line_bps).model_dump(mode="json") for c in self.cells],
         }
 
 
@@ -82,3 +89,29 @@ def probe(where: Placement, nbytes: int | None = None, repeat: int = PROBE_REPEA
     if bad:
         raise RunError(f"trial bytes differ at {[(c.chunk_size, c.window) for c in bad]}: the path corrupts data")
     return ProbeResult(size, line_bps, tuple(cells), best(cells, size))
+
+
+@contextmanager
+def probe_path(shape: PathShape | None = None, lab_name: str | None = None, silo: int = 1,
+               log: Callable[[str], None] | None = None) -> Iterator[Placement]:
+    """Where to probe: path `silo` of the running lab `lab_name`, or a one-path lab shaped
+    as `shape`, built for the block and taken down after it."""
+    if lab_name is None:
+        if shape is None:
+            raise ValueError("a probe needs a path: a shape to build, or a running lab's name")
+        with shaped_path(shape, log=log) as where:
+            yield where
+        return
+    running = Lab.attach(lab_name)
+    if silo > len(running.paths):
+        raise LabError(f"lab {lab_name!r} has {len(running.paths)} silo path(s): --silo {silo} names none of them")
+    yield placement(running, silo)
+
+
+def tuning_json(result: ProbeResult, where: Placement, proc_root: Path = Path("/proc")) -> dict[str, Any]:
+    """What `tune --probe --json` writes: the probe's result, with the host's TCP buffers
+    checked against the path when the path has a line rate."""
+    data = result.to_json(where)
+    if where.shape is not None and where.shape.rate_bps is not None:
+        data["tcp_buffers"] = tcp_check(where.shape.rate_bps, where.shape.rtt_s, proc_root)
+    return data

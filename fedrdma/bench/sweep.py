@@ -10,9 +10,9 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from fedrdma.bench.peer import format_cells
+from fedrdma.bench.records import Cell
 from fedrdma.bench.transfer import WARMUP, run_pair_events, transfer_env
 from fedrdma.bench.wan import ON_LOOPBACK, Placement
 from fedrdma.core.scheduler import CHUNK_TIMEOUT_S
@@ -34,21 +34,20 @@ class CellResult:
     def goodput_bps(self, nbytes: int) -> float:
         return nbytes * 8 / statistics.median(self.seconds)
 
-    def row(self, nbytes: int, line_bps: float | None) -> dict[str, Any]:
+    def row(self, nbytes: int, line_bps: float | None) -> Cell:
         med = statistics.median(self.seconds)
-        out: dict[str, Any] = {
-            "chunk_size": self.chunk_size,
-            "window": self.window,
-            "seconds": med,
-            "seconds_min": min(self.seconds),
-            "repeat": len(self.seconds),
-            "goodput_gbit_s": nbytes * 8 / med / 1e9,
-            "goodput_gbit_s_best": nbytes * 8 / min(self.seconds) / 1e9,
-            "identical": self.identical,
-        }
-        if line_bps:
-            out["vs_line"] = out["goodput_gbit_s"] * 1e9 / line_bps
-        return out
+        goodput = nbytes * 8 / med / 1e9
+        return Cell(
+            chunk_size=self.chunk_size,
+            window=self.window,
+            seconds=med,
+            seconds_min=min(self.seconds),
+            repeat=len(self.seconds),
+            goodput_gbit_s=goodput,
+            goodput_gbit_s_best=nbytes * 8 / min(self.seconds) / 1e9,
+            identical=self.identical,
+            vs_line=goodput * 1e9 / line_bps if line_bps else None,
+        )
 
 
 def chunk_timeout(cells: Sequence[tuple[int, int]], line_bps: float | None) -> float:

@@ -19,15 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from fedrdma.bench.procs import PeerProcess, start_pair
+from fedrdma.bench.records import ModeSummary, TransferResult
 from fedrdma.bench.wan import ON_LOOPBACK, Placement
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW
 from fedrdma.core.errors import RunError
+from fedrdma.core.modes import Mode
 
 DEFAULT_REPEAT = 3
 """Counted transfers per mode: enough for a median on a noisy 2-core VM."""
 
 WARMUP = 1
-"""Uncounted first transfers per mode: first-touch page faults run at ~0.45 GB/s here."""
+"""Uncounted first transfers per mode: memory on these VMs is slow on first touch (see the README)."""
 
 LOOPBACK_TLS = "tcp"
 """On loopback UCX would pick shared memory; tcp makes the benchmark measure a network path."""
@@ -69,26 +71,24 @@ class ModeResult:
             bytes_posted=self.bytes_posted + later.bytes_posted,
         )
 
-    def summary(self, nbytes: int) -> dict[str, Any]:
+    def summary(self, nbytes: int) -> ModeSummary:
         med = statistics.median(self.seconds)
-        out: dict[str, Any] = {
-            "seconds": med,
-            "seconds_min": min(self.seconds),
-            "goodput_gb_s": nbytes / med / 1e9,
-            "cpu_seconds": statistics.median(self.cpu_seconds),
-            "cpu_seconds_min": min(self.cpu_seconds),
-            "receiver_extra_rss_mb": max(self.receiver_extra_rss) / 2**20,
-            "sender_extra_rss_mb": max(self.sender_extra_rss) / 2**20,
-            "identical": self.identical,
-            "repeat": len(self.seconds),
-        }
-        if self.bytes_posted:
-            out["bytes_posted"] = max(self.bytes_posted)
-        for key, values in self.extra.items():
-            out[key] = statistics.median(values)
-        if "wire_seconds" in out:
-            out["goodput_wire_gb_s"] = nbytes / out["wire_seconds"] / 1e9
-        return out
+        extra = {key: statistics.median(values) for key, values in self.extra.items()}
+        if "wire_seconds" in extra:
+            extra["goodput_wire_gb_s"] = nbytes / extra["wire_seconds"] / 1e9
+        return ModeSummary(
+            seconds=med,
+            seconds_min=min(self.seconds),
+            goodput_gb_s=nbytes / med / 1e9,
+            cpu_seconds=statistics.median(self.cpu_seconds),
+            cpu_seconds_min=min(self.cpu_seconds),
+            receiver_extra_rss_mb=max(self.receiver_extra_rss) / 2**20,
+            sender_extra_rss_mb=max(self.sender_extra_rss) / 2**20,
+            identical=self.identical,
+            repeat=len(self.seconds),
+            bytes_posted=max(self.bytes_posted) if self.bytes_posted else None,
+            **extra,
+        )
 
 
 def run_pair_events(
@@ -217,7 +217,7 @@ def run(
     where: Placement = ON_LOOPBACK,
     references: bool = True,
     interleave: bool = False,
-) -> dict[str, Any]:
+) -> TransferResult:
     """Every mode (and, unless told not to, the raw references) between two fresh processes.
 
     Interleaved, each mode gets `repeat` pairs of one counted transfer each, the modes
@@ -225,17 +225,6 @@ def run(
     drifting host moves together.
     """
     env = env or transfer_env()
-    result: dict[str, Any] = {
-        "size_bytes": nbytes,
-        "chunk_size": chunk_size,
-        "window": window,
-        "repeat": repeat,
-        "interleaved": interleave,
-        "ucx_tls": env.get("UCX_TLS", ""),
-        "path": where.describe(),
-        **where.fields(),
-        "modes": {},
-    }
     order = [*(REFERENCES.values() if references else ()), *modes]
     measured: dict[str, ModeResult] = {}
     for turn in range(repeat if interleave else 1):
@@ -243,30 +232,32 @@ def run(
             on_mode(mode)
             res = run_mode(mode, size_args, chunk_size, window, 1 if interleave else repeat, env, on_transfer, where)
             measured[mode] = measured[mode].extend(res) if turn else res
-    for key, mode in REFERENCES.items() if references else ():
-        result[key] = measured[mode].summary(nbytes)
-    for mode in modes:
-        result["modes"][mode] = measured[mode].summary(nbytes)
+    result = TransferResult(
+        size_bytes=nbytes, chunk_size=chunk_size, window=window, repeat=repeat, interleaved=interleave,
+        ucx_tls=env.get("UCX_TLS", ""), path=where.describe(), **where.fields(),
+        modes={Mode(mode): measured[mode].summary(nbytes) for mode in modes},
+        reference=measured[REFERENCES["reference"]].summary(nbytes) if references else None,
+        reference_read=measured[REFERENCES["reference_read"]].summary(nbytes) if references else None,
+    )
     add_ratios(result, where.line_bytes_per_s())
     return result
 
 
-def add_ratios(result: dict[str, Any], line_bytes_per_s: float | None = None) -> None:
+def add_ratios(result: TransferResult, line_bytes_per_s: float | None = None) -> None:
     """Ratios against the same run's references, baseline and line: the figures worth quoting."""
-    grpc = result["modes"].get("grpc", {}).get("goodput_gb_s")
-    rows = {**{key: result[key] for key in REFERENCES if key in result}, **result["modes"]}
-    for mode, row in rows.items():
+    grpc = result.modes.get(Mode.GRPC)
+    references = [row for row in (result.reference, result.reference_read) if row is not None]
+    for row in [*references, *result.modes.values()]:
         if line_bytes_per_s:
-            row["vs_line"] = row["goodput_gb_s"] * 1e9 / line_bytes_per_s
-        if mode in REFERENCES:
-            continue
-        base_key = "reference_read" if mode == "rdma-e-pull" else "reference"
-        if base_key in result:
-            row["vs_reference"] = row["goodput_gb_s"] / result[base_key]["goodput_gb_s"]
-        if grpc:
-            row["vs_grpc"] = row["goodput_gb_s"] / grpc
+            row.vs_line = row.goodput_gb_s * 1e9 / line_bytes_per_s
+    for mode, row in result.modes.items():
+        base = result.reference_read if mode == Mode.RDMA_E_PULL else result.reference
+        if base is not None:
+            row.vs_reference = row.goodput_gb_s / base.goodput_gb_s
+        if grpc is not None:
+            row.vs_grpc = row.goodput_gb_s / grpc.goodput_gb_s
 
 
-def write_json(result: dict[str, Any], path: Path) -> None:
+def write_json(result: TransferResult, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.write_text(json.dumps(result.model_dump(mode="json"), indent=2) + "\n")

@@ -28,6 +28,7 @@ from fedrdma.core.fedavg import NotEnoughSilos, RoundAggregate
 from fedrdma.core.layout import FlatState
 from fedrdma.core.modes import Role
 from fedrdma.fl import checkpoint
+from fedrdma.fl.records import AggregatorRound, MemorySplit, SiloOutcome
 from fedrdma.fl.state import build_trainable
 from fedrdma.memory import compute_heap, pin_mmap_threshold
 from fedrdma.metrics import mark_runtime, memory_report, reset_peak
@@ -69,7 +70,7 @@ class SiloRound:
     ready: m.Ready | None = None
     finished_at: float = 0.0
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> SiloOutcome:
         out: dict[str, Any] = {"silo": self.silo, "ok": self.ok, "reason": self.reason}
         if self.ready is not None:
             out.update(
@@ -89,7 +90,7 @@ class SiloRound:
         if self.ready is not None and self.broadcast is not None and self.upload is not None:
             comm = self.broadcast.seconds + self.upload.seconds
             out["comm_share"] = comm / (comm + self.ready.train_seconds)
-        return out
+        return SiloOutcome.model_validate(out)
 
 
 class Aggregator:
@@ -232,7 +233,7 @@ class Aggregator:
                 raise PeerLost(f"silo {link.silo} left: {msg.reason}")
 
     # -- rounds ----------------------------------------------------------------------------
-    def run_round(self, rnd: int) -> dict[str, Any]:
+    def run_round(self, rnd: int) -> AggregatorRound:
         cfg = self.cfg
         links = self.hub.wait_for(cfg.min_silos, cfg.join_timeout_s)
         if cfg.silos and len(links) < len(cfg.silos) and cfg.gather_s > 0:
@@ -291,34 +292,35 @@ class Aggregator:
                 except PeerLost:
                     pass
         record = self._round_record(rnd, results, outcome, aggregation_seconds, eval_loss, time.monotonic() - start)
-        self._event({"event": "round", **record})
+        self._event(record.model_dump(mode="json"))
         return record
 
-    def _round_record(self, rnd, results, outcome, aggregation_seconds, eval_loss, seconds) -> dict[str, Any]:
+    def _round_record(self, rnd, results, outcome, aggregation_seconds, eval_loss, seconds) -> AggregatorRound:
         silos = [r.record() for r in results.values()]
-        ok = [s for s in silos if s["silo"] in outcome.accepted]
-        comm = [s["broadcast_seconds"] + s["upload_seconds"] for s in ok]
-        train = [s["train_seconds"] for s in ok]
+        ok = [s for s in silos if s.silo in outcome.accepted]
+        comm = [(s.broadcast_seconds or 0.0) + (s.upload_seconds or 0.0) for s in ok]
+        train = [s.train_seconds or 0.0 for s in ok]
         comm_s = sum(comm) / len(comm) if comm else 0.0
         compute_s = (sum(train) / len(train) if train else 0.0) + aggregation_seconds
-        return {
-            "round": rnd,
-            "mode": self.cfg.mode,
-            "accepted": sorted(outcome.accepted),
-            "rejected": outcome.rejected,
-            "eval_loss": eval_loss,
-            "eval_perplexity": float(torch.tensor(eval_loss).exp()) if eval_loss is not None else None,
-            "comm_seconds": comm_s,
-            "compute_seconds": compute_s,
-            "comm_share": comm_s / (comm_s + compute_s) if comm_s + compute_s > 0 else 0.0,
-            "aggregation_seconds": aggregation_seconds,
-            "round_seconds": seconds,
-            "state_bytes": self.state.nbytes,
-            "aggregator_memory": memory_report(
+        return AggregatorRound(
+            time=time.time(),
+            round=rnd,
+            mode=self.cfg.mode,
+            accepted=sorted(outcome.accepted),
+            rejected=outcome.rejected,
+            eval_loss=eval_loss,
+            eval_perplexity=float(torch.tensor(eval_loss).exp()) if eval_loss is not None else None,
+            comm_seconds=comm_s,
+            compute_seconds=compute_s,
+            comm_share=comm_s / (comm_s + compute_s) if comm_s + compute_s > 0 else 0.0,
+            aggregation_seconds=aggregation_seconds,
+            round_seconds=seconds,
+            state_bytes=self.state.nbytes,
+            aggregator_memory=MemorySplit.model_validate(memory_report(
                 self.model, None, self._pool_bytes(), pool_is_model=self.cfg.mode.broadcast.uses_pool
-            ),
-            "silos": silos,
-        }
+            )),
+            silos=silos,
+        )
 
     def _pool_bytes(self) -> int:
         return sum(p.region.length for p in self.pools.values() if p.registered)
@@ -330,14 +332,14 @@ class Aggregator:
         with compute_heap():
             return self.evaluate(self.model)
 
-    def run(self, on_round: Callable[[dict[str, Any]], None] = lambda r: None) -> list[dict[str, Any]]:
+    def run(self, on_round: Callable[[AggregatorRound], None] = lambda r: None) -> list[AggregatorRound]:
         """Rounds until `cfg.rounds`; `on_round` sees each round's record as it closes."""
-        records: list[dict[str, Any]] = []
+        records: list[AggregatorRound] = []
         initial = self._evaluate() if self.round == 0 else None
         if initial is not None:
-            self._event({"event": "round", "round": 0, "eval_loss": initial, "mode": self.cfg.mode})
-            records.append({"round": 0, "eval_loss": initial, "comm_seconds": 0.0, "compute_seconds": 0.0,
-                            "comm_share": 0.0})
+            records.append(AggregatorRound(time=time.time(), round=0, mode=self.cfg.mode, eval_loss=initial,
+                                           state_bytes=self.state.nbytes))
+            self._event(records[-1].model_dump(mode="json"))
             on_round(records[-1])
         failures = 0
         try:

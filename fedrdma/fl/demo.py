@@ -3,8 +3,8 @@
 Real processes on this host: one aggregator and a few silos per mode, each silo on its own
 slice of the shipped demo corpus (non-IID by domain), the same seeds for every mode.
 Because the mode must not change the math, the final global models of the modes are
-compared byte for byte (max absolute difference). The result keeps its key `transports`
-(one entry per mode), which scripts read.
+compared byte for byte (max absolute difference). The result is a `DemoResult`
+(fedrdma.fl.records), which keeps its key `transports` (one entry per mode) for scripts.
 """
 
 from __future__ import annotations
@@ -26,14 +26,15 @@ from fedrdma.core.addresses import LOOPBACK_HOST
 from fedrdma.core.errors import RunError
 from fedrdma.core.modes import Mode
 from fedrdma.fl import checkpoint
-from fedrdma.fl.data import DEMO_EVAL, DEMO_SILOS, demo_corpus
+from fedrdma.fl.inputs import DEMO_EVAL, DEMO_SILOS, demo_corpus
+from fedrdma.fl.records import AggregatorRound, DemoMode, DemoResult
 
 DEMO_MODEL = "gpt2-small"
 """GPT-2 small (124M, 475 MiB fp32): large enough that moving it shows next to training it."""
 
 DEMO_ROUNDS = 3
 DEMO_LOCAL_STEPS = 2
-"""Few local steps: on 2 CPU cores every step of GPT-2 small takes seconds."""
+"""Few local steps: a CPU host trains GPT-2 small slowly, and the demo is about moving it."""
 
 DEMO_SEQ_LEN = 64
 DEMO_BATCH_SIZE = 2
@@ -134,9 +135,9 @@ def _command(kind: str, config: Path) -> list[str]:
 
 def run_federation(
     root: Path, mode: Mode, rounds: int, model: str, lora: bool, silos: Sequence[str],
-    on_round: Callable[[dict[str, Any]], None] = lambda r: None,
+    on_round: Callable[[AggregatorRound], None] = lambda r: None,
     hosts: Hosts = LOCAL, local_steps: int = DEMO_LOCAL_STEPS,
-) -> list[dict[str, Any]]:
+) -> list[AggregatorRound]:
     """One aggregator and its silos as processes; returns the aggregator's round records."""
     agg_path, silo_paths = write_configs(
         root, mode, rounds, model, lora, silos, free_port(), hosts, local_steps
@@ -179,14 +180,17 @@ def run_federation(
     return records
 
 
-def _rounds(metrics: Path) -> list[dict[str, Any]]:
+def _rounds(metrics: Path) -> list[AggregatorRound]:
+    """The round rows of an aggregator's metrics.jsonl (a row still being written is left for later)."""
     if not metrics.exists():
         return []
     out = []
-    for line in metrics.read_text().splitlines():
+    for line in metrics.read_text().splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
         event = json.loads(line)
         if event.get("event") == "round":
-            out.append(event)
+            out.append(AggregatorRound.model_validate(event))
     return out
 
 
@@ -200,22 +204,19 @@ def max_abs_diff(a: Path, b: Path) -> float:
 def run_demo(
     out: Path, rounds: int = DEMO_ROUNDS, model: str = DEMO_MODEL, lora: bool = False,
     modes: Sequence[Mode] = DEMO_MODES, silos: Sequence[str] = DEMO_SILOS,
-    on_round: Callable[[str, dict[str, Any]], None] = lambda t, r: None,
-) -> dict[str, Any]:
-    result: dict[str, Any] = {"model": model, "lora": lora, "silos": list(silos), "transports": {}}
+    on_round: Callable[[Mode, AggregatorRound], None] = lambda t, r: None,
+) -> DemoResult:
+    by_mode: dict[Mode, DemoMode] = {}
     finals = {}
     for mode in modes:
         root = out / mode
         records = run_federation(root, mode, rounds, model, lora, silos, on_round=lambda r, t=mode: on_round(t, r))
-        keep = ("round", "eval_loss", "eval_perplexity", "comm_seconds", "compute_seconds", "comm_share",
-                "round_seconds", "aggregation_seconds", "accepted", "rejected", "silos", "aggregator_memory")
-        result["transports"][mode] = {"rounds": [{k: r[k] for k in keep if k in r} for r in records]}
+        by_mode[mode] = DemoMode(rounds=records)
         done = checkpoint.rounds(root / "aggregator")
         finals[mode] = checkpoint.path_for(root / "aggregator", done[-1])
     names = list(finals)
-    result["max_abs_diff_between_transports"] = max(
-        (max_abs_diff(finals[a], finals[b]) for a in names for b in names if a < b), default=0.0
-    )
-    return result
+    difference = max((max_abs_diff(finals[a], finals[b]) for a in names for b in names if a < b), default=0.0)
+    return DemoResult(model=model, lora=lora, silos=list(silos), transports=by_mode,
+                      max_abs_diff_between_transports=difference)
 
 

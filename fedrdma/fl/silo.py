@@ -19,6 +19,7 @@ from fedrdma.control.link import AggregatorLink, JoinRefused
 from fedrdma.core.errors import PeerLost
 from fedrdma.core.modes import Role
 from fedrdma.fl.data import load_silo_data, load_tokenizer
+from fedrdma.fl.records import MemorySplit, SiloRoundRecord
 from fedrdma.fl.state import build_trainable
 from fedrdma.fl.trainer import LocalTrainer
 from fedrdma.memory import compute_heap, pin_mmap_threshold
@@ -151,8 +152,10 @@ class Silo:
         )
         sent = upload.send()
         self.rounds_done.append(rnd)
-        self._event({"event": "round", "round": rnd, "train_loss": loss, "train_seconds": train_seconds,
-                     "broadcast_seconds": got.seconds, "upload_seconds": sent.seconds, "memory": memory})
+        row = SiloRoundRecord(time=time.time(), silo=self.cfg.id, round=rnd, train_loss=loss,
+                              train_seconds=train_seconds, broadcast_seconds=got.seconds, upload_seconds=sent.seconds,
+                              memory=MemorySplit.model_validate(memory))
+        self._event(row.model_dump(mode="json"))
 
 
 

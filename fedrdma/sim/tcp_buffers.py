@@ -1,16 +1,17 @@
 """Does this host's TCP let one connection fill a path? Bandwidth-delay product vs buffer limits.
 
 UCX's TCP transport and the gRPC baseline both ride on kernel TCP, whose window is capped
-by the socket buffers: with limits below the path's bandwidth-delay product a transfer
-falls well short of the line (README: "TCP buffers on real hosts"). Only `read_tcp_limits` touches the file system, and it takes the
-proc root as a parameter so tests can point it at a temporary directory.
+by the socket buffers (the README's "TCP buffers on real hosts" gives what that cost on a lab
+path). Only `read_tcp_limits` touches the file system, and it takes the proc root as a
+parameter so tests can point it at a temporary directory.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 BUFFER_BDP_FACTOR = 2.0
 """Buffers must hold 2 x BDP: the kernel keeps part of the buffer for overhead (tcp_adv_win_scale),
@@ -97,3 +98,15 @@ def check_buffers(limits: TcpLimits, rate_bps: float, rtt_s: float,
         if current < need:
             found.append(Finding(name, current, need, f"sysctl -w {name}={value}"))
     return found
+
+
+def tcp_check(rate_bps: float, rtt_s: float, proc_root: Path | str = Path("/proc")) -> dict[str, Any]:
+    """The findings as `tune --json` records them; off Linux the check is skipped, with the reason."""
+    bdp = bdp_bytes(rate_bps, rtt_s)
+    try:
+        limits = read_tcp_limits(proc_root)
+    except (OSError, ValueError) as exc:
+        return {"bdp_bytes": bdp, "checked": False, "error": str(exc), "findings": []}
+    findings = check_buffers(limits, rate_bps, rtt_s)
+    return {"bdp_bytes": bdp, "checked": True, "required_bytes": round(BUFFER_BDP_FACTOR * bdp),
+            "findings": [asdict(f) for f in findings]}

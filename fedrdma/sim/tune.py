@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fedrdma.core.chunks import CHUNK_ALIGN
+from fedrdma.core.sizes import size_label
 from fedrdma.sim import roce
 
 BDP_HEADROOM = 2.0
@@ -88,27 +89,21 @@ def recommend(rate: float, rtt: float, loss: float, state_bytes: int = DEFAULT_S
     chunk = res.chunk_bytes
     bdp = link.bdp_bytes
     if best.chunk_bytes is None:
-        reasons.append(f"unchunked: no chunk size beats one {state_bytes / 2**20:.0f} MiB WRITE by more than "
+        reasons.append(f"unchunked: no chunk size beats one {size_label(state_bytes)} WRITE by more than "
                        f"{roce.GOODPUT_TIE:.0%} on this path, so the fewest operations win")
     else:
         unchunked = next((r for r in rows if r.chunk_bytes is None), None)
         if unchunked is not None:
-            reasons.append(f"{_size(chunk)} chunks: modelled goodput {res.goodput_bps / rate:.2f} of line vs "
+            reasons.append(f"{size_label(chunk)} chunks: modelled goodput {res.goodput_bps / rate:.2f} of line vs "
                            f"{unchunked.result.goodput_bps / rate:.2f} unchunked (go-back-N resends up to a BDP "
                            f"per loss; a chunk per QP shares that cost across {res.window} lanes)")
-    reasons.append(f"window {res.window}: x chunk = {_size(res.window * chunk)} vs BDP {_size(round(bdp))} "
+    reasons.append(f"window {res.window}: x chunk = {size_label(res.window * chunk)} vs BDP {size_label(round(bdp))} "
                    f"(covers {headroom:g} x BDP + one chunk, at most {max_window})")
     if res.window * chunk < bdp:
-        reasons.append(f"the window cap {max_window} cannot cover the BDP with {_size(chunk)} chunks")
+        reasons.append(f"the window cap {max_window} cannot cover the BDP with {size_label(chunk)} chunks")
     reasons.append(f"P(transfer fails) {res.p_fail:.1e} with retry_cnt {nic.retry_cnt}, timeout "
                    f"{nic.timeout_s * 1e3:.0f} ms (local_ack_timeout {nic.local_ack_timeout}) and "
                    f"{roce.CHUNK_ATTEMPTS} attempts per chunk")
     return Recommendation(chunk, res.window, res.goodput_bps, res.p_fail, res.expected_time_s, tuple(reasons),
                           rate, rtt, loss, state_bytes, tuple(rows))
 
-
-def _size(nbytes: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.4g} {unit}"
-    return f"{nbytes} B"

@@ -1,0 +1,274 @@
+"""What the benchmarks write down: `bench transfer`'s JSON, `bench paper`'s paper.json, `bench heap`'s JSON.
+
+One model per record, used by the writer and by every reader (the tables, `bench
+compare`, the report), so a figure has one name and one type everywhere. Results from
+before a field existed still read: such fields have defaults, and a renamed field reads
+under its old name too (T1's rows said `transport` for what is now `mode`). Field names
+scripts read stay as they are: `modes[mode].goodput_gb_s`, `reference.goodput_gb_s`,
+`reference_read.goodput_gb_s`, `receiver_extra_rss_mb`, `identical`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import AliasChoices, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+from fedrdma.bench.wan import LOOPBACK_PATH
+from fedrdma.core.modes import Mode
+from fedrdma.fl.records import AggregatorRound, Record
+
+# --- bench transfer -------------------------------------------------------------------------
+
+
+class ModeSummary(Record):
+    """One mode's transfers in one run (or a raw NIXL reference's): medians over the counted ones.
+
+    A mover may report timings of its own (the grpc baseline: serialize, wire, deserialize);
+    those it names here are typed, any other is kept as it came.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    seconds: float
+    seconds_min: float
+    goodput_gb_s: float = Field(description="bytes of the state over the median seconds, in GB/s")
+    cpu_seconds: float = Field(description="sender's and receiver's CPU seconds together, median")
+    cpu_seconds_min: float | None = Field(None, description="absent in older results")
+    receiver_extra_rss_mb: float = Field(description="the receiver's peak RSS above its pool, MiB, largest of the runs")
+    sender_extra_rss_mb: float
+    identical: bool = Field(description="every transfer's received bytes hashed as the sender's")
+    repeat: int = Field(ge=1, description="counted transfers")
+    bytes_posted: int | None = None
+    serialize_seconds: float | None = None
+    wire_seconds: float | None = None
+    deserialize_seconds: float | None = None
+    goodput_wire_gb_s: float | None = Field(None, description="grpc: goodput of the wire alone")
+    vs_line: float | None = Field(None, description="goodput over the lab path's line rate")
+    vs_reference: float | None = Field(None, description="goodput over the raw NIXL WRITE's (READ's for rdma-e-pull)")
+    vs_grpc: float | None = Field(None, description="goodput over grpc's in the same run")
+
+
+class TransferResult(Record):
+    """`fedrdma bench transfer --json`: one state moved by each mode between two processes, in one run."""
+
+    size_bytes: int
+    chunk_size: int
+    window: int
+    repeat: int
+    interleaved: bool = Field(False, description="modes took turns, a fresh pair per counted transfer")
+    ucx_tls: str = ""
+    path: str = Field(LOOPBACK_PATH, description="where the peers ran")
+    link_rate_gbit: float | None = Field(None, description="the lab path's line rate; None on loopback")
+    rtt_ms: float | None = None
+    loss: float | None = None
+    mtu: int | None = None
+    modes: dict[Mode, ModeSummary]
+    reference: ModeSummary | None = Field(None, description="a raw NIXL WRITE of the same bytes: one descriptor")
+    reference_read: ModeSummary | None = Field(None, description="a raw NIXL READ of the same bytes")
+
+
+# --- bench paper ----------------------------------------------------------------------------
+
+
+class T1Round(Record):
+    """A round's times, as T1 keeps them from the aggregator's round record."""
+
+    round: int = Field(ge=1)
+    comm_seconds: float
+    compute_seconds: float
+    comm_share: float
+    round_seconds: float | None = None
+
+    @classmethod
+    def of(cls, record: AggregatorRound) -> T1Round:
+        return cls.model_validate(record, from_attributes=True)
+
+
+class T1Row(Record):
+    rate_bps: int
+    rtt_s: float
+    mode: Mode = Field(validation_alias=AliasChoices("mode", "transport"), description="`transport` in older results")
+    path: str
+    rounds: list[T1Round]
+
+
+class T1Table(Record):
+    """Communication share of a round: federations in the lab, per rate and mode."""
+
+    rounds: int
+    model: str
+    local_steps: int
+    silos: int
+    rows: list[T1Row]
+
+
+class Cell(Record):
+    """One chunk size x window on one path: medians of its counted transfers (`sweep.CellResult`)."""
+
+    chunk_size: int
+    window: int
+    seconds: float
+    seconds_min: float
+    repeat: int
+    goodput_gbit_s: float
+    goodput_gbit_s_best: float
+    identical: bool
+    vs_line: float | None = None
+
+
+class ChunkWindow(Record):
+    chunk_size: int
+    window: int
+
+
+class ModelChunk(Record):
+    chunk_size: int
+    unchunked: bool
+    goodput_fraction: float
+    p_fail: float
+
+
+class ModelPick(Record):
+    """The RoCE model's figures for the same path and state (`fedrdma.sim`)."""
+
+    chunk_size: int
+    window: int
+    goodput_fraction: float
+    by_chunk: list[ModelChunk]
+
+
+class T2Path(Record):
+    rate_bps: int
+    rtt_s: float
+    loss: float
+    state_bytes: int
+    label: str
+    cells: list[Cell]
+    best: ChunkWindow
+    model: ModelPick
+
+    def of_line(self, cell: Cell) -> float:
+        """A cell's median goodput as a fraction of this path's line (older cells may not say)."""
+        return cell.vs_line if cell.vs_line is not None else cell.goodput_gbit_s * 1e9 / self.rate_bps
+
+
+class T2Table(Record):
+    """Goodput by chunk size and window, per path."""
+
+    paths: list[T2Path]
+    mtu: int
+    repeat: int
+    ceiling_bps: float
+
+
+class T3Row(Record):
+    model: str
+    lora: bool
+    state_bytes: int
+    path: str
+    link_rate_gbit: float | None = None
+    rtt_ms: float | None = None
+    memcpy_gb_s: list[float] | None = Field(None, description="the host's memory copy rate before and after the row")
+    modes: dict[Mode, ModeSummary]
+
+
+class T3Table(Record):
+    """Transfer time per mode, per state and path."""
+
+    repeat: int
+    interleaved: bool = False
+    rows: list[T3Row]
+
+
+class T4Row(Record):
+    model: str
+    state_bytes: int
+    mode: Mode
+    cpu_seconds: float
+    cpu_seconds_min: float | None = None
+    receiver_extra_rss_mb: float
+    sender_extra_rss_mb: float
+    seconds: float
+
+
+class T4Table(Record):
+    """CPU and memory per transfer, from T3's loopback rows."""
+
+    repeat: int
+    rows: list[T4Row]
+
+
+class PaperTables(Record):
+    """The tables a run measured; the others are absent (a run may measure a subset)."""
+
+    T1: T1Table | None = None
+    T2: T2Table | None = None
+    T3: T3Table | None = None
+    T4: T4Table | None = None
+
+    @model_serializer(mode="wrap")
+    def _measured_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {name: table for name, table in handler(self).items() if table is not None}
+
+    def names(self) -> set[str]:
+        return {name for name in type(self).model_fields if getattr(self, name) is not None}
+
+
+class Host(Record):
+    machine: str
+    python: str
+    cpus: int
+    memcpy_gb_s: list[float] = Field(default_factory=list, description="memory copy rate at the run's start and end")
+
+
+class TableCounts(Record):
+    figures: int
+    within_noise: int
+    direction_holds: int | None = Field(None, description="host-bound claims only")
+
+
+class Repeats(Record):
+    """The comparison with the previous run, as paper.json records it (`bench compare` reports it in full)."""
+
+    agrees: bool = Field(description="every claim bound by the line or the transport repeats within noise")
+    agrees_strictly: bool | None = Field(None, description="host-bound claims too; absent in older results")
+    tables: dict[str, TableCounts] = Field(default_factory=dict, description="'<table> <kind>' -> counts")
+    t2_picks_hold: bool | None = None
+
+
+class PaperResult(Record):
+    """`fedrdma bench paper`'s paper.json: tables T1-T4 of one run, and how it compares with the previous."""
+
+    command: str = ""
+    host: Host
+    mtu: int
+    repeat: int
+    tables: PaperTables = Field(default_factory=PaperTables)
+    against: str | None = Field(None, description="the run compared with: a name inside the run's directory, or a path")
+    minutes: float | None = None
+    repeats: Repeats | None = None
+
+
+# --- bench heap -----------------------------------------------------------------------------
+
+
+class HeapVariant(Record):
+    seconds: float
+    seconds_min: float
+    rounds_counted: int
+    vs_default: float
+    chunk_mmapped_while_training: bool | None = Field(description="whether malloc mmapped a chunk-sized block")
+
+
+class HeapResult(Record):
+    """`fedrdma bench heap --json`: local training under each malloc setting, in one run."""
+
+    model: str
+    rounds: int
+    repeat: int
+    local_steps: int
+    batch_size: int
+    seq_len: int
+    time: float
+    variants: dict[str, HeapVariant]

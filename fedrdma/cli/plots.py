@@ -1,0 +1,88 @@
+"""PNG plots of the commands' results: a federation's rounds, and the RoCE model's grid.
+
+matplotlib is slow to import: commands import this module inside their functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedrdma.lab.units import format_duration, format_rate  # noqa: E402
+
+if TYPE_CHECKING:
+    from fedrdma.fl.records import AggregatorRound
+    from fedrdma.sim.tune import Recommendation
+
+PHASES = ("broadcast_seconds", "train_seconds", "upload_seconds")
+"""A silo's part of a round, in the order it happens; the aggregation follows."""
+
+
+def rounds_plot(by_mode: Mapping[str, Sequence[AggregatorRound]], path: Path) -> Path:
+    """Held-out loss per round per mode, and each mode's time per round by phase."""
+    modes = list(by_mode)
+    fig, axes = plt.subplots(1, 1 + len(modes), figsize=(5 * (1 + len(modes)), 4))
+    loss_ax = axes[0]
+    for mode in modes:
+        rounds = by_mode[mode]
+        scored = [r for r in rounds if r.eval_loss is not None]
+        loss_ax.plot([r.round for r in scored], [r.eval_loss for r in scored], marker="o", label=mode)
+    loss_ax.set_xlabel("round")
+    loss_ax.set_ylabel("held-out loss")
+    loss_ax.set_title("held-out loss")
+    loss_ax.legend()
+    for ax, mode in zip(axes[1:], modes, strict=True):
+        rounds = [r for r in by_mode[mode] if r.round > 0]
+        xs = [r.round for r in rounds]
+        bottom = [0.0] * len(rounds)
+        for phase in PHASES:
+            vals = [r.silo_mean(phase) for r in rounds]
+            ax.bar(xs, vals, bottom=bottom, label=phase.replace("_seconds", ""))
+            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+        agg = [r.aggregation_seconds for r in rounds]
+        ax.bar(xs, agg, bottom=bottom, label="aggregation")
+        ax.set_xlabel("round")
+        ax.set_ylabel("seconds (mean over silos)")
+        ax.set_title(f"{mode}: time per round")
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def sim_plot(results: Sequence[tuple[tuple[float, float, float], Recommendation]], path: Path) -> Path:
+    """Goodput / line vs chunk size, one panel per RTT, one line per rate and loss."""
+    rtts = sorted({rtt for (_, rtt, _), _ in results})
+    fig, axes = plt.subplots(1, len(rtts), figsize=(6 * len(rtts), 4.5), squeeze=False, sharey=True)
+    for ax, rtt in zip(axes[0], rtts, strict=True):
+        for (rate, r, loss), rec in results:
+            if r != rtt:
+                continue
+            rows = [row for row in rec.rows if row.chunk_bytes is not None]
+            xs = [row.chunk_bytes / 2**20 for row in rows]
+            line = ax.plot(xs, [row.result.goodput_bps / rate for row in rows], marker=".",
+                           label=f"{format_rate(rate)}, loss {loss:g}")[0]
+            whole = next((row for row in rec.rows if row.chunk_bytes is None), None)
+            if whole is not None:
+                ax.scatter([rec.state_bytes / 2**20], [whole.result.goodput_bps / rate], marker="x",
+                           color=line.get_color())
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("chunk size (MiB); x = unchunked")
+        ax.set_title(f"RTT {format_duration(rtt)}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("modelled goodput / line rate")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("RoCE go-back-N model: which chunk sizes keep the link usable")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,253 @@
+"""Every table the commands print, from the records they read or write.
+
+In one place so that all of them follow the same rules: every column folds an overlong
+cell onto the next line instead of cutting it short, so a figure is never printed as
+"977m…"; and with `fedrdma.cli.console` a table written to a pipe gets the room it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.table import Table
+
+from fedrdma.bench.compare import groups, held
+from fedrdma.core.modes import Mode
+from fedrdma.core.sizes import chunk_label, size_label
+from fedrdma.lab.units import format_duration, format_rate
+from fedrdma.sim.roce import P_FAIL_MAX
+from fedrdma.sim.tcp_buffers import BUFFER_BDP_FACTOR
+
+if TYPE_CHECKING:
+    from fedrdma.bench.compare import Comparison
+    from fedrdma.bench.probe import ProbeResult
+    from fedrdma.bench.records import HeapResult, ModeSummary, TransferResult
+    from fedrdma.fl.records import AggregatorRound, DemoResult
+    from fedrdma.lab.config import LabConfig
+    from fedrdma.lab.lab import PathStatus
+    from fedrdma.sim.tune import Recommendation
+
+LEFT = "left"
+RIGHT = "right"
+
+
+def _table(title: str, columns: Sequence[str | tuple[str, str]]) -> Table:
+    """A table whose columns fold rather than truncate; a column is a header or (header, justify)."""
+    table = Table(title=title)
+    for column in columns:
+        header, justify = (column, RIGHT) if isinstance(column, str) else column
+        table.add_column(header, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    return table
+
+
+# --- bench --------------------------------------------------------------------------------
+
+
+def _ratio(value: float | None, form: str) -> str:
+    return "" if value is None else form.format(value)
+
+
+def transfer_table(result: TransferResult) -> Table:
+    on_line = result.link_rate_gbit is not None
+    table = _table(f"{size_label(result.size_bytes)} over {result.path}, medians of {result.repeat}",
+                   [("mode", LEFT), "seconds (min)", "GB/s", *(["of line"] if on_line else []), "vs reference",
+                    "vs grpc", "CPU s", "recv +RSS MiB", "identical"])
+
+    def line(row: ModeSummary) -> list[str]:
+        return [_ratio(row.vs_line, "{:.3f}")] if on_line else []
+
+    for label, row in [("raw WRITE", result.reference), ("raw READ", result.reference_read)]:
+        if row is None:
+            continue
+        table.add_row(label, f"{row.seconds:.3f} ({row.seconds_min:.3f})", f"{row.goodput_gb_s:.2f}",
+                      *line(row), "1.00", "", f"{row.cpu_seconds:.2f}", f"{row.receiver_extra_rss_mb:.0f}", "",
+                      style="dim")
+    for mode, row in result.modes.items():
+        wire = row.goodput_wire_gb_s
+        table.add_row(
+            mode if wire is None else f"{mode} (wire only {wire:.2f} GB/s)",
+            f"{row.seconds:.3f} ({row.seconds_min:.3f})",
+            f"{row.goodput_gb_s:.3f}",
+            *line(row),
+            _ratio(row.vs_reference, "{:.2f}"),
+            _ratio(row.vs_grpc, "{:.1f}x"),
+            f"{row.cpu_seconds:.2f}",
+            f"{row.receiver_extra_rss_mb:.0f}",
+            "yes" if row.identical else "[red]NO",
+        )
+    return table
+
+
+def compare_table(comparison: Comparison, before: str, after: str) -> Table:
+    table = _table(f"{after} against {before}", [(c, LEFT) for c in (
+        "table", "figures", "count", "within noise", "direction holds", "largest difference")])
+    for name, kind, pairs in groups(comparison):
+        worst = max(pairs, key=lambda p: p.relative)
+        table.add_row(name, kind, str(len(pairs)), str(sum(p.agrees for p in pairs)), held(kind, pairs),
+                      f"{100 * worst.relative:.0f} % ({worst.after.name}, {worst.after.unit})")
+    return table
+
+
+def heap_table(result: HeapResult, probe_bytes: int) -> Table:
+    table = _table(f"{result.model}: {result.local_steps} local steps of batch {result.batch_size} x "
+                   f"{result.seq_len} tokens per round, {result.rounds - 1} counted rounds x {result.repeat} processes",
+                   [(c, LEFT) for c in ("heap", "s per round, median (min)", "vs default",
+                                        f"{size_label(probe_bytes)} mmapped while training")])
+    for variant, row in result.variants.items():
+        table.add_row(variant, f"{row.seconds:.2f} ({row.seconds_min:.2f})", f"{row.vs_default:.2f}x",
+                      str(row.chunk_mmapped_while_training))
+    return table
+
+
+# --- the federation -----------------------------------------------------------------------
+
+
+def _loss(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def demo_table(result: DemoResult) -> Table:
+    modes = list(result.transports)
+    against_grpc = [m for m in modes if m != Mode.GRPC] if Mode.GRPC in modes and len(modes) > 1 else []
+    columns: list[str] = ["round"]
+    for m in modes:
+        columns += [f"{m} loss", f"{m} round s", f"{m} comm %"]
+    columns += [f"comm speedup {m} vs grpc" for m in against_grpc]
+    table = _table("federated rounds, side by side", columns)
+    rows = {m: {r.round: r for r in result.transports[m].rounds} for m in modes}
+    for rnd in sorted(set().union(*(r.keys() for r in rows.values()))):
+        cells = [str(rnd)]
+        for m in modes:
+            r = rows[m].get(rnd)
+            cells += ["", "", ""] if r is None else [_loss(r.eval_loss), f"{r.round_seconds:.1f}",
+                                                     f"{100 * r.comm_share:.0f}"]
+        cells += [_speedup(rows[Mode.GRPC].get(rnd), rows[m].get(rnd)) for m in against_grpc]
+        table.add_row(*cells)
+    return table
+
+
+def _speedup(grpc: AggregatorRound | None, mine: AggregatorRound | None) -> str:
+    """How many times less a round spent communicating than grpc's; empty where either did not."""
+    if grpc is None or mine is None or grpc.comm_seconds <= 0 or mine.comm_seconds <= 0:
+        return ""
+    return f"{grpc.comm_seconds / mine.comm_seconds:.1f}x"
+
+
+def round_table(mode: str) -> Table:
+    """The aggregator's live table; `add_round_row` adds each round as it closes."""
+    return _table(f"rounds ({mode})", ["round", "held-out loss", "broadcast s", "train s", "upload s", "aggregate s",
+                                       "comm %", ("accepted", LEFT), ("rejected", LEFT)])
+
+
+def add_round_row(table: Table, r: AggregatorRound) -> None:
+    table.add_row(
+        str(r.round),
+        _loss(r.eval_loss),
+        f"{r.silo_mean('broadcast_seconds'):.2f}",
+        f"{r.silo_mean('train_seconds'):.2f}",
+        f"{r.silo_mean('upload_seconds'):.2f}",
+        f"{r.aggregation_seconds:.2f}",
+        f"{100 * r.comm_share:.0f}",
+        ", ".join(r.accepted),
+        "; ".join(f"{k}: {v}" for k, v in r.rejected.items()),
+    )
+
+
+# --- the lab ------------------------------------------------------------------------------
+
+
+def status_table(config: LabConfig, rows: Sequence[PathStatus], backend: str, ceiling_bps: float | None,
+                 congestion: str) -> Table:
+    """Each path as configured and as measured (`-` where a figure was not measured)."""
+    ceiling = f", element ceiling {format_rate(ceiling_bps)}" if ceiling_bps else ""
+    table = _table(f"lab {config.name}: MTU {config.mtu}, delay by {backend}{ceiling}, "
+                   f"TCP congestion control {congestion}",
+                   [("path", LEFT), ("silo -> aggregator", LEFT), "rate", "rate up (TCP)", "rate down (TCP)", "RTT",
+                    "RTT (ping)", "loss", "loss up", "loss down"])
+
+    def rate(r: Any) -> str:
+        return "-" if r is None else f"{format_rate(r.bits_per_second)} ({r.retransmits} retr)"
+
+    def loss(r: Any) -> str:
+        return "-" if r is None else f"{r.loss:.4f} ({r.packets_dropped}/{r.packets_seen})"
+
+    for row in rows:
+        p = row.path
+        table.add_row(
+            p.silo_ns, f"{p.silo_addr} -> {p.agg_addr}", format_rate(p.shape.rate_bps),
+            rate(row.upload), rate(row.download), format_duration(p.shape.rtt_s),
+            "-" if row.rtt_s is None else format_duration(row.rtt_s), f"{p.shape.loss:g}",
+            loss(row.upload), loss(row.download),
+        )
+    return table
+
+
+# --- tune and sim -------------------------------------------------------------------------
+
+
+def probe_table(result: ProbeResult, path: str) -> Table:
+    table = _table(f"tune --probe: {path}, trials of {size_label(result.nbytes)}, "
+                   f"median of {len(result.chosen.seconds)} after a warm-up",
+                   ["chunk", "window", "goodput", "of line", ""])
+    for cell in result.cells:
+        row = cell.row(result.nbytes, result.line_bps)
+        chosen = cell is result.chosen
+        table.add_row(size_label(cell.chunk_size), str(cell.window), format_rate(row.goodput_gbit_s * 1e9),
+                      _ratio(row.vs_line, "{:.3f}") or "-", "chosen" if chosen else "",
+                      style="bold green" if chosen else None)
+    return table
+
+
+def recommendation_table(rec: Recommendation) -> Table:
+    table = _table(f"tune: {format_rate(rec.rate_bps)}, RTT {format_duration(rec.rtt_s)}, loss {rec.loss:g}, "
+                   f"state {size_label(rec.state_bytes)} (RoCE model)", [("setting", LEFT), ("value", LEFT)])
+    table.add_row("chunk_size", f"{rec.chunk_size} ({size_label(rec.chunk_size)})")
+    table.add_row("window", str(rec.window))
+    table.add_row("expected goodput", f"{format_rate(rec.expected_goodput_bps)} ({rec.goodput_fraction:.2f} of line)")
+    table.add_row("expected time", f"{rec.expected_time_s:.3f} s")
+    table.add_row("P(transfer fails)", f"{rec.p_fail:.1e}")
+    for i, reason in enumerate(rec.reasons):
+        table.add_row("why" if i == 0 else "", reason, style="dim")
+    return table
+
+
+def tcp_table(tcp: dict[str, Any], rate_bps: float, rtt_s: float) -> Table:
+    table = _table(f"TCP buffers vs {BUFFER_BDP_FACTOR:g} x BDP ({size_label(tcp['bdp_bytes'])} at "
+                   f"{format_rate(rate_bps)}, {format_duration(rtt_s)})",
+                   [("sysctl", LEFT), "now", "needs", ("fix", LEFT)])
+    if not tcp["checked"]:
+        table.add_row("(skipped)", "", "", tcp["error"])
+    elif not tcp["findings"]:
+        table.add_row("all four", "ok", size_label(tcp["required_bytes"]), "nothing to raise", style="green")
+    for f in tcp["findings"]:
+        table.add_row(f["sysctl"], size_label(f["current"]), size_label(f["required"]), f["command"], style="yellow")
+    return table
+
+
+def sim_table(results: Sequence[tuple[tuple[float, float, float], Recommendation]], state: int) -> Table:
+    grid = [row.chunk_bytes for row in results[0][1].rows]
+    table = _table(f"RoCE model: goodput / line rate by chunk size, {size_label(state)} state, window covering "
+                   f"the BDP per chunk; * best, x P(fail) > {P_FAIL_MAX:g}",
+                   ["rate", "RTT", "loss", *(chunk_label(chunk) for chunk in grid),
+                    "best", "window", "P(fail) best", "P(fail) whole"])
+    for (rate, rtt, loss), rec in results:
+        cells = [format_rate(rate), format_duration(rtt), f"{loss:g}"]
+        by_chunk = {row.chunk_bytes: row for row in rec.rows}
+        best_key = None if rec.chunk_size == rec.state_bytes else rec.chunk_size
+        for chunk in grid:
+            row = by_chunk.get(chunk)
+            if row is None:
+                cells.append("")
+                continue
+            text = f"{row.result.goodput_bps / rate:.2f}"
+            if not row.usable:
+                text = f"[dim]{text}x[/]"
+            elif chunk == best_key:
+                text = f"[bold green]{text}*[/]"
+            cells.append(text)
+        whole = by_chunk.get(None)
+        cells += [chunk_label(best_key), str(rec.window), f"{rec.p_fail:.0e}",
+                  f"{whole.result.p_fail:.0e}" if whole else ""]
+        table.add_row(*cells)
+    return table

@@ -1,0 +1,57 @@
+"""The README's commands run as written, from the repository's root."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from fedrdma.fl.demo import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+LAUNCHER = ".venv/bin/fedrdma"
+"""How the README starts the command; here the same program runs as `python -m fedrdma.cli`."""
+
+WAIT_S = 180.0
+"""Bounds a hang; the README's small federation takes seconds."""
+
+
+def readme_commands(section: str) -> list[list[str]]:
+    """The commands of the first sh block under `section`, continuation lines joined."""
+    text = README.read_text()
+    block = text[text.index(section):].split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()]
+    return [c for c in commands if c]
+
+
+def test_a_federation_in_three_commands_runs_as_written(tmp_path: Path) -> None:
+    """Only the address and the output directories are added: the README's example uses the
+    default port and `runs/`, which a test must not share with anything on this host. The
+    silos may start before the aggregator listens: they keep dialing until it does."""
+    commands = readme_commands("## A federation in three commands")
+    assert [c[:2] for c in commands] == [[LAUNCHER, "aggregator"], [LAUNCHER, "silo"], [LAUNCHER, "silo"]]
+    address = f"127.0.0.1:{free_port()}"
+    where = {"aggregator": ["--listen", address, "--out-dir", str(tmp_path / "aggregator")],
+             "silo": ["--aggregator", address, "--out-dir", str(tmp_path / "silos")]}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UCX_")}  # as a fresh shell has it
+    procs = []
+    try:
+        for k, (_, kind, *args) in enumerate(commands):
+            log = (tmp_path / f"{k}-{kind}.log").open("w")
+            procs.append(subprocess.Popen([sys.executable, "-m", "fedrdma.cli", kind, *args, *where[kind]], cwd=REPO,
+                                          env=env, stdout=log, stderr=subprocess.STDOUT))
+        codes = [proc.wait(WAIT_S) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("*.log")))
+    assert codes == [0, 0, 0], logs
+    rounds = [e for e in map(json.loads, (tmp_path / "aggregator" / "metrics.jsonl").read_text().splitlines())
+              if e["event"] == "round" and e["round"] > 0]
+    assert [r["round"] for r in rounds] == [1]
+    assert rounds[0]["accepted"] == ["bank", "hospital"] and rounds[0]["rejected"] == {}
