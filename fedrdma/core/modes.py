@@ -34,12 +34,21 @@ class Mode(enum.StrEnum):
 
     @property
     def one_sided(self) -> bool:
-        """Moves bytes with NIXL one-sided operations, so it needs an agent on both sides."""
-        return self is not Mode.GRPC
+        """Moves bytes with NIXL one-sided operations, so it needs an agent on both sides.
+
+        Over UCX's software transports (TCP, shared memory) a one-sided peer can reach the
+        whole process, so these modes there need an operator's `trusted_fabric`.
+        """
+        return self in (Mode.RDMA, Mode.RDMA_E, Mode.RDMA_E_PULL)
 
     @property
-    def uses_pool(self) -> bool:
-        """Lands chunks in a pool registered once per peer and reused for every transfer."""
+    def registers_pool(self) -> bool:
+        """Registers the state with NIXL once per peer and reuses it for every transfer."""
+        return self in (Mode.RDMA_E, Mode.RDMA_E_PULL)
+
+    @property
+    def in_place(self) -> bool:
+        """Chunks land at their final offsets in the receiver's state: no staging, no reassembly."""
         return self in (Mode.RDMA_E, Mode.RDMA_E_PULL)
 
     @property

@@ -128,7 +128,7 @@ class Aggregator:
 
     # -- plumbing ----------------------------------------------------------------------
     def _pool(self, state: FlatState) -> Pool | None:
-        if self.agent is None or not self.cfg.mode.broadcast.uses_pool:
+        if self.agent is None or not self.cfg.mode.broadcast.registers_pool:
             return None
         key = state.address()
         if key not in self.pools:
@@ -317,7 +317,7 @@ class Aggregator:
             round_seconds=seconds,
             state_bytes=self.state.nbytes,
             aggregator_memory=MemorySplit.model_validate(memory_report(
-                self.model, None, self._pool_bytes(), pool_is_model=self.cfg.mode.broadcast.uses_pool
+                self.model, None, self._pool_bytes(), pool_is_model=self.cfg.mode.broadcast.registers_pool
             )),
             silos=silos,
         )

@@ -88,10 +88,10 @@ class Silo:
             pin_mmap_threshold()
             if self.agent is None:
                 self.agent = Agent(f"silo-{cfg.id}-{int(time.time() * 1000) % 10**9}")
-        if mode.uses_pool and self.pool is None:
+        if mode.registers_pool and self.pool is None:
             assert self.agent is not None
             self.pool = self.agent.register(self.state.buffer)
-        pool = self.pool if mode.uses_pool else None
+        pool = self.pool if mode.registers_pool else None
         broadcast = upload = None
         try:
             broadcast = Session(

@@ -90,7 +90,7 @@ class Session:
     def open(self, timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
         """Exchange hellos; refuse a different layout or mode before any byte moves."""
         ctx = self.ctx
-        if ctx.mode.uses_pool:
+        if ctx.mode.registers_pool:
             assert ctx.agent is not None
             if ctx.pool is None:
                 ctx.pool = ctx.agent.register(ctx.state.buffer)
@@ -139,7 +139,7 @@ class Session:
             raise TransferError("only the initiating sender can switch buffers between transfers")
         if state.layout_id != ctx.state.layout_id:
             raise LayoutError(f"cannot rebind to layout {state.layout_id}; the session moves {ctx.state.layout_id}")
-        if ctx.mode.uses_pool and (pool is None or pool.buffer.data_ptr() != state.buffer.data_ptr()):
+        if ctx.mode.registers_pool and (pool is None or pool.buffer.data_ptr() != state.buffer.data_ptr()):
             raise TransferError(f"{ctx.mode} needs the registered pool of the new buffer")
         ctx.state = state
         ctx.pool = pool
