@@ -22,7 +22,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/fedrdma demo --json runs/demo/demo.json
 
+# Layering and leftovers first (seconds), then the suite (minutes).
 test: setup
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check fedrdma tests
 	$(PY) -m pytest
 
 bench: setup

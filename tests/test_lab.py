@@ -21,10 +21,11 @@ from typer.testing import CliRunner
 
 from fedrdma.cli import app
 from fedrdma.lab import Lab, LabConfig, LabError, PathShape, delay, netns, probe, shaping
-from fedrdma.lab.lab import FAIL_AT_ENV, _check_ceiling
+from fedrdma.lab.lab import _check_ceiling
 from fedrdma.lab.netns import PathLinks
 from fedrdma.lab.state import LabState
 from fedrdma.lab.units import format_rate, parse_duration, parse_loss, parse_rate
+from fedrdma.testing.lab import failing_at
 
 TEST_LAB = "frlt"
 """Not the default `frl`, so a lab someone is using on this host is never touched."""
@@ -295,18 +296,15 @@ def test_colliding_namespace_refused_and_kept(clean_slate: dict[str, object]) ->
 
 @needs_lab
 @pytest.mark.parametrize("step", ["netns:frlt-silo1", "path:1", "ceiling", "shape", "done"])
-def test_failure_midway_leaves_nothing(step: str, clean_slate: dict[str, object],
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(FAIL_AT_ENV, step)
+def test_failure_midway_leaves_nothing(step: str, clean_slate: dict[str, object]) -> None:
     with pytest.raises(LabError, match="injected failure"):
-        Lab.up(_config())
+        failing_at(step).up(_config())
 
 
 @needs_lab
 def test_down_after_killed_up_removes_everything(clean_slate: dict[str, object]) -> None:
-    env = {**os.environ, FAIL_AT_ENV: "kill:shape"}
-    proc = subprocess.run([sys.executable, "-m", "fedrdma.cli", "lab", "up", "--name", TEST_LAB, "--rate", "200mbit"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "fedrdma.testing.lab", "--kill-at", "shape", "--name", TEST_LAB,
+                           "--rate", "200mbit"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
     state = LabState.load(TEST_LAB)
     assert state is not None and not state.complete and state.element is not None

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from fedrdma.cli import app
 from fedrdma.core.sizes import chunk_label
-from fedrdma.sim import roce
+from fedrdma.sim import chunked, roce
 from fedrdma.sim.roce import Link, Nic
 from fedrdma.sim.tcp_buffers import bdp_bytes, check_buffers, read_tcp_limits
 from fedrdma.sim.tune import recommend
@@ -172,28 +172,28 @@ def test_chunked_no_loss_window_and_link_bounds() -> None:
     chunk = 1 << 20
     c = chunk * 8 / GBIT  # 8.4 ms per chunk at line rate, below the 20 ms RTT
     # window 2 cannot cover c + RTT: each lane waits for its ACKs; 16 chunks, 8 per lane
-    t = roce.transfer(16 * chunk, chunk, 2, link, NIC)
+    t = chunked.transfer(16 * chunk, chunk, 2, link, NIC)
     assert t.expected_time_s == pytest.approx(8 * (c + RTT), rel=1e-9)
     # window 8 covers it: the link bound rules, all chunks back to back plus the last ACK
-    t = roce.transfer(16 * chunk, chunk, 8, link, NIC)
+    t = chunked.transfer(16 * chunk, chunk, 8, link, NIC)
     assert t.expected_time_s == pytest.approx(16 * c + RTT, rel=1e-9)
     # unchunked is one message
-    assert roce.transfer(16 * chunk, None, 4, link, NIC).expected_time_s == pytest.approx(16 * c + RTT)
+    assert chunked.transfer(16 * chunk, None, 4, link, NIC).expected_time_s == pytest.approx(16 * c + RTT)
 
 
 def test_chunked_short_last_chunk() -> None:
     link = clean()
     chunk = 1 << 20
     size = 3 * chunk + chunk // 2
-    t = roce.transfer(size, chunk, 1, link, NIC)  # window 1: chunks one after another
+    t = chunked.transfer(size, chunk, 1, link, NIC)  # window 1: chunks one after another
     assert t.chunks == 4
     assert t.expected_time_s == pytest.approx(size * 8 / GBIT + 4 * RTT, rel=1e-9)
 
 
 def test_chunked_monte_carlo_agrees_with_the_expectation() -> None:
     link = Link(GBIT, RTT, 0.01)
-    want = roce.transfer(32 << 20, 1 << 20, 8, link, NIC)
-    mc = roce.simulate_transfer(32 << 20, 1 << 20, 8, link, NIC, trials=150, rng=11)
+    want = chunked.transfer(32 << 20, 1 << 20, 8, link, NIC)
+    mc = chunked.simulate_transfer(32 << 20, 1 << 20, 8, link, NIC, trials=150, rng=11)
     # the expectation is max of expected bounds, the samples the mean of per-trial maxima
     assert mc.mean_time_s >= want.expected_time_s * 0.99
     assert mc.mean_time_s == pytest.approx(want.expected_time_s, rel=0.06)
@@ -201,7 +201,7 @@ def test_chunked_monte_carlo_agrees_with_the_expectation() -> None:
 
 def test_more_loss_means_lower_goodput_and_higher_failure() -> None:
     nic = Nic(retry_cnt=3, local_ack_timeout=14)
-    results = [roce.transfer(64 << 20, 1 << 20, 8, Link(GBIT, RTT, p), nic) for p in (0.0, 0.001, 0.01, 0.05)]
+    results = [chunked.transfer(64 << 20, 1 << 20, 8, Link(GBIT, RTT, p), nic) for p in (0.0, 0.001, 0.01, 0.05)]
     goodputs = [r.goodput_bps for r in results]
     fails = [r.p_qp_error for r in results]
     assert goodputs == sorted(goodputs, reverse=True) and goodputs[-1] < 0.5 * goodputs[0]
@@ -211,26 +211,26 @@ def test_more_loss_means_lower_goodput_and_higher_failure() -> None:
 def test_chunking_reduces_failure_and_go_back_n_cost_on_a_lossy_link() -> None:
     link = Link(GBIT, RTT, 0.2)
     nic = Nic(retry_cnt=7, local_ack_timeout=14)
-    whole = roce.transfer(64 << 20, None, 1, link, nic)
-    chunked = roce.transfer(64 << 20, 1 << 20, 8, link, nic)
+    whole = chunked.transfer(64 << 20, None, 1, link, nic)
+    in_chunks = chunked.transfer(64 << 20, 1 << 20, 8, link, nic)
     assert whole.p_fail > 1e-8  # ~ (16384 x 0.2^8)^5
-    assert chunked.p_fail < whole.p_fail / 1e6  # a QP error costs one chunk, retried
-    assert chunked.goodput_bps > 2 * whole.goodput_bps
+    assert in_chunks.p_fail < whole.p_fail / 1e6  # a QP error costs one chunk, retried
+    assert in_chunks.goodput_bps > 2 * whole.goodput_bps
 
 
 def test_link_enable_picks_unchunked_when_clean_and_small_chunks_when_lossy() -> None:
     size = 64 << 20
-    assert roce.link_enable(size, Link(GBIT, RTT, 0.0)).chunk_bytes is None
-    lossy = roce.link_enable(size, Link(GBIT, RTT, 0.01))
+    assert chunked.link_enable(size, Link(GBIT, RTT, 0.0)).chunk_bytes is None
+    lossy = chunked.link_enable(size, Link(GBIT, RTT, 0.01))
     assert lossy is not None and lossy.chunk_bytes is not None and lossy.chunk_bytes <= 4 << 20
-    rows = roce.chunk_table(size, Link(GBIT, RTT, 0.01))
+    rows = chunked.chunk_table(size, Link(GBIT, RTT, 0.01))
     assert [r.chunk_bytes for r in rows] == [*roce.CHUNK_GRID[:-1], None]  # a 64 MiB chunk is unchunked
     assert lossy.result.goodput_bps == max(r.result.goodput_bps for r in rows if r.usable)
 
 
 def test_link_enable_refuses_paths_nothing_makes_usable() -> None:
     # 40 % loss with one retry: even one 256 KiB chunk errors out almost surely
-    assert roce.link_enable(4 << 20, Link(GBIT, RTT, 0.4), Nic(retry_cnt=1)) is None
+    assert chunked.link_enable(4 << 20, Link(GBIT, RTT, 0.4), Nic(retry_cnt=1)) is None
 
 
 # ---------------------------------------------------------------- TCP buffers

@@ -7,8 +7,6 @@ behind; a killed `up` leaves a record that `down` follows.
 
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,9 +17,6 @@ from fedrdma.lab.errors import LabError
 from fedrdma.lab.netns import PathLinks
 from fedrdma.lab.state import LabState, ceiling_key, load_ceiling, state_dir, store_ceiling
 from fedrdma.lab.units import format_duration, format_rate
-
-FAIL_AT_ENV = "FEDRDMA_LAB_FAIL_AT"
-"""Test hook: `step` raises at that step of `up`, `kill:step` SIGKILLs the process there."""
 
 CEILING_TRANSFER_S = 1.5
 """Counted seconds of each ceiling transfer: slow start at 20 ms is over inside iperf3's omit second."""
@@ -65,15 +60,6 @@ class PathStatus:
     rtt_s: float | None
     upload: probe.TransferResult | None
     download: probe.TransferResult | None
-
-
-def _checkpoint(step: str) -> None:
-    """Where tests inject a failure or a crash into `up`."""
-    want = os.environ.get(FAIL_AT_ENV, "")
-    if want == f"kill:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if want == step:
-        raise LabError(f"injected failure at step {step!r} ({FAIL_AT_ENV})")
 
 
 class Lab:
@@ -231,12 +217,15 @@ class Lab:
 
     # --- building and tearing down ------------------------------------------------------------
 
+    def checkpoint(self, step: str) -> None:
+        """A step of `up` is about to begin (`fedrdma.testing.lab` fails or crashes here)."""
+
     def _build(self, remeasure: bool, say: Callable[[str], None]) -> None:
         cfg, state = self.config, self.state
         for ns in self.namespaces:
             state.namespaces.append(ns)
             state.save()
-            _checkpoint(f"netns:{ns}")
+            self.checkpoint(f"netns:{ns}")
             netns.add_namespace(ns)
         netns.set_sysctls(self.router, {"net.ipv4.ip_forward": "1"})
         buffers = f"4096 131072 {cfg.tcp_buffer_max}"
@@ -244,13 +233,13 @@ class Lab:
             netns.set_sysctls(ns, {"net.ipv4.tcp_rmem": buffers, "net.ipv4.tcp_wmem": buffers,
                                    "net.ipv4.tcp_slow_start_after_idle": SLOW_START_AFTER_IDLE})
         for p in self.paths:
-            _checkpoint(f"path:{p.silo}")
+            self.checkpoint(f"path:{p.silo}")
             netns.build_path(p.links, cfg.mtu)
 
         backend = self._choose_backend()
         state.backend = backend
         state.save()
-        _checkpoint("element")
+        self.checkpoint("element")
         if backend == ELEMENT_BACKEND:
             queues = [(d.queue, p.shape.rtt_s / 2) for p in self.paths if p.shape.rtt_s > 0
                       for d in shaping.directions(p.links)]
@@ -268,18 +257,18 @@ class Lab:
                 netem = p.shape.rtt_s / 2 if backend == NETEM_BACKEND else 0.0
                 if netem:
                     shaping.install_qdisc(d, None, cfg.mtu, p.shape.rtt_s, netem)
-        _checkpoint("ceiling")
+        self.checkpoint("ceiling")
         if backend == ELEMENT_BACKEND:
             state.ceiling_bps = self._ceiling(remeasure, say)
             state.save()
             _check_ceiling(cfg, state.ceiling_bps)
-        _checkpoint("shape")
+        self.checkpoint("shape")
         for p in self.paths:
             for d in shaping.directions(p.links):
                 shaping.install_qdisc(d, p.shape.rate_bps, cfg.mtu, p.shape.rtt_s, netem_delay_s=0.0)
                 if p.shape.loss > 0:
                     shaping.set_loss(d, p.shape.loss)
-        _checkpoint("done")
+        self.checkpoint("done")
 
     def _choose_backend(self) -> str:
         if not any(p.rtt_s > 0 for p in self.config.paths):

@@ -1,6 +1,6 @@
 """Chunk size and window for one path, from the RoCE model (`fedrdma tune` without --probe).
 
-The chunk comes from the Link-Enable table (`roce.chunk_table`): the usable chunk size with
+The chunk comes from the Link-Enable table (`chunked.chunk_table`): the usable chunk size with
 the best modelled goodput. The window is the one that table used for that chunk: enough
 chunks in flight to cover the path's bandwidth-delay product with headroom, capped.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 from fedrdma.core.chunks import CHUNK_ALIGN
 from fedrdma.core.sizes import size_label
-from fedrdma.sim import roce
+from fedrdma.sim import chunked, roce
 
 BDP_HEADROOM = 2.0
 """window x chunk covers 2 x BDP (+ one chunk): NAK round trips and timeouts stretch each
@@ -40,7 +40,7 @@ class Recommendation:
     rtt_s: float
     loss: float
     state_bytes: int
-    rows: tuple[roce.ChunkRow, ...] = field(repr=False, default=())
+    rows: tuple[chunked.ChunkRow, ...] = field(repr=False, default=())
 
     @property
     def goodput_fraction(self) -> float:
@@ -64,7 +64,7 @@ class Recommendation:
         }
 
 
-def row_json(row: roce.ChunkRow) -> dict[str, Any]:
+def row_json(row: chunked.ChunkRow) -> dict[str, Any]:
     data = asdict(row.result)
     data.update(chunk_bytes=row.chunk_bytes, unchunked=row.chunk_bytes is None, usable=row.usable)
     return data
@@ -76,10 +76,10 @@ def recommend(rate: float, rtt: float, loss: float, state_bytes: int = DEFAULT_S
     """Best usable chunk and its window for a path (rate bit/s, RTT s, loss fraction)."""
     link = roce.Link(rate, rtt, loss)
     nic = nic or roce.Nic.for_rtt(rtt)
-    rows = roce.chunk_table(state_bytes, link, nic=nic, headroom=headroom, max_window=max_window,
+    rows = chunked.chunk_table(state_bytes, link, nic=nic, headroom=headroom, max_window=max_window,
                             p_fail_max=p_fail_max)
     candidates = [r for r in rows if r.chunk_bytes is not None or state_bytes % CHUNK_ALIGN == 0]
-    best = roce.best_row(candidates)
+    best = chunked.best_row(candidates)
     reasons: list[str] = []
     if best is None:
         best = min(rows, key=lambda r: r.result.p_fail)
@@ -90,7 +90,7 @@ def recommend(rate: float, rtt: float, loss: float, state_bytes: int = DEFAULT_S
     bdp = link.bdp_bytes
     if best.chunk_bytes is None:
         reasons.append(f"unchunked: no chunk size beats one {size_label(state_bytes)} WRITE by more than "
-                       f"{roce.GOODPUT_TIE:.0%} on this path, so the fewest operations win")
+                       f"{chunked.GOODPUT_TIE:.0%} on this path, so the fewest operations win")
     else:
         unchunked = next((r for r in rows if r.chunk_bytes is None), None)
         if unchunked is not None:
