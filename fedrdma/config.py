@@ -12,15 +12,17 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedrdma.core.addresses import LOOPBACK_HOST
+from fedrdma.core.addresses import LOOPBACK_HOST, is_loopback, split_host_port
 from fedrdma.core.chunks import CHUNK_ALIGN, DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, MAX_WINDOW
 from fedrdma.core.errors import FedRDMAError
 from fedrdma.core.modes import Mode, choices
 from fedrdma.core.rules import MIN_SILOS, NORM_FACTOR
+from fedrdma.transport.fabric import AUTO
+from fedrdma.transport.streams import DEFAULT_STREAMS, MAX_STREAMS
 
 DEFAULT_LISTEN = f"{LOOPBACK_HOST}:7700"
 """Loopback by default: exposing the control plane is a deliberate act."""
@@ -59,6 +61,8 @@ RENAMED = {
                  "their updates) or rdma-e-pull (the aggregator READs them)",
 }
 RENAMED["upload"] = RENAMED["transport"]
+RENAMED["token"] = ("tokens are gone: a silo authenticates with its certificate (`fedrdma certs issue DIR ID "
+                    "--role silo`), given with --certs DIR")
 """Settings of earlier releases, refused with what replaced them rather than as unknown keys."""
 
 
@@ -108,9 +112,33 @@ class ModelSettings(_Settings):
     seed: int = Field(DEFAULT_SEED, ge=0)
 
 
+class SecuritySettings(_Settings):
+    """How a process proves who it is, and what it lets its peers reach."""
+
+    certs: Path | None = Field(None, description="directory with the federation's ca.pem and this side's "
+                                                 "NAME.pem and NAME.key (`fedrdma certs`)")
+    insecure: bool = Field(False, description="no certificates, plaintext control plane: loopback only, for "
+                                              "trying things on one host")
+    trusted_fabric: bool = Field(False, description="every peer may read and write every process: needed for "
+                                                    "rdma, rdma-e and rdma-e-pull where the fabric does not "
+                                                    "enforce remote keys (UCX over TCP or shared memory)")
+
+    def _check_security(self, address: str, what: str) -> None:
+        if self.certs is None and not self.insecure:
+            raise ValueError(
+                "the control plane needs certificates: give --certs DIR (made with `fedrdma certs init DIR` and "
+                "`fedrdma certs issue DIR NAME --role ...`), or --insecure to try it on one host"
+            )
+        if self.certs is not None and self.insecure:
+            raise ValueError("give either --certs or --insecure, not both")
+        if self.insecure and not is_loopback(split_host_port(address)[0]):
+            raise ValueError(f"--insecure is allowed on loopback only, and {what} {address} is not loopback: "
+                             "give --certs DIR for a federation across hosts")
+
+
 class TransportSettings(_Settings):
-    mode: Mode = Field(Mode.RDMA_E, description=f"how updates move: {choices()}; the aggregator pushes the "
-                                                "broadcast in every one-sided mode")
+    mode: Mode | Literal["auto"] = Field(AUTO, description=f"how updates move: auto (rdma-e where the fabric "
+                                         f"enforces remote keys, tcp-e elsewhere), {choices()}")
     chunk_size: int = Field(DEFAULT_CHUNK_SIZE, gt=0, description=f"bytes per chunk, a multiple of {CHUNK_ALIGN}")
     window: int = Field(DEFAULT_WINDOW, ge=1, le=MAX_WINDOW)
     tuning: Path | None = Field(None, description="JSON written by `fedrdma tune --json` (model or --probe): "
@@ -140,11 +168,15 @@ def read_tuning(path: Path) -> dict[str, int]:
 
 
 class SiloEntry(_Settings):
-    id: str = Field(pattern=SILO_ID_PATTERN)
-    token: str = Field(min_length=8, description="shared secret this silo presents at join")
+    id: str = Field(pattern=SILO_ID_PATTERN, description="the name in the silo's certificate")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"id": data} if isinstance(data, str) else data
 
 
-class RuntimeSettings(ModelSettings):
+class RuntimeSettings(ModelSettings, SecuritySettings):
     """Settings both processes have."""
 
     seq_len: int = Field(DEFAULT_SEQ_LEN, ge=8)
@@ -161,13 +193,24 @@ class AggregatorConfig(RuntimeSettings, TransportSettings):
     gather_s: float = Field(DEFAULT_GATHER_S, ge=0)
     norm_factor: float = Field(NORM_FACTOR, gt=1, description="an update whose delta norm is this many times "
                                "the others' median is rejected")
-    silos: list[SiloEntry] = Field(default_factory=list, description="silos allowed to join; flag form ID:TOKEN, repeatable")
+    silos: list[SiloEntry] = Field(default_factory=list, description="silos allowed to join, by the name in "
+                                   "their certificates; repeatable")
+    cert_name: str = Field("aggregator", pattern=SILO_ID_PATTERN, description="with --certs: the name of this "
+                           "aggregator's certificate in that directory")
+    data_port: int = Field(0, ge=0, le=65535, description="tcp-e: the port silos open data connections to "
+                           "(0: any free one; fix it for a firewall)")
+    data_streams: int = Field(DEFAULT_STREAMS, ge=1, le=MAX_STREAMS, description="tcp-e: data connections per "
+                              "silo and direction")
     eval_data: Path | None = Field(None, description="held-out text the aggregator scores the global model on")
     out_dir: Path = Field(Path("runs/aggregator"), description="checkpoints, metrics.jsonl, plots")
     resume: bool = Field(False, description="continue from the last checkpoint in out_dir")
 
     @model_validator(mode="after")
     def _check(self) -> AggregatorConfig:
+        self._check_security(self.listen, "listen")
+        if not self.silos:
+            raise ValueError("list the silos allowed to join: --silos hospital --silos bank (the names in their "
+                             "certificates)")
         ids = [s.id for s in self.silos]
         if len(set(ids)) != len(ids):
             raise ValueError("silo ids must be unique")
@@ -177,9 +220,9 @@ class AggregatorConfig(RuntimeSettings, TransportSettings):
 
 
 class SiloConfig(RuntimeSettings):
-    id: str = Field(pattern=SILO_ID_PATTERN)
-    token: str = Field(min_length=8)
-    aggregator: str = DEFAULT_LISTEN
+    id: str = Field(pattern=SILO_ID_PATTERN, description="this silo's name, as its certificate says")
+    aggregator: str = Field(DEFAULT_LISTEN, description="HOST:PORT of the aggregator; with --certs HOST must be "
+                            "a name in the aggregator's certificate")
     data: Path = Field(description="this silo's local text: .txt or .jsonl with a 'text' field")
     local_steps: int = Field(DEFAULT_LOCAL_STEPS, ge=1)
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
@@ -187,10 +230,16 @@ class SiloConfig(RuntimeSettings):
     rejoin_s: float = Field(DEFAULT_REJOIN_S, ge=0)
     out_dir: Path = Field(Path("runs/silo"), description="this silo's metrics")
 
+    @model_validator(mode="after")
+    def _check(self) -> SiloConfig:
+        self._check_security(self.aggregator, "aggregator")
+        return self
+
 
 def _issues(err: ValidationError) -> list[Issue]:
-    return [Issue(".".join(str(p) for p in e["loc"]) or None, f"{e['msg']} (got {e.get('input')!r})")
-            for e in err.errors()]
+    """Each error with its key; a rule across keys (loc empty) is stated on its own, without the input."""
+    return [Issue(".".join(str(p) for p in e["loc"]), f"{e['msg']} (got {e.get('input')!r})") if e["loc"]
+            else Issue(None, str(e["msg"]).removeprefix("Value error, ")) for e in err.errors()]
 
 
 def load(kind: type[BaseModel], path: Path | None, overrides: dict[str, Any]) -> Any:

@@ -43,7 +43,8 @@ def run_pair(
     receiver_extra: tuple[str, ...] = (),
     common_extra: tuple[str, ...] = (),
 ) -> PairResult:
-    common = ["--size-bytes", str(size), "--chunk-size", str(chunk), "--transfers", str(transfers), *common_extra]
+    common = ["--size-bytes", str(size), "--chunk-size", str(chunk), "--transfers", str(transfers),
+              "--trusted-fabric", *common_extra]  # the test's peers are its own processes
     sender, receiver = start_pair(mode, common, sender_extra, receiver_extra, env=peer_env(tls), module=FAULTY_PEER)
     try:
         src = sender.finish(PAIR_TIMEOUT_S)

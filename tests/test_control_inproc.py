@@ -1,18 +1,24 @@
-"""The control plane in one process: a real hub on loopback, real silo links dialing it."""
+"""The control plane in one process: a real hub on loopback under mutual TLS, real links and
+real strangers dialing it, each attack made from the attacker's side of a real connection."""
 
 from __future__ import annotations
 
+import datetime
+import time
+
 import pytest
 
-from fedrdma.config import SiloEntry
 from fedrdma.control import messages as m
-from fedrdma.control.hub import Hub
+from fedrdma.control.certs import init_ca, issue
+from fedrdma.control.hub import AUTH_TIMEOUT_S, MAX_STRANGERS_PER_PEER, Hub
 from fedrdma.control.link import AggregatorLink, JoinRefused
+from fedrdma.core.errors import PeerLost
 from fedrdma.core.modes import Mode
 from fedrdma.transport import wire
+from fedrdma.transport.channel import HandshakeRefused, dial
+from fedrdma.transport.tls import CLIENT, SERVER, Credentials
 
 LAYOUT, NBYTES = "layout-a", 4096
-TOKEN = "token-of-hospital"
 
 
 def welcome(silo: str, generation: int) -> m.Welcome:
@@ -20,53 +26,170 @@ def welcome(silo: str, generation: int) -> m.Welcome:
                      chunk_size=1024, window=2, heartbeat_s=0.5)
 
 
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    fed = tmp_path_factory.mktemp("fed")
+    init_ca(fed)
+    issue(fed, "aggregator", SERVER)
+    for silo in ("hospital", "bank", "stranger"):
+        issue(fed, silo, CLIENT)
+    issue(fed, "lapsed", CLIENT, days=1, now=datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=3))
+    other = tmp_path_factory.mktemp("other")
+    init_ca(other)
+    issue(other, "hospital", CLIENT)
+    (other / "fed-ca.pem").write_bytes((fed / "ca.pem").read_bytes())
+    return fed, other
+
+
+def creds(directory, name) -> Credentials:
+    return Credentials.load(directory, name)
+
+
 @pytest.fixture
-def hub():
+def hub(certs):
     events: list[dict] = []
-    h = Hub("127.0.0.1:0", [SiloEntry(id="hospital", token=TOKEN)], LAYOUT, NBYTES, welcome, events.append)
+    h = Hub("127.0.0.1:0", ["hospital", "bank"], LAYOUT, NBYTES, welcome, events.append,
+            credentials=creds(certs[0], "aggregator"))
     h.events = events
     yield h
     h.close()
 
 
-def test_a_joined_silo_with_both_streams_attached_is_ready_with_the_aggregators_modes(hub):
-    link = AggregatorLink(hub.address, "hospital", TOKEN, LAYOUT, NBYTES)
+def join(hub, certs, name="hospital", layout=LAYOUT) -> AggregatorLink:
+    return AggregatorLink(hub.address, name, layout, NBYTES, creds(certs[0], name))
+
+
+def test_a_joined_silo_with_both_streams_attached_is_ready_under_the_name_in_its_certificate(hub, certs):
+    link = join(hub, certs)
     try:
         assert link.welcome.broadcast_mode is Mode.RDMA_E and link.welcome.upload_mode is Mode.RDMA_E_PULL
-        assert hub.ready_links() == []
         link.attach("broadcast")
         link.attach("upload")
         (ready,) = hub.wait_for(1, timeout=5)
-        assert ready.silo == "hospital" and ready.generation == link.welcome.generation == 1
-        assert set(ready.data) == {"broadcast", "upload"}
+        assert ready.silo == "hospital" and ready.generation == 1 and set(ready.data) == {"broadcast", "upload"}
+        assert ready.control.identity == "hospital"
     finally:
         link.close()
 
 
-@pytest.mark.parametrize("silo,token,reason", [
-    ("hospital", "not-the-token", "wrong token for silo 'hospital'"),
-    ("stranger", TOKEN, "unknown silo id 'stranger'"),
-])
-def test_a_refused_join_names_the_reason_to_the_silo_and_in_the_event_log(hub, silo, token, reason):
-    with pytest.raises(JoinRefused, match=reason):
-        AggregatorLink(hub.address, silo, token, LAYOUT, NBYTES)
-    assert any(e["event"] == "refused" and reason in e["reason"] for e in hub.events)
-    assert hub.ready_links() == []
+def test_a_silo_the_federation_does_not_list_is_refused_without_naming_the_others(hub, certs):
+    with pytest.raises(JoinRefused, match="silo 'stranger' is not part of this federation"):
+        join(hub, certs, "stranger")
+    (refusal,) = [e["reason"] for e in hub.events if e["event"] == "refused"]
+    assert "hospital" not in refusal and "bank" not in refusal
 
 
-def test_a_join_with_another_layout_is_refused_with_both_layouts_named(hub):
+def test_a_certificate_cannot_join_as_another_silo(hub, certs):
+    channel = dial(hub.address, 5, creds(certs[0], "hospital"))
+    channel.send(m.Join(silo="bank", layout_id=LAYOUT, nbytes=NBYTES))
+    reply = channel.recv(5)
+    channel.close()
+    assert isinstance(reply, wire.Refuse)
+    assert "this stream's certificate names 'hospital', not 'bank'" in reply.reason
+    assert hub.links == {}
+
+
+def test_a_join_with_another_layout_is_refused_with_both_layouts_named(hub, certs):
     with pytest.raises(JoinRefused, match="layout mismatch: the silo holds layout other.*the aggregator holds layout-a"):
-        AggregatorLink(hub.address, "hospital", TOKEN, "other", NBYTES)
+        join(hub, certs, layout="other")
 
 
-def test_an_attach_of_an_older_join_is_refused(hub):
-    first = AggregatorLink(hub.address, "hospital", TOKEN, LAYOUT, NBYTES)
-    second = AggregatorLink(hub.address, "hospital", TOKEN, LAYOUT, NBYTES)
+def test_a_second_join_while_the_silo_lives_is_refused_for_now_and_the_live_link_is_kept(hub, certs):
+    first = join(hub, certs)
     try:
+        with pytest.raises(PeerLost, match="already joined and its link is alive"):
+            join(hub, certs)  # also what a replayed join would meet
+        assert hub.links["hospital"].control is not None and hub.links["hospital"].alive()
+        assert hub.links["hospital"].generation == first.welcome.generation == 1
         stale = first.attach("broadcast")
-        reply = stale.recv(5)
+        assert stale.wait(0.5) is None, "the first link's attach still counts"
+    finally:
+        first.close()
+
+
+def test_an_attach_of_an_older_join_is_refused(hub, certs):
+    first = join(hub, certs)
+    first.close()
+    deadline = time.monotonic() + 10
+    while hub.links.get("hospital") is not None and hub.links["hospital"].alive():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    second = join(hub, certs)
+    try:
+        reply = first.attach("broadcast").recv(5)
         assert isinstance(reply, wire.Refuse) and "no current join of generation 1" in reply.reason
         assert second.welcome.generation == 2
     finally:
-        first.close()
         second.close()
+
+
+@pytest.mark.parametrize("who,which,client_says,server_says", [
+    ("other", "hospital", "refused this side's certificate", "unable to get local issuer certificate"),
+    ("fed", "lapsed", "refused this side's certificate", "certificate has expired"),
+    ("fed", "aggregator", "refused this side's certificate", "unsupported certificate purpose"),
+])
+def test_a_certificate_the_federation_did_not_issue_for_a_silo_gets_no_stream(hub, certs, capfd, who, which,
+                                                                              client_says, server_says):
+    directory = certs[1] if who == "other" else certs[0]
+    bad = Credentials(ca=(certs[0] / "ca.pem").read_bytes(), cert=(directory / f"{which}.pem").read_bytes(),
+                      key=(directory / f"{which}.key").read_bytes(), name=which, source=str(directory))
+    with pytest.raises(HandshakeRefused, match=client_says):
+        dial(hub.address, 5, bad)
+    assert server_says in capfd.readouterr().err, "the aggregator's log names why (gRPC's TLS layer)"
+    assert hub.links == {}
+
+
+def test_a_plaintext_client_against_a_tls_aggregator_is_refused_on_both_sides(hub, capfd):
+    with pytest.raises(HandshakeRefused, match="runs with certificates; start this side with --certs"):
+        dial(hub.address, 5)
+    assert "WRONG_VERSION_NUMBER" in capfd.readouterr().err
+
+
+def test_a_stream_opening_with_a_blob_is_closed_and_a_real_silo_still_joins(hub, certs):
+    stranger = dial(hub.address, 5, creds(certs[0], "hospital"))
+    stranger.send_blob(b"\x00" * 16)
+    reply = stranger.recv(5)
+    assert isinstance(reply, wire.Refuse) and "must open with join or attach, not Blob" in reply.reason
+    with pytest.raises(PeerLost):
+        stranger.recv(AUTH_TIMEOUT_S + 5)  # and the stream is closed behind it
+    link = join(hub, certs)
+    link.close()
+
+
+@pytest.mark.parametrize("size,limit", [(1 << 20, "takes at most 65536"), (10 << 20, "")])
+def test_a_large_frame_before_joining_is_refused(hub, certs, size, limit):
+    stranger = dial(hub.address, 5, creds(certs[0], "hospital"))
+    try:
+        stranger.send_blob(b"\x00" * size)
+    except PeerLost:
+        pass  # gRPC itself refused a frame above its message limit
+    with pytest.raises(PeerLost):
+        stranger.recv(AUTH_TIMEOUT_S + 5)
+    deadline = time.monotonic() + AUTH_TIMEOUT_S + 2
+    while not any(e["event"] == "refused" for e in hub.events):
+        assert time.monotonic() < deadline, "the stream was never refused"
+        time.sleep(0.05)
+    reasons = [str(e.get("reason", "")) for e in hub.events if e["event"] == "refused"]
+    assert all(limit in r for r in reasons), reasons
+    assert hub.links == {}
+
+
+def test_a_hundred_silent_streams_do_not_keep_a_real_silo_out(hub, certs):
+    strangers = []
+    for _ in range(100):
+        try:
+            strangers.append(dial(hub.address, 5, creds(certs[0], "bank")))
+        except PeerLost:
+            pass
+    started = time.monotonic()
+    try:
+        link = join(hub, certs)  # while the strangers hold their streams open, saying nothing
+        link.close()
+        assert time.monotonic() - started < 10
+        closed_at_once = sum(1 for e in hub.events if "have not joined yet" in str(e.get("reason", "")))
+        assert closed_at_once >= len(strangers) - MAX_STRANGERS_PER_PEER, hub.events[-3:]
+        time.sleep(AUTH_TIMEOUT_S + 1)
+        assert sum(1 for e in hub.events if "said nothing within" in str(e.get("reason", ""))) >= 1
+    finally:
+        for s in strangers:
+            s.close()

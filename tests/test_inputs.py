@@ -23,7 +23,8 @@ def fedrdma(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_aggregator_names_its_own_eval_data_before_building_anything(tmp_path: Path) -> None:
     out = tmp_path / "agg"
-    proc = fedrdma("aggregator", "--model", "gpt2-tiny", "--rounds", "1", "--eval-data", "held-out.jsonl",
+    proc = fedrdma("aggregator", "--insecure", "--silos", "hospital", "--model", "gpt2-tiny", "--rounds", "1",
+                   "--eval-data", "held-out.jsonl",
                    "--out-dir", str(out), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == ("aggregator: `eval_data` (--eval-data): held-out.jsonl does not exist; "
@@ -34,7 +35,7 @@ def test_aggregator_names_its_own_eval_data_before_building_anything(tmp_path: P
 
 def test_silo_names_data_and_model_together(tmp_path: Path) -> None:
     out = tmp_path / "silo"
-    proc = fedrdma("silo", "--id", "hospital", "--token", "secret-token-1", "--model", "gpt2-smol",
+    proc = fedrdma("silo", "--id", "hospital", "--insecure", "--model", "gpt2-smol",
                    "--data", "hospital.jsonl", "--out-dir", str(out), cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -45,7 +46,7 @@ def test_silo_names_data_and_model_together(tmp_path: Path) -> None:
 
 def test_a_file_named_in_the_config_is_refused_with_the_file_that_named_it(tmp_path: Path) -> None:
     config = tmp_path / "agg.toml"
-    config.write_text('model = "gpt2-tiny"\neval_data = "notes.csv"\n')
+    config.write_text('model = "gpt2-tiny"\neval_data = "notes.csv"\ninsecure = true\nsilos = ["hospital"]\n')
     (tmp_path / "notes.csv").write_text("a,b\n")
     proc = fedrdma("aggregator", "--config", str(config), cwd=tmp_path)
     assert proc.returncode == 2
@@ -60,7 +61,8 @@ def test_a_file_named_in_the_config_is_refused_with_the_file_that_named_it(tmp_p
 def test_held_out_text_that_cannot_be_used_is_refused_before_the_table(tmp_path: Path) -> None:
     bad = tmp_path / "eval.jsonl"
     bad.write_text('{"text": 3}\n')
-    proc = fedrdma("aggregator", "--model", "gpt2-tiny", "--eval-data", str(bad), "--out-dir",
+    proc = fedrdma("aggregator", "--insecure", "--silos", "hospital", "--model", "gpt2-tiny", "--eval-data", str(bad),
+                   "--out-dir",
                    str(tmp_path / "agg"), cwd=tmp_path)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == f'aggregator: `eval_data` (--eval-data): {bad}:1: "text" is int, expected a string'

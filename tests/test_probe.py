@@ -72,12 +72,16 @@ def _tuning(tmp_path: Path, config: object) -> Path:
     return path
 
 
+ONE_HOST = {"insecure": True, "silos": ["hospital"]}
+"""What an aggregator's settings need beyond the tuning: who may join, and how (on one host, plainly)."""
+
+
 def test_aggregator_config_takes_tunes_result_and_explicit_settings_win(tmp_path: Path) -> None:
     path = _tuning(tmp_path, {"chunk_size": MIB, "window": 16})
-    cfg = load(AggregatorConfig, None, {"tuning": str(path)})
+    cfg = load(AggregatorConfig, None, {"tuning": str(path), **ONE_HOST})
     assert (cfg.chunk_size, cfg.window) == (MIB, 16)
     toml = tmp_path / "agg.toml"
-    toml.write_text(f'tuning = "{path}"\nwindow = 3\n')
+    toml.write_text(f'tuning = "{path}"\nwindow = 3\ninsecure = true\nsilos = ["hospital"]\n')
     cfg = load(AggregatorConfig, toml, {})
     assert (cfg.chunk_size, cfg.window) == (MIB, 3)
 
@@ -122,5 +126,5 @@ def test_tune_probe_on_a_lab_path_writes_a_config_the_aggregator_takes(tmp_path:
     top = max(row["goodput_gbit_s"] for row in table)
     # the best cell, with sweep.best's tie rule: goodputs equal once rounded to 1 Mbit/s
     assert round(data["chosen"]["goodput_gbit_s"] * 1e3) == round(top * 1e3)
-    cfg = load(AggregatorConfig, None, {"tuning": str(out)})
+    cfg = load(AggregatorConfig, None, {"tuning": str(out), **ONE_HOST})
     assert (cfg.chunk_size, cfg.window) == (data["config"]["chunk_size"], data["config"]["window"])

@@ -20,19 +20,32 @@ WAIT_S = 180.0
 """Bounds a hang; the README's small federation takes seconds."""
 
 
-def readme_commands(section: str) -> list[list[str]]:
-    """The commands of the first sh block under `section`, continuation lines joined."""
+def readme_commands(section: str, block: int = 0) -> list[list[str]]:
+    """The commands of sh block number `block` under `section`, continuation lines joined."""
     text = README.read_text()
-    block = text[text.index(section):].split("```sh\n", 1)[1].split("```", 1)[0]
-    commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()]
+    code = text[text.index(section):].split("```sh\n")[1 + block].split("```", 1)[0]
+    commands = [shlex.split(line, comments=True) for line in code.replace("\\\n", " ").splitlines()]
     return [c for c in commands if c]
 
 
+def _moved(args: list[str], certs: Path) -> list[str]:
+    """The README's `certs` directory, moved out of the repository for a test."""
+    return [args[0], *(str(certs) if a == "certs" else a for a in args[1:])]  # args[0] is the command itself
+
+
 def test_a_federation_in_three_commands_runs_as_written(tmp_path: Path) -> None:
-    """Only the address and the output directories are added: the README's example uses the
-    default port and `runs/`, which a test must not share with anything on this host. The
-    silos may start before the aggregator listens: they keep dialing until it does."""
-    commands = readme_commands("## A federation in three commands")
+    """Only the address and the output directories are added, and the certificates' directory
+    moved: the README's example uses the default port, `runs/` and `certs/`, which a test must
+    not share with anything on this host. The silos may start before the aggregator
+    listens: they keep dialing until it does."""
+    certs = tmp_path / "certs"
+    for _, *args in readme_commands("## A federation in three commands"):
+        made = subprocess.run([sys.executable, "-m", "fedrdma.cli", *_moved(args, certs)], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+    assert sorted(p.name for p in certs.iterdir()) == ["aggregator.key", "aggregator.pem", "bank.key", "bank.pem",
+                                                       "ca.key", "ca.pem", "hospital.key", "hospital.pem"]
+    commands = [_moved(c, certs) for c in readme_commands("## A federation in three commands", block=1)]
     assert [c[:2] for c in commands] == [[LAUNCHER, "aggregator"], [LAUNCHER, "silo"], [LAUNCHER, "silo"]]
     address = f"127.0.0.1:{free_port()}"
     where = {"aggregator": ["--listen", address, "--out-dir", str(tmp_path / "aggregator")],

@@ -119,3 +119,12 @@ def test_a_chunk_outside_the_plan_is_a_protocol_error():
         r.notice(1, 0, 9, 1, now=0.0)
     with pytest.raises(ProtocolError, match="chunk -1"):
         r.expect(-1, 1, now=0.0)
+
+
+def test_a_sealed_chunk_brings_its_verdict_and_a_failed_tag_is_corrupt():
+    r = make(n=2, status_every=10)
+    assert r.checked(1, 0, 0, True, now=1.0) == [Verified(0)]
+    assert r.checked(1, 0, 1, False, now=1.0) == [Corrupt(1), Status((0,), (1,))]
+    assert r.checked(1, 0, 0, True, now=1.0) == [], "a chunk verified once stays verified"
+    assert r.checked(1, 5, 1, True, now=1.0) == [], "another generation's landing is void"
+    assert r.checked(1, 0, 1, True, now=2.0) == [Verified(1), Status((1,), (), True)]

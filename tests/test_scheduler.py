@@ -157,3 +157,17 @@ def test_a_corrupt_verdict_that_overtakes_the_completion_requeues_the_chunk():
     assert s.landed(0, p.generation) is False, "the late completion of the corrupt attempt is ignored"
     (again,) = s.poll(1.0)
     assert again.attempt == 2
+
+
+def test_an_endpoint_lost_with_nothing_in_flight_still_breaks_the_transfer_until_reconnected():
+    s = make(n=2, window=2)
+    p0, p1 = s.poll(0.0)
+    assert s.landed(0, p0.generation) and s.landed(1, p1.generation)  # sent, not yet verified
+    s.endpoint_lost("the peer closed the connection")
+    assert s.broken == "the peer closed the connection" and s.poll(1.0) == []
+    s.disconnected(1.0, s.broken)
+    assert sorted(p.chunk.index for p in s.poll(10.0)) == [0, 1], "unverified chunks go again"
+    s.verified(0)
+    s.verified(1)
+    s.endpoint_lost("too late to matter")
+    assert s.broken is None, "a finished transfer has no endpoint to rebuild"

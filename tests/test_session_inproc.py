@@ -1,5 +1,7 @@
 """Sessions in one process: two agents, a real gRPC channel over loopback, real NIXL transfers.
 
+Every process here is the test's own, so one-sided sessions run as a trusted fabric.
+
 The process tests (test_transfer_procs.py) show each mode between processes; these pin
 the session's and the movers' rules quickly, with every peer in reach of an assert.
 """
@@ -23,6 +25,7 @@ from fedrdma.transport import wire
 from fedrdma.transport.agent import Agent
 from fedrdma.transport.channel import Channel, Listener, dial
 from fedrdma.transport.session import Session
+from fedrdma.transport.streams import DataListener
 
 SIZE, CHUNK, WINDOW = 6 << 20, 1 << 20, 4
 THREAD_TIMEOUT_S = 60.0
@@ -50,10 +53,13 @@ def pair(
     errors: list[BaseException] = []
     needs = mode.one_sided
 
+    streams = DataListener() if mode is Mode.TCP_E else None
+
     def receiver() -> None:
         try:
             agent = receiver_agent or (Agent() if needs else None)
-            s = Session(agent, dst, listener.accept(10), mode, Role.RECEIVER, CHUNK, WINDOW, **receiver_kw)
+            s = Session(agent, dst, listener.accept(10), mode, Role.RECEIVER, CHUNK, WINDOW, streams=streams,
+                        trusted_fabric=True, **receiver_kw)
             s.open()
             for _ in range(transfers):
                 got.append(s.receive())
@@ -65,7 +71,7 @@ def pair(
     thread.start()
     try:
         agent = sender_agent or (Agent() if needs else None)
-        s = Session(agent, src, dial(listener.address), mode, Role.SENDER, CHUNK, WINDOW)
+        s = Session(agent, src, dial(listener.address), mode, Role.SENDER, CHUNK, WINDOW, trusted_fabric=True)
         s.open()
         for _ in range(transfers):
             sent.append(s.send())
@@ -75,6 +81,8 @@ def pair(
     finally:
         thread.join(THREAD_TIMEOUT_S)
         listener.close()
+        if streams is not None:
+            streams.close()
     return sent, got, errors
 
 
@@ -134,7 +142,8 @@ def test_a_receiver_whose_sender_falls_silent_mid_transfer_gives_up_within_its_d
     result: dict[str, Any] = {}
 
     def receiver() -> None:
-        s = Session(Agent(), dst, listener.accept(10), Mode.RDMA_E, Role.RECEIVER, CHUNK, WINDOW, peer_timeout=1.0)
+        s = Session(Agent(), dst, listener.accept(10), Mode.RDMA_E, Role.RECEIVER, CHUNK, WINDOW, peer_timeout=1.0,
+                    trusted_fabric=True)
         s.open()
         started = time.monotonic()
         try:
@@ -162,7 +171,8 @@ def test_a_pull_holder_waits_as_long_as_the_receiver_reports_progress():
     out: dict[str, Any] = {}
 
     def holder() -> None:
-        s = Session(Agent(), src, listener.accept(10), Mode.RDMA_E_PULL, Role.SENDER, CHUNK, WINDOW, peer_timeout=1.0)
+        s = Session(Agent(), src, listener.accept(10), Mode.RDMA_E_PULL, Role.SENDER, CHUNK, WINDOW, peer_timeout=1.0,
+                    trusted_fabric=True)
         s.open()
         out["stats"] = s.send()
         s.abort()

@@ -9,9 +9,10 @@ import pytest
 from fedrdma.bench.procs import peer_env, start_pair
 from fedrdma.bench.states import make_state, synthetic_layout
 from fedrdma.core.chunks import state_digest
+from fedrdma.core.modes import Mode
 from tests.conftest import run_pair
 
-MODES = ["grpc", "rdma", "rdma-e", "rdma-e-pull"]
+MODES = [mode.value for mode in Mode]
 TLS = {"tcp": "tcp", "shared-memory": "tcp,sm"}  # UCX needs tcp beside sm for wire-up; data goes by cma
 
 
@@ -103,7 +104,7 @@ def test_a_cut_endpoint_resumes_from_unverified_chunks(mode, side):
 @pytest.mark.parametrize("mode", ["rdma-e", "rdma-e-pull"])
 @pytest.mark.parametrize("victim", ["sender", "receiver"])
 def test_a_killed_peer_is_a_clear_error_within_a_bounded_time(mode, victim):
-    common = ["--size-bytes", str(64 << 20), "--transfers", "100000", "--peer-timeout", "10"]
+    common = ["--size-bytes", str(64 << 20), "--transfers", "100000", "--peer-timeout", "10", "--trusted-fabric"]
     sender, receiver = start_pair(mode, common, env=peer_env("tcp"))
     procs = {"sender": sender, "receiver": receiver}
     survivor = procs["receiver" if victim == "sender" else "sender"]

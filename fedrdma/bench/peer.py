@@ -17,9 +17,13 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from fedrdma.bench.certs import DIALER, LISTENER
+from fedrdma.bench.procs import RAW_MODES
 from fedrdma.bench.states import gpt2_layout, make_state, synthetic_layout
+from fedrdma.core.addresses import split_host_port
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, Region, state_digest
 from fedrdma.core.errors import FedRDMAError, ProtocolError, TransferError
 from fedrdma.core.layout import FlatState
@@ -28,14 +32,13 @@ from fedrdma.core.modes import Mode, Role
 from fedrdma.core.scheduler import RetryPolicy
 from fedrdma.memory import pin_mmap_threshold
 from fedrdma.metrics import Meter
-from fedrdma.transport import wire
+from fedrdma.transport import fabric, wire
 from fedrdma.transport.agent import Agent
 from fedrdma.transport.channel import Channel, Listener, dial
 from fedrdma.transport.pacing import Pacer, recv_serving
 from fedrdma.transport.session import Session
-
-RAW_MODES = ("raw-write", "raw-read")
-"""References: the whole state in one NIXL operation, no chunks, no checks."""
+from fedrdma.transport.streams import DEFAULT_STREAMS, DataListener
+from fedrdma.transport.tls import Credentials
 
 SENDER_SEED = 1234
 """Values the sender fills its state with; the receiver starts from zeros."""
@@ -60,6 +63,7 @@ def raw_reference(args: argparse.Namespace, agent: Agent, state: FlatState, chan
     """One NIXL operation over the whole buffer: what chunked modes are measured against."""
     op = "WRITE" if args.mode == "raw-write" else "READ"
     initiator = (args.role == Role.SENDER) == (op == "WRITE")
+    fabric.require_trust(Mode.RDMA_E, args.trusted_fabric, fabric.detect())  # one-sided, like the modes it rates
     pool = agent.register(state.buffer)
     if not initiator:
         channel.send(
@@ -136,6 +140,11 @@ def parser(prog: str = "python -m fedrdma.bench.peer") -> argparse.ArgumentParse
                    help="sender: CHUNK:WINDOW,... settings to sweep, --transfers each, on one connection")
     p.add_argument("--peer-timeout", type=float, default=PEER_TIMEOUT_S)
     p.add_argument("--chunk-timeout", type=float, default=RetryPolicy().chunk_timeout_s)
+    p.add_argument("--data-streams", type=int, default=DEFAULT_STREAMS, help="tcp-e: data connections per session")
+    p.add_argument("--certs", type=Path, default=None, help="mutual TLS with the listener's or dialer's certificate "
+                   "from this directory (`fedrdma.bench.certs`); plaintext without")
+    p.add_argument("--trusted-fabric", action="store_true", help="one-sided modes over a fabric that does not "
+                   "enforce keys: the benchmark's peers are its own processes")
     return p
 
 
@@ -158,27 +167,32 @@ def run(
     if one_sided(args.mode):  # as in the runtime; see fedrdma.memory
         pin_mmap_threshold()
     listener = None
+    streams: DataListener | None = None
     session: Session | None = None
     agent: Agent | None = None
     state: FlatState | None = None
     try:
         state = build(args)
         agent = make_agent() if one_sided(args.mode) else None
+        credentials = Credentials.load(args.certs, LISTENER if args.listen else DIALER) if args.certs else None
         if args.listen:
-            listener = Listener(args.listen)
+            listener = Listener(args.listen, credentials)
             emit("ready", port=listener.port, pid=os.getpid())
             channel = listener.accept(timeout=args.peer_timeout * 6)
         else:
-            channel = dial(args.connect)
+            channel = dial(args.connect, credentials=credentials)
             emit("ready", port=0, pid=os.getpid())
         if args.mode in RAW_MODES:
             assert agent is not None
             raw_reference(args, agent, state, channel)
             channel.close()
             return 0
+        if args.listen and Mode(args.mode) is Mode.TCP_E:
+            streams = DataListener(split_host_port(args.listen)[0])
         session = Session(
             agent, state, channel, args.mode, args.role, args.chunk_size, args.window,
             policy=RetryPolicy(chunk_timeout_s=args.chunk_timeout), peer_timeout=args.peer_timeout,
+            streams=streams, data_streams=args.data_streams, trusted_fabric=args.trusted_fabric,
         )
         session.open()
         pools = agent.registered_pools if agent else 0
@@ -214,6 +228,8 @@ def run(
     finally:
         if listener is not None:
             listener.close()
+        if streams is not None:
+            streams.close()
 
 
 def main(argv: list[str] | None = None) -> int:

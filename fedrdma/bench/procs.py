@@ -18,6 +18,9 @@ from typing import Any
 from fedrdma.core.addresses import LOOPBACK_HOST
 from fedrdma.core.errors import RunError
 
+RAW_MODES = ("raw-write", "raw-read")
+"""References: the whole state in one NIXL operation, no chunks, no checks."""
+
 PEER_MODULE = "fedrdma.bench.peer"
 """The peer process a pair runs (the tests run `fedrdma.testing.peer`, the same with faults)."""
 

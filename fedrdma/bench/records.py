@@ -38,6 +38,8 @@ class ModeSummary(Record):
     receiver_extra_rss_mb: float = Field(description="the receiver's peak RSS above its pool, MiB, largest of the runs")
     sender_extra_rss_mb: float
     identical: bool = Field(description="every transfer's received bytes hashed as the sender's")
+    tls: bool | None = Field(None, description="the mode's bytes crossed the wire encrypted (grpc over mutual TLS, "
+                             "tcp-e's sealed chunks); absent for references and older results")
     repeat: int = Field(ge=1, description="counted transfers")
     bytes_posted: int | None = None
     serialize_seconds: float | None = None

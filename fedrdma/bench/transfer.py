@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedrdma.bench.procs import PeerProcess, start_pair
+from fedrdma.bench.certs import bench_certs
+from fedrdma.bench.procs import RAW_MODES, PeerProcess, start_pair
 from fedrdma.bench.records import ModeSummary, TransferResult
 from fedrdma.bench.wan import ON_LOOPBACK, Placement
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW
@@ -98,15 +99,21 @@ def run_pair_events(
     env: dict[str, str],
     where: Placement = ON_LOOPBACK,
     on_transfer: Callable[[], None] = lambda: None,
+    tls: bool = True,
 ) -> dict[str, list[dict[str, Any]]]:
     """Start a sender and a receiver at `where`, and gather each side's `transfer` events.
 
+    The peers speak mutual TLS with certificates made for the run (unless `tls` is off),
+    and one-sided modes run as a trusted fabric: both peers are the benchmark's own.
     Both processes are gone on return, however it ends; a failed side raises with both
     sides' stderr, since the cause is often on the other one.
     """
+    security = ["--certs", str(bench_certs(where.listen_host))] if tls else []
+    if mode in RAW_MODES or Mode(mode).one_sided:
+        security.append("--trusted-fabric")
     sender, receiver = start_pair(
-        mode, common, env=env, sender_prefix=where.sender_prefix, receiver_prefix=where.receiver_prefix,
-        listen_host=where.listen_host,
+        mode, [*common, *security], env=env, sender_prefix=where.sender_prefix,
+        receiver_prefix=where.receiver_prefix, listen_host=where.listen_host,
     )
     procs = {"sender": sender, "receiver": receiver}
     try:
@@ -174,10 +181,11 @@ def run_mode(
     env: dict[str, str],
     on_transfer: Callable[[], None] = lambda: None,
     where: Placement = ON_LOOPBACK,
+    tls: bool = True,
 ) -> ModeResult:
     transfers = repeat + WARMUP
     common = [*size_args, "--chunk-size", str(chunk_size), "--window", str(window), "--transfers", str(transfers)]
-    rows = run_pair_events(mode, common, transfers, env, where, on_transfer)
+    rows = run_pair_events(mode, common, transfers, env, where, on_transfer, tls)
     s, r = rows["sender"][WARMUP:], rows["receiver"][WARMUP:]
     # The time of a transfer is the initiator's: the raw READ is timed where it is posted.
     timed = r if mode == "raw-read" else s
@@ -217,6 +225,7 @@ def run(
     where: Placement = ON_LOOPBACK,
     references: bool = True,
     interleave: bool = False,
+    tls: bool = True,
 ) -> TransferResult:
     """Every mode (and, unless told not to, the raw references) between two fresh processes.
 
@@ -230,17 +239,25 @@ def run(
     for turn in range(repeat if interleave else 1):
         for mode in order:
             on_mode(mode)
-            res = run_mode(mode, size_args, chunk_size, window, 1 if interleave else repeat, env, on_transfer, where)
+            res = run_mode(mode, size_args, chunk_size, window, 1 if interleave else repeat, env, on_transfer, where,
+                           tls)
             measured[mode] = measured[mode].extend(res) if turn else res
     result = TransferResult(
         size_bytes=nbytes, chunk_size=chunk_size, window=window, repeat=repeat, interleaved=interleave,
         ucx_tls=env.get("UCX_TLS", ""), path=where.describe(), **where.fields(),
-        modes={Mode(mode): measured[mode].summary(nbytes) for mode in modes},
+        modes={Mode(mode): measured[mode].summary(nbytes).model_copy(update={"tls": tls and encrypts(Mode(mode))})
+               for mode in modes},
         reference=measured[REFERENCES["reference"]].summary(nbytes) if references else None,
         reference_read=measured[REFERENCES["reference_read"]].summary(nbytes) if references else None,
     )
     add_ratios(result, where.line_bytes_per_s())
     return result
+
+
+def encrypts(mode: Mode) -> bool:
+    """Whether a mode's bytes cross the wire encrypted when its peers hold certificates: the baseline's
+    stream is TLS, tcp-e seals every chunk; the NIXL modes' bytes go as they are."""
+    return mode is Mode.GRPC or mode.seals
 
 
 def add_ratios(result: TransferResult, line_bytes_per_s: float | None = None) -> None:

@@ -24,7 +24,7 @@ from fedrdma.cli.lab import describe_validation
 from fedrdma.cli.options import comma_list, mode, one_of, single
 from fedrdma.cli.tables import compare_table, heap_table, transfer_table
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, ChunkPlan, check_window
-from fedrdma.core.errors import PlanError
+from fedrdma.core.errors import PlanError, RunError
 from fedrdma.core.modes import Mode, choices
 from fedrdma.core.sizes import size_label
 from fedrdma.lab.config import DEFAULT_MTU, LabConfig, PathShape
@@ -57,6 +57,8 @@ def bench_transfer(
     loss: str = typer.Option(None, help="With --rate: drop probability per packet each way (0.01 = 1 %); default 0."),
     mtu: int = typer.Option(None, help="With --rate: MTU of the lab links; default the lab's (9000)."),
     references: bool = typer.Option(True, help="Also time raw NIXL WRITE and READ (the ceiling the modes are read against)."),
+    tls: bool = typer.Option(True, help="Mutual TLS between the peers, with certificates made for the run: grpc over "
+                                        "TLS, tcp-e's chunks sealed, as a federation runs them."),
 ) -> None:
     """Move one state between two processes with each mode and with raw NIXL references.
 
@@ -95,15 +97,23 @@ def bench_transfer(
     out.print(f"[bold]bench transfer[/]: {what}; chunk {chunk_size} B, window {window}, "
               f"{repeat} counted + 1 warm-up per mode; UCX_TLS={env['UCX_TLS']}")
     total = (len(mode_list) + (2 if references else 0)) * (repeat + transfer.WARMUP)
+    out.print(("peers speak mutual TLS (certificates made for this run)" if tls else "peers speak plaintext (--no-tls)")
+              + ("; one-sided modes run as a trusted fabric: both peers are this benchmark's own processes"
+                 if references or any(m.one_sided for m in mode_list) else ""))
     with _placement(out, shape, mtu) as where, progress(out) as bar:
         out.print(f"peers on {where.describe()}")
         task = bar.add_task("starting", total=total)
-        result = transfer.run(
-            size_args, nbytes, mode_list, chunk_size, window, repeat,
-            on_transfer=lambda: bar.advance(task),
-            on_mode=lambda m: bar.update(task, description=f"[cyan]{m}"),
-            env=env, where=where, references=references,
-        )
+        try:
+            result = transfer.run(
+                size_args, nbytes, mode_list, chunk_size, window, repeat,
+                on_transfer=lambda: bar.advance(task),
+                on_mode=lambda m: bar.update(task, description=f"[cyan]{m}"),
+                env=env, where=where, references=references, tls=tls,
+            )
+        except RunError as exc:
+            bar.stop()
+            console(stderr=True).print(f"[bold red]bench transfer failed:[/] {exc}", markup=True, highlight=False)
+            raise typer.Exit(1) from None
     out.print(transfer_table(result))
     if json_path:
         transfer.write_json(result, json_path)

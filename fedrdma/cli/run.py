@@ -21,8 +21,8 @@ from fedrdma.cli.settings import USAGE_ERROR, flag, settings_command
 from fedrdma.cli.tables import add_round_row, demo_table, round_table
 from fedrdma.config import AggregatorConfig, SiloConfig
 from fedrdma.core.errors import FedRDMAError
-from fedrdma.core.modes import choices
-from fedrdma.fl.inputs import DEMO_SILOS, DataError
+from fedrdma.core.modes import Mode, choices
+from fedrdma.fl.inputs import CERTS_DIR, DEMO_MODES, DEMO_SILOS, DataError
 
 if TYPE_CHECKING:
     from fedrdma.fl.records import AggregatorRound
@@ -31,10 +31,11 @@ app = typer.Typer()
 
 
 def _silo_entry(text: str) -> dict[str, str]:
-    silo, sep, token = text.partition(":")
-    if not sep:
-        raise typer.BadParameter(f"--silos takes ID:TOKEN, got {text!r}")
-    return {"id": silo, "token": token}
+    silo, sep, _ = text.partition(":")
+    if sep:
+        raise typer.BadParameter(f"--silos takes a silo id ({silo!r}); tokens are gone: a silo authenticates "
+                                 "with its certificate (`fedrdma certs issue DIR ID --role silo`)")
+    return {"id": silo}
 
 
 def _logging() -> None:
@@ -94,7 +95,7 @@ def demo(
     model: str = typer.Option("gpt2-small", help="gpt2-tiny|gpt2-small|... or a local checkpoint dir."),
     lora: bool = typer.Option(False, help="Fine-tune LoRA adapters only (only they travel)."),
     silos: int = typer.Option(3, min=1, max=3, help="How many demo silos (hospital, bank, support)."),
-    modes: str = typer.Option("rdma-e,grpc", help=f"Comma list of modes to compare: {choices()}."),
+    modes: str = typer.Option(",".join(DEMO_MODES), help=f"Comma list of modes to compare: {choices()}."),
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Where configs, logs, checkpoints, metrics and "
                                                                   "plots go."),
     json_path: Path = typer.Option(None, "--json", help="Write the comparison here as JSON."),
@@ -113,6 +114,9 @@ def demo(
         raise typer.Exit(1) from None
     out.print(f"[bold]demo[/]: {model}{' + LoRA' if lora else ''}, {silos} silos, {rounds} rounds, "
               f"modes {', '.join(names)}; logs in {out_dir}")
+    out.print(f"  control plane: mutual TLS with the demo's own CA ({out_dir / CERTS_DIR})"
+              + ("; one-sided modes run as a trusted fabric (every process is the demo's own)"
+                 if any(Mode(n).one_sided for n in names) else ""))
 
     def show(name: str, r: AggregatorRound) -> None:
         loss = f"held-out loss {r.eval_loss:.3f}" if r.eval_loss is not None else "not scored"

@@ -2,7 +2,8 @@
 
 They travel on the same kind of gRPC stream as the data plane's session messages (a silo
 dials one control stream and one stream per data-plane session); `Join` or `Attach`
-opens each stream and authenticates it.
+opens each stream and names what it is for. Who is on a stream is the name in the
+certificate the silo presented (mutual TLS), never a claim in a message.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ class Join(wire._Msg):
 
     type: Literal["join"] = "join"
     silo: str = Field(pattern=SILO_ID)
-    token: str
-    layout_id: str
+    """With TLS it must be the name in the silo's certificate; without, it is taken on trust (loopback only)."""
+    layout_id: str = Field(max_length=64)
     nbytes: int = Field(gt=0)
 
 
@@ -45,7 +46,6 @@ class Attach(wire._Msg):
 
     type: Literal["attach"] = "attach"
     silo: str = Field(pattern=SILO_ID)
-    token: str
     generation: int = Field(ge=0)
     purpose: Literal["broadcast", "upload"]
 

@@ -91,6 +91,10 @@ class Region:
         if self.length <= 0:
             raise RangeError(f"advertised pool length {self.length} must be positive")
 
+    def digest(self) -> str:
+        """A name for this region that says which it is without saying where it is (logs, tests)."""
+        return xxhash.xxh3_64_hexdigest(f"{self.address}:{self.length}".encode())
+
     def slice(self, offset: int, length: int) -> tuple[int, int]:
         """The absolute (address, length) of `[offset, offset+length)` inside this region.
 

@@ -31,6 +31,8 @@ class Mode(enum.StrEnum):
     """FedRDMA-E push: the holder WRITEs each chunk into the receiver's pool, in place."""
     RDMA_E_PULL = "rdma-e-pull"
     """FedRDMA-E pull ("reversed receiving"): the receiver READs each chunk from the holder's pool."""
+    TCP_E = "tcp-e"
+    """FedRDMA-E over TCP: the receiver's own code places each sealed chunk in its pool, in place."""
 
     @property
     def one_sided(self) -> bool:
@@ -49,7 +51,12 @@ class Mode(enum.StrEnum):
     @property
     def in_place(self) -> bool:
         """Chunks land at their final offsets in the receiver's state: no staging, no reassembly."""
-        return self in (Mode.RDMA_E, Mode.RDMA_E_PULL)
+        return self in (Mode.RDMA_E, Mode.RDMA_E_PULL, Mode.TCP_E)
+
+    @property
+    def seals(self) -> bool:
+        """Encrypts and authenticates every chunk on the wire, whatever the fabric."""
+        return self is Mode.TCP_E
 
     @property
     def initiator(self) -> Role:

@@ -13,7 +13,8 @@ Call order, for one transfer:
 1. `Receiver(plan, transfer, now, peer_timeout)`.
 2. Push: each chunk notice goes to `notice(transfer, generation, index, checksum, now)`.
    Pull: each checksum from the holder to `expect(index, checksum, now)`, each completed
-   READ to `landed(index, now)`.
+   READ to `landed(index, now)`. Sealed chunks: each opened chunk to `checked(...)`, which
+   carries the bytes' verdict itself.
 3. For each `Hash` action, the transport hashes the landed bytes (off its polling loop)
    and reports `hashed(index, generation, value, now)`.
 4. Push: when the initiator reconnected, its `Resume` goes to `resume(transfer, generation, now)`.
@@ -171,9 +172,21 @@ class Receiver:
         if self._hashing.get(index) != generation or generation != self.generation:
             return []  # a hash of bytes that a reconnect made void
         del self._hashing[index]
+        return self._verdict(index, value == self._expected[index], now)
+
+    def checked(self, transfer: int, generation: int, index: int, good: bool, now: float) -> list[Action]:
+        """Sealed chunks (`tcp-e`): chunk `index` landed and was opened where it lies; `good` is
+        whether its authentication tag held, so bytes and verdict arrive together."""
+        self.liveness.heard(now)
+        if transfer != self.transfer or generation != self.generation:
+            return []
+        self._check_index(index)
+        return self._verdict(index, good, now)
+
+    def _verdict(self, index: int, good: bool, now: float) -> list[Action]:
         if self._verified[index]:
             return []
-        if value == self._expected[index]:
+        if good:
             self._verified[index] = True
             self._verified_count += 1
             self._pending.append(index)

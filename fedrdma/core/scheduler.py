@@ -182,6 +182,11 @@ class Scheduler:
         if self.broken is None:
             self.broken = f"chunk {index}: {reason}"
 
+    def endpoint_lost(self, reason: str) -> None:
+        """The endpoint broke with nothing of ours failing on it (the peer closed it): rebuild it."""
+        if self.broken is None and not self.done:
+            self.broken = reason
+
     def verified(self, index: int) -> None:
         slot = self._slots[index]
         if slot.status is ChunkStatus.VERIFIED:

@@ -23,18 +23,22 @@ import torch
 from fedrdma.config import AggregatorConfig
 from fedrdma.control import messages as m
 from fedrdma.control.hub import Hub, SiloLink
+from fedrdma.core.addresses import split_host_port
 from fedrdma.core.errors import FedRDMAError, PeerLost
 from fedrdma.core.fedavg import NotEnoughSilos, RoundAggregate
 from fedrdma.core.layout import FlatState
-from fedrdma.core.modes import Role
+from fedrdma.core.modes import Mode, Role
 from fedrdma.fl import checkpoint
 from fedrdma.fl.records import AggregatorRound, MemorySplit, SiloOutcome
 from fedrdma.fl.state import build_trainable
 from fedrdma.memory import compute_heap, pin_mmap_threshold
 from fedrdma.metrics import mark_runtime, memory_report, reset_peak
+from fedrdma.transport import fabric
 from fedrdma.transport.agent import Agent, Pool
 from fedrdma.transport.session import Session
 from fedrdma.transport.stats import TransferStats
+from fedrdma.transport.streams import DataListener
+from fedrdma.transport.tls import SERVER, Credentials
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +97,26 @@ class SiloRound:
         return SiloOutcome.model_validate(out)
 
 
+def _credentials(cfg: AggregatorConfig) -> Credentials | None:
+    """The aggregator's certificates, checked; None with --insecure, which is said out loud."""
+    if cfg.certs is None:
+        log.warning("the control plane is plaintext (--insecure): anyone on this host can join as any silo")
+        return None
+    credentials = Credentials.load(cfg.certs, cfg.cert_name)
+    credentials.check(SERVER)
+    return credentials
+
+
 class Aggregator:
     def __init__(self, cfg: AggregatorConfig, evaluate: Any = None) -> None:
-        if cfg.mode.one_sided:  # see fedrdma.memory for why not for grpc
+        self.cfg = cfg
+        self.fabric = fabric.detect()
+        self.mode = fabric.resolve(cfg.mode, self.fabric)
+        fabric.require_trust(self.mode, cfg.trusted_fabric, self.fabric)  # before any pool is registered
+        self.credentials = _credentials(cfg)
+        if self.mode.one_sided:  # see fedrdma.memory for why not for grpc
             pin_mmap_threshold()
         mark_runtime()
-        self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.model, self.state = build_trainable(cfg)
@@ -106,7 +124,9 @@ class Aggregator:
         """The other half of the double-buffered global: the next average accumulates here."""
         self.chunk_size = min(cfg.chunk_size, self.state.nbytes)
         """A chunk larger than the state is the state: small (LoRA) states travel whole."""
-        self.agent = Agent(f"aggregator-{id(self):x}") if cfg.mode.one_sided else None
+        self.agent = Agent(f"aggregator-{id(self):x}") if self.mode.one_sided else None
+        self.streams = (DataListener(split_host_port(cfg.listen)[0], cfg.data_port)
+                        if Mode.TCP_E in (self.mode, self.mode.broadcast) else None)
         self.pools: dict[int, Pool] = {}
         self._pool(self.state)
         self._pool(self.spare)
@@ -122,13 +142,16 @@ class Aggregator:
         self._fold_lock = threading.Lock()
         self._aggregate: RoundAggregate | None = None
         self.metrics_path = self.out_dir / "metrics.jsonl"
-        self.hub = Hub(cfg.listen, cfg.silos, self.state.layout_id, self.state.nbytes, self._welcome, self._event)
-        self._event({"event": "pools", "global": [p.region.address for p in self.pools.values()],
+        self.hub = Hub(cfg.listen, [s.id for s in cfg.silos], self.state.layout_id, self.state.nbytes,
+                       self._welcome, self._event, self.credentials)
+        self._event({"event": "security", "mode": self.mode, "tls": self.credentials is not None,
+                     "fabric": self.fabric.describe(), "trusted_fabric": cfg.trusted_fabric})
+        self._event({"event": "pools", "global": [p.region.digest() for p in self.pools.values()],
                      "nbytes": self.state.nbytes, "listen": self.hub.address})
 
     # -- plumbing ----------------------------------------------------------------------
     def _pool(self, state: FlatState) -> Pool | None:
-        if self.agent is None or not self.cfg.mode.broadcast.registers_pool:
+        if self.agent is None or not self.mode.broadcast.registers_pool:
             return None
         key = state.address()
         if key not in self.pools:
@@ -145,8 +168,8 @@ class Aggregator:
         return m.Welcome(
             silo=silo,
             generation=generation,
-            broadcast_mode=self.cfg.mode.broadcast,
-            upload_mode=self.cfg.mode,
+            broadcast_mode=self.mode.broadcast,
+            upload_mode=self.mode,
             chunk_size=self.chunk_size,
             window=self.cfg.window,
             heartbeat_s=self.cfg.heartbeat_s,
@@ -168,19 +191,21 @@ class Aggregator:
                 if session is not None:
                     session.abort()
             st.link = link
+            data = {"streams": self.streams, "data_streams": self.cfg.data_streams,
+                    "trusted_fabric": self.cfg.trusted_fabric}
             st.broadcast = Session(
-                self.agent, self.state, link.data["broadcast"], self.cfg.mode.broadcast, Role.SENDER,
-                self.chunk_size, self.cfg.window, pool=self._pool(self.state),
+                self.agent, self.state, link.data["broadcast"], self.mode.broadcast, Role.SENDER,
+                self.chunk_size, self.cfg.window, pool=self._pool(self.state), **data,
             )
             st.upload = Session(
-                self.agent, st.inbox, link.data["upload"], self.cfg.mode, Role.RECEIVER,
+                self.agent, st.inbox, link.data["upload"], self.mode, Role.RECEIVER,
                 self.chunk_size, self.cfg.window, pool=st.pool,
-                on_chunk=lambda off, n, silo=link.silo, inbox=st.inbox: self._fold(silo, inbox, off, n),
+                on_chunk=lambda off, n, silo=link.silo, inbox=st.inbox: self._fold(silo, inbox, off, n), **data,
             )
             st.broadcast.open()
             st.upload.open()
             self._event({"event": "sessions", "silo": link.silo,
-                         "inbox": st.pool.region.address if st.pool else 0})
+                         "inbox": st.pool.region.digest() if st.pool else ""})
         return st
 
     def _fold(self, silo: str, inbox: FlatState, offset: int, length: int) -> None:
@@ -305,7 +330,7 @@ class Aggregator:
         return AggregatorRound(
             time=time.time(),
             round=rnd,
-            mode=self.cfg.mode,
+            mode=self.mode,
             accepted=sorted(outcome.accepted),
             rejected=outcome.rejected,
             eval_loss=eval_loss,
@@ -317,7 +342,7 @@ class Aggregator:
             round_seconds=seconds,
             state_bytes=self.state.nbytes,
             aggregator_memory=MemorySplit.model_validate(memory_report(
-                self.model, None, self._pool_bytes(), pool_is_model=self.cfg.mode.broadcast.registers_pool
+                self.model, None, self._pool_bytes(), pool_is_model=self.mode.broadcast.registers_pool
             )),
             silos=silos,
         )
@@ -337,7 +362,7 @@ class Aggregator:
         records: list[AggregatorRound] = []
         initial = self._evaluate() if self.round == 0 else None
         if initial is not None:
-            records.append(AggregatorRound(time=time.time(), round=0, mode=self.cfg.mode, eval_loss=initial,
+            records.append(AggregatorRound(time=time.time(), round=0, mode=self.mode, eval_loss=initial,
                                            state_bytes=self.state.nbytes))
             self._event(records[-1].model_dump(mode="json"))
             on_round(records[-1])
@@ -369,5 +394,7 @@ class Aggregator:
                     session.abort()
         for pool in self.pools.values():
             pool.close()
+        if self.streams is not None:
+            self.streams.close()
 
 

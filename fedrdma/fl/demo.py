@@ -22,12 +22,14 @@ from typing import Any
 
 from safetensors.torch import load_file
 
+from fedrdma.control.certs import DEFAULT_HOSTS, init_ca, issue
 from fedrdma.core.addresses import LOOPBACK_HOST
 from fedrdma.core.errors import RunError
 from fedrdma.core.modes import Mode
 from fedrdma.fl import checkpoint
-from fedrdma.fl.inputs import DEMO_EVAL, DEMO_SILOS, demo_corpus
+from fedrdma.fl.inputs import CERTS_DIR, DEMO_EVAL, DEMO_MODES, DEMO_SILOS, demo_corpus
 from fedrdma.fl.records import AggregatorRound, DemoMode, DemoResult
+from fedrdma.transport.tls import CA_FILE, CLIENT, SERVER
 
 DEMO_MODEL = "gpt2-small"
 """GPT-2 small (124M, 475 MiB fp32): large enough that moving it shows next to training it."""
@@ -39,11 +41,14 @@ DEMO_LOCAL_STEPS = 2
 DEMO_SEQ_LEN = 64
 DEMO_BATCH_SIZE = 2
 DEMO_LR = 3e-4
-DEMO_MODES = (Mode.RDMA_E, Mode.GRPC)
 PROCESS_TIMEOUT_S = 600.0
 """Longest one mode's federation may take before the demo calls it hung."""
 
-TOKEN_PREFIX = "demo-token-"
+AGGREGATOR_CERT = "aggregator"
+"""The name of the aggregator's certificate (the aggregator's `cert_name` default)."""
+
+ANY_HOST = "0.0.0.0"
+"""A listen address that is no host name: not one a certificate can name."""
 
 
 def free_port() -> int:
@@ -89,19 +94,32 @@ class Hosts:
 LOCAL = Hosts()
 
 
+def make_certs(directory: Path, silos: Sequence[str], hosts: Hosts = LOCAL) -> Path:
+    """A CA of the run's own, a certificate for the aggregator at every host silos dial, one per silo."""
+    if not (directory / CA_FILE).exists():
+        init_ca(directory)
+    names = {*DEFAULT_HOSTS, *hosts.dial_hosts, *([hosts.listen_host] if hosts.listen_host != ANY_HOST else [])}
+    issue(directory, AGGREGATOR_CERT, SERVER, hosts=sorted(names), force=True)
+    for silo in silos:
+        issue(directory, silo, CLIENT, force=True)
+    return directory
+
+
 def write_configs(
     root: Path, mode: Mode, rounds: int, model: str, lora: bool, silos: Sequence[str], port: int,
     hosts: Hosts = LOCAL, local_steps: int = DEMO_LOCAL_STEPS,
 ) -> tuple[Path, list[Path]]:
     root.mkdir(parents=True, exist_ok=True)
-    common = {"model": model, "lora": lora, "seed": 0}
+    certs = make_certs(root / CERTS_DIR, silos, hosts)
+    # The demo's and the lab's processes are all its own: one-sided modes may touch any of them.
+    common = {"model": model, "lora": lora, "seed": 0, "certs": str(certs), "trusted_fabric": Mode(mode).one_sided}
     agg = {
         **common,
         "listen": f"{hosts.listen_host}:{port}",
         "rounds": rounds,
         "min_silos": len(silos),
         "mode": mode,
-        "silos": [{"id": s, "token": TOKEN_PREFIX + s} for s in silos],
+        "silos": [{"id": s} for s in silos],
         "eval_data": str(demo_corpus(DEMO_EVAL)),
         "seq_len": DEMO_SEQ_LEN,
         "out_dir": str(root / "aggregator"),
@@ -114,7 +132,6 @@ def write_configs(
         cfg = {
             **common,
             "id": silo,
-            "token": TOKEN_PREFIX + silo,
             "aggregator": f"{hosts.silo(k)[1]}:{port}",
             "data": str(demo_corpus(silo)),
             "local_steps": local_steps,

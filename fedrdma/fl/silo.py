@@ -24,9 +24,10 @@ from fedrdma.fl.state import build_trainable
 from fedrdma.fl.trainer import LocalTrainer
 from fedrdma.memory import compute_heap, pin_mmap_threshold
 from fedrdma.metrics import mark_runtime, memory_report, reset_peak
-from fedrdma.transport import wire
+from fedrdma.transport import fabric, wire
 from fedrdma.transport.agent import Agent, Pool
 from fedrdma.transport.session import Session
+from fedrdma.transport.tls import CLIENT, Credentials
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Silo:
         self.trainer = LocalTrainer(
             self.model, self.data.train, cfg.lr, cfg.local_steps, cfg.batch_size, seed=cfg.seed
         )
+        self.credentials = _credentials(cfg)
         self.agent: Agent | None = None
         self.pool: Pool | None = None
         self.rounds_done: list[int] = []
@@ -80,10 +82,17 @@ class Silo:
 
     def _session(self) -> bool:
         cfg = self.cfg
-        link = AggregatorLink(cfg.aggregator, cfg.id, cfg.token, self.state.layout_id, self.state.nbytes)
+        link = AggregatorLink(cfg.aggregator, cfg.id, self.state.layout_id, self.state.nbytes, self.credentials)
         welcome = link.welcome
-        self._event({"event": "joined", "generation": welcome.generation})
+        self._event({"event": "joined", "generation": welcome.generation, "tls": self.credentials is not None})
         mode = welcome.broadcast_mode
+        here = fabric.detect()
+        for asked in (mode, welcome.upload_mode):  # before this silo registers any memory
+            try:
+                fabric.require_trust(asked, cfg.trusted_fabric, here)
+            except fabric.UntrustedFabric as exc:
+                link.close()
+                raise JoinRefused(f"the aggregator asks for {asked}, which this silo refuses: {exc}") from None
         if mode.one_sided:  # see fedrdma.memory for why not for grpc
             pin_mmap_threshold()
             if self.agent is None:
@@ -96,11 +105,11 @@ class Silo:
         try:
             broadcast = Session(
                 self.agent, self.state, link.attach("broadcast"), mode, Role.RECEIVER,
-                welcome.chunk_size, welcome.window, pool=pool,
+                welcome.chunk_size, welcome.window, pool=pool, trusted_fabric=cfg.trusted_fabric,
             )
             upload = Session(
                 self.agent, self.state, link.attach("upload"), welcome.upload_mode, Role.SENDER,
-                welcome.chunk_size, welcome.window, pool=pool,
+                welcome.chunk_size, welcome.window, pool=pool, trusted_fabric=cfg.trusted_fabric,
             )
             broadcast.open()
             upload.open()
@@ -160,9 +169,20 @@ class Silo:
 
 
 def _handed(session: Session) -> dict[str, Any]:
-    """What the aggregator handed this silo for a session: keys and ranges, in sizes."""
+    """What the aggregator handed this silo for a session: keys in bytes, memory by its digest (never an address)."""
     hello = session.peer_hello
+    assert hello is not None
     return {
         "metadata_bytes": len(hello.metadata),
-        "region": [hello.region.address, hello.region.length] if hello.region else None,
+        "region": [hello.region.region().digest(), hello.region.length] if hello.region else None,
     }
+
+
+def _credentials(cfg: SiloConfig) -> Credentials | None:
+    """This silo's certificates, checked before it dials; None with --insecure, which is said out loud."""
+    if cfg.certs is None:
+        log.warning("the control plane is plaintext (--insecure): for one host only")
+        return None
+    credentials = Credentials.load(cfg.certs, cfg.id)
+    credentials.check(CLIENT)
+    return credentials

@@ -7,10 +7,12 @@ aggregator enforces, or the fabric.
 
 from __future__ import annotations
 
+import struct
 import time
 
 import torch
 
+from fedrdma.core.chunks import Region
 from fedrdma.transport.agent import Agent
 
 ATTACK_BYTES = 4096
@@ -43,3 +45,16 @@ def write_outside(agent: Agent, peer: str, address: int, nbytes: int = ATTACK_BY
         return f"refused: {type(exc).__name__}: {exc}"
     finally:
         scratch.close()
+
+
+def forge_metadata(metadata: bytes, handed: Region, target: int) -> bytes:
+    """NIXL partial metadata that was handed for `handed`, edited to describe memory at `target`.
+
+    All a peer needs to name memory it was never handed: the metadata carries the region's
+    address as 8 little-endian bytes, and nothing on a software fabric checks it.
+    """
+    packed = struct.pack("<Q", handed.address)
+    at = metadata.find(packed)
+    if at < 0:
+        raise ValueError("the handed region's address is not in the metadata: NIXL's format changed")
+    return metadata[:at] + struct.pack("<Q", target) + metadata[at + len(packed):]

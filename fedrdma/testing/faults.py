@@ -1,4 +1,4 @@
-"""A NIXL agent with faults: what a lossy wire, a cut endpoint or a lying peer does to a transfer.
+"""Agents and data ports with faults: what a lossy wire, a cut endpoint or a lying peer does.
 
 `FaultyAgent` is the production `Agent` with a few calls wrapped; the session and its
 movers run unchanged on top of it, so the faults reach them exactly as real ones would:
@@ -16,6 +16,7 @@ from fedrdma.core.chunks import Region
 from fedrdma.core.errors import ProtocolError
 from fedrdma.transport import wire
 from fedrdma.transport.agent import Agent, Operation, Pool, Staging
+from fedrdma.transport.streams import DataListener
 
 
 @dataclass(frozen=True)
@@ -116,3 +117,43 @@ class _Watched:
 
     def release(self) -> bool:
         return self._operation.release()
+
+
+class _FaultySocket:
+    """A data connection that flips one byte of what it receives, or dies, after so many bytes."""
+
+    def __init__(self, sock, flip_after: int | None, cut_after: int | None) -> None:  # type: ignore[no-untyped-def]
+        self._sock = sock
+        self._flip_after = flip_after
+        self._cut_after = cut_after
+        self._received = 0
+
+    def recv_into(self, view: memoryview, nbytes: int = 0) -> int:
+        if self._cut_after is not None and self._received >= self._cut_after:
+            self._cut_after = None
+            self._sock.shutdown(2)  # the line goes down: both directions, at once
+            return 0
+        n = self._sock.recv_into(view, nbytes) if nbytes else self._sock.recv_into(view)
+        if self._flip_after is not None and self._received <= self._flip_after < self._received + n:
+            view[self._flip_after - self._received] ^= 0xFF
+            self._flip_after = None  # once: a resent chunk arrives intact
+        self._received += n
+        return n
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._sock, name)
+
+
+class FaultyStreams(DataListener):
+    """A tcp-e data port whose first connection corrupts or cuts what it receives."""
+
+    def __init__(self, flip_after: int | None = None, cut_after: int | None = None) -> None:
+        super().__init__()
+        self._faults: tuple[int | None, int | None] | None = (flip_after, cut_after)
+
+    def admit(self, sock):  # type: ignore[no-untyped-def]
+        if self._faults is None:
+            return sock
+        flip, cut = self._faults
+        self._faults = None
+        return _FaultySocket(sock, flip, cut)

@@ -6,8 +6,7 @@ broken or hostile silo.
 
 Faults: `exit-after-broadcast:R` (dies in round R once the global arrived), `stall-once:R:S`
 (round R's training takes S seconds longer, once per process), `nan` (a NaN in the update),
-`scale` (the update times 1000), `write-outside:ADDRESS` (tries to WRITE into aggregator
-memory it was never handed, then trains as usual).
+`scale` (the update times 1000).
 """
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ from fedrdma.config import ConfigError, SiloConfig, load
 from fedrdma.control.link import JoinRefused
 from fedrdma.core.errors import FedRDMAError
 from fedrdma.fl.silo import Silo
-from fedrdma.testing.attacks import write_outside
-from fedrdma.transport.movers.push import PushMover
 from fedrdma.transport.session import Session
 
 EXIT_CODE = 17
@@ -71,21 +68,6 @@ class ScaledUpdate(Silo):
         return result
 
 
-class WriteOutside(Silo):
-    def __init__(self, cfg: SiloConfig, address: int) -> None:
-        super().__init__(cfg)
-        self.address = address
-
-    def train(self, rnd: int, upload: Session) -> tuple[int, float, float]:
-        mover = upload.mover
-        if self.agent is None or not isinstance(mover, PushMover) or mover.remote is None:
-            result = "no one-sided access to the aggregator at all"
-        else:
-            result = write_outside(self.agent, mover.remote.name, self.address)
-        self._event({"event": "write_outside", "result": result})
-        return super().train(rnd, upload)
-
-
 def faulty(cfg: SiloConfig, fault: str) -> Silo:
     name, _, rest = fault.partition(":")
     args = rest.split(":") if rest else []
@@ -97,8 +79,6 @@ def faulty(cfg: SiloConfig, fault: str) -> Silo:
         return NanUpdate(cfg)
     if name == "scale":
         return ScaledUpdate(cfg)
-    if name == "write-outside":
-        return WriteOutside(cfg, int(args[0]))
     raise SystemExit(f"unknown fault {fault!r}; see `python -m fedrdma.testing.silo --help`")
 
 

@@ -20,11 +20,12 @@ from fedrdma.core.layout import FlatState
 from fedrdma.core.liveness import PEER_TIMEOUT_S
 from fedrdma.core.modes import Mode, Role
 from fedrdma.core.scheduler import RetryPolicy
-from fedrdma.transport import wire
+from fedrdma.transport import fabric, wire
 from fedrdma.transport.agent import Agent, Pool
 from fedrdma.transport.channel import Channel
 from fedrdma.transport.movers import Context, mover_for
 from fedrdma.transport.stats import TransferStats
+from fedrdma.transport.streams import DEFAULT_STREAMS, DataListener
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,19 @@ class Session:
         peer_timeout: float = PEER_TIMEOUT_S,
         on_chunk: Callable[[int, int], None] | None = None,
         pool: Pool | None = None,
+        streams: DataListener | None = None,
+        data_streams: int = DEFAULT_STREAMS,
+        trusted_fabric: bool = False,
     ) -> None:
         mode, role = Mode(mode), Role(role)
         if mode.one_sided and agent is None:
             raise ValueError(f"mode {mode} needs a NIXL agent")
         self.ctx = Context(
             agent, state, channel, mode, role, ChunkPlan.build(state.nbytes, chunk_size), check_window(window),
-            policy or RetryPolicy(), peer_timeout, on_chunk, pool,
+            policy or RetryPolicy(), peer_timeout, on_chunk, pool, streams=streams, data_streams=data_streams,
         )
+        self.trusted_fabric = trusted_fabric
+        """The operator's statement that the peer may reach this whole process (see `transport.fabric`)."""
         self._owns_pool = pool is None
         """A pool handed in (one buffer serving several sessions) outlives this session."""
         self.mover = mover_for(self.ctx)
@@ -90,17 +96,21 @@ class Session:
     def open(self, timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
         """Exchange hellos; refuse a different layout or mode before any byte moves."""
         ctx = self.ctx
+        fabric.require_trust(ctx.mode, self.trusted_fabric, fabric.detect())  # before anything is registered
         if ctx.mode.registers_pool:
             assert ctx.agent is not None
             if ctx.pool is None:
                 ctx.pool = ctx.agent.register(ctx.state.buffer)
             elif ctx.pool.buffer.data_ptr() != ctx.state.buffer.data_ptr():
                 raise TransferError("the pool handed to the session is not the state's buffer")
-        metadata, region = self.mover.offer()
+        offered = self.mover.offer()
         ctx.channel.send(wire.Hello(
             mode=ctx.mode, layout_id=ctx.state.layout_id, nbytes=ctx.state.nbytes,
-            agent=ctx.agent.name if ctx.agent else "", metadata=wire.b64(metadata) if metadata else "",
-            region=wire.RegionMsg.of(region) if region is not None else None,
+            agent=ctx.agent.name if ctx.agent else "",
+            metadata=wire.b64(offered.metadata) if offered.metadata else "",
+            region=wire.RegionMsg.of(offered.region) if offered.region is not None else None,
+            data_port=offered.data_port, ticket=wire.b64(offered.ticket) if offered.ticket else "",
+            data_streams=offered.data_streams,
         ))
         peer = ctx.channel.recv(timeout)
         if isinstance(peer, wire.Refuse):

@@ -15,7 +15,6 @@ import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -111,13 +110,6 @@ class Credentials:
         if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
             raise CredentialError(f"{self.source}/{self.name}.key is not the key of {where}")
 
-    def grpc_server(self) -> grpc.ServerCredentials:
-        """A TLS server that admits only clients with a certificate of this federation's CA."""
-        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca, require_client_auth=True)
-
-    def grpc_channel(self) -> grpc.ChannelCredentials:
-        """A TLS client that presents this certificate and checks the server's against the CA and host."""
-        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert)
 
 
 def kind_of(cert: x509.Certificate) -> str:

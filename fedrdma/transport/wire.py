@@ -48,11 +48,19 @@ class Hello(_Msg):
     metadata: str = ""
     """Base64 NIXL agent metadata; only from a side whose memory the peer may touch."""
     region: RegionMsg | None = None
+    data_port: int = Field(default=0, ge=0, le=65535)
+    """tcp-e: the listening side's data port (0: none)."""
+    ticket: str = ""
+    """tcp-e: base64 bytes the dialing side's data connections present."""
+    data_streams: int = Field(default=0, ge=0)
+    """tcp-e: how many data connections the dialing side opens."""
 
 
 class Refuse(_Msg):
     type: Literal["refuse"] = "refuse"
     reason: str
+    retry_after_s: float = Field(default=0.0, ge=0)
+    """Above 0: the refusal is for now (a second join while the first still lives), try again later."""
 
 
 class Begin(_Msg):
@@ -62,6 +70,8 @@ class Begin(_Msg):
     transfer: int = Field(ge=0)
     chunk_size: int = Field(gt=0)
     nchunks: int = Field(gt=0)
+    key: str = ""
+    """tcp-e: base64 key this transfer's chunks are sealed with (the control plane is mutual TLS)."""
 
 
 class Stage(_Msg):

@@ -27,6 +27,23 @@ from fedrdma.transport.agent import Agent, Pool
 from fedrdma.transport.channel import Blob, Channel
 from fedrdma.transport.pacing import IDLE_CAP_S, Pacer, recv_serving
 from fedrdma.transport.stats import TransferStats
+from fedrdma.transport.streams import DEFAULT_STREAMS, DataListener
+
+
+@dataclass(frozen=True)
+class Offered:
+    """What one side hands its peer in its hello: only what the mode lets the peer use."""
+
+    metadata: bytes = b""
+    """NIXL partial metadata: connection info and keys to one pool."""
+    region: Region | None = None
+    """The range of that pool."""
+    data_port: int = 0
+    """tcp-e: the listening side's data port."""
+    ticket: bytes = b""
+    """tcp-e: what the dialing side's data connections present."""
+    data_streams: int = 0
+    """tcp-e: how many data connections to open."""
 
 
 @dataclass
@@ -49,6 +66,10 @@ class Context:
     """The peer's hello, once the session is open."""
     generation: int = 0
     """This connection's generation: it advances with every reconnect, across transfers."""
+    streams: DataListener | None = None
+    """tcp-e, the listening side: the data port its peers' connections arrive on."""
+    data_streams: int = DEFAULT_STREAMS
+    """tcp-e, the listening side: how many data connections the peer opens."""
 
     def verified(self, offset: int, length: int) -> None:
         if self.on_chunk is not None:
@@ -64,9 +85,9 @@ class Mover:
         self.ctx = ctx
 
     # -- the interface -----------------------------------------------------------------
-    def offer(self) -> tuple[bytes, Region | None]:
-        """NIXL metadata and a region this side hands the peer; by default nothing at all."""
-        return b"", None
+    def offer(self) -> Offered:
+        """What this side hands the peer; by default nothing at all."""
+        return Offered()
 
     def connect(self, peer: wire.Hello) -> None:
         """Reach the peer with what its hello handed us."""

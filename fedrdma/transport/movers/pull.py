@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from fedrdma.core.chunks import ChunkPlan, Region
+from fedrdma.core.chunks import ChunkPlan
 from fedrdma.core.errors import PeerLost, ProtocolError
 from fedrdma.core.liveness import Liveness
 from fedrdma.core.modes import Mode
@@ -20,7 +20,7 @@ from fedrdma.core.scheduler import Scheduler
 from fedrdma.transport import wire
 from fedrdma.transport.agent import RemotePeer
 from fedrdma.transport.hashing import ChunkHasher, LandedHashes
-from fedrdma.transport.movers.base import Mover, refused
+from fedrdma.transport.movers.base import Mover, Offered, refused
 from fedrdma.transport.movers.initiate import drive
 from fedrdma.transport.movers.land import send_status
 from fedrdma.transport.pacing import Pacer
@@ -90,13 +90,13 @@ class PullMover(Mover):
 
     remote: RemotePeer | None = None
 
-    def offer(self) -> tuple[bytes, Region | None]:
+    def offer(self) -> Offered:
         """The holder hands keys to its pool alone, and the pool's range."""
         ctx = self.ctx
         if ctx.role is ctx.mode.initiator:
-            return b"", None
+            return Offered()
         assert ctx.agent is not None and ctx.pool is not None
-        return ctx.agent.partial_metadata(ctx.pool), ctx.pool.region
+        return Offered(ctx.agent.partial_metadata(ctx.pool), ctx.pool.region)
 
     def connect(self, peer: wire.Hello) -> None:
         if self.ctx.role is not self.ctx.mode.initiator:

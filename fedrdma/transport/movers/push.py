@@ -10,14 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from fedrdma.core.chunks import ChunkPlan, Region
+from fedrdma.core.chunks import ChunkPlan
 from fedrdma.core.errors import ProtocolError
 from fedrdma.core.modes import Mode
 from fedrdma.core.scheduler import Scheduler
 from fedrdma.transport import wire
 from fedrdma.transport.agent import RemotePeer
 from fedrdma.transport.hashing import ChunkHasher
-from fedrdma.transport.movers.base import Mover
+from fedrdma.transport.movers.base import Mover, Offered
 from fedrdma.transport.movers.initiate import drive
 from fedrdma.transport.movers.land import land
 from fedrdma.transport.stats import TransferStats
@@ -62,13 +62,13 @@ class PushMover(Mover):
 
     remote: RemotePeer | None = None
 
-    def offer(self) -> tuple[bytes, Region | None]:
+    def offer(self) -> Offered:
         """The receiver hands keys to its pool alone (NIXL partial metadata) and the pool's range."""
         ctx = self.ctx
         if ctx.role is not ctx.mode.initiator.other:
-            return b"", None
+            return Offered()
         assert ctx.agent is not None and ctx.pool is not None
-        return ctx.agent.partial_metadata(ctx.pool), ctx.pool.region
+        return Offered(ctx.agent.partial_metadata(ctx.pool), ctx.pool.region)
 
     def connect(self, peer: wire.Hello) -> None:
         if self.ctx.role is not self.ctx.mode.initiator:

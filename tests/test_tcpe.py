@@ -1,0 +1,167 @@
+"""tcp-e: sealed chunks over TCP, landed in place by the receiver's own code. Real sockets, real ciphers."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from fedrdma.bench.states import make_state, synthetic_layout
+from fedrdma.core.chunks import state_digest
+from fedrdma.core.errors import TransferError
+from fedrdma.core.modes import Mode, Role
+from fedrdma.testing.faults import FaultyStreams
+from fedrdma.transport import wire
+from fedrdma.transport.channel import Listener, dial
+from fedrdma.transport.seal import PIECE_BYTES, Header, Sealer, new_key
+from fedrdma.transport.session import Session
+from fedrdma.transport.streams import DataListener
+from fedrdma.transport.streams import dial as dial_data
+
+SIZE, CHUNK, WINDOW = 8 << 20, 1 << 20, 4
+THREAD_TIMEOUT_S = 60.0
+
+
+def _run(streams: DataListener, size: int = SIZE) -> tuple[Any, Any, list[BaseException], Any, Any]:
+    layout = synthetic_layout(size)
+    src, dst = make_state(layout, 1234), make_state(layout, None)
+    listener = Listener()
+    out: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def receiver() -> None:
+        try:
+            s = Session(None, dst, listener.accept(10), Mode.TCP_E, Role.RECEIVER, CHUNK, WINDOW, streams=streams)
+            s.open()
+            out["got"] = s.receive()
+            s.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    try:
+        s = Session(None, src, dial(listener.address), Mode.TCP_E, Role.SENDER, CHUNK, WINDOW)
+        s.open()
+        out["sent"] = s.send()
+        s.close()
+    except BaseException as exc:
+        errors.append(exc)
+    finally:
+        thread.join(THREAD_TIMEOUT_S)
+        listener.close()
+        streams.close()
+    return out.get("sent"), out.get("got"), errors, src, dst
+
+
+def test_a_byte_flipped_on_the_line_fails_its_chunk_which_comes_again_intact():
+    sent, got, errors, src, dst = _run(FaultyStreams(flip_after=3 * CHUNK + 1000))
+    assert errors == []
+    assert state_digest(dst.memoryview()) == state_digest(src.memoryview())
+    assert got.corrupt == 1
+    assert sent.bytes_posted == SIZE + CHUNK, "only the chunk whose tag failed went twice"
+
+
+def test_a_connection_cut_mid_transfer_is_replaced_and_the_transfer_resumes():
+    size = 32 << 20
+    sent, got, errors, src, dst = _run(FaultyStreams(cut_after=6 * CHUNK), size)
+    assert errors == []
+    assert state_digest(dst.memoryview()) == state_digest(src.memoryview())
+    assert sent.reconnects >= 1
+    assert 0 <= sent.bytes_posted - size < size, "verified chunks were not sent again"
+
+
+class HostileSender:
+    """A peer that passes the handshake, then sends data chunks of its own making."""
+
+    def __init__(self, listener: Listener, layout_id: str, nbytes: int) -> None:
+        self.channel = dial(listener.address)
+        self.channel.send(wire.Hello(mode=Mode.TCP_E, layout_id=layout_id, nbytes=nbytes))
+        hello = self.channel.recv(10)
+        assert isinstance(hello, wire.Hello) and hello.data_port and hello.ticket
+        self.socks = dial_data("127.0.0.1", hello.data_port, wire.unb64(hello.ticket), hello.data_streams)
+        self.key = new_key()
+        self.channel.send(wire.Begin(transfer=1, chunk_size=CHUNK, nchunks=SIZE // CHUNK, key=wire.b64(self.key)))
+
+    def send_chunk(self, header: Header, body: bytes) -> None:
+        sealer = Sealer(self.key, header)
+        out = memoryview(bytearray(len(body)))
+        sealed = bytes(sealer.seal_into(memoryview(body), out))
+        self.socks[0].sendall(header.pack() + sealed + sealer.tag())
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close()
+        self.channel.close()
+
+
+@pytest.mark.parametrize("header,reason", [
+    (Header(1, 0, SIZE // CHUNK, 1, CHUNK), "chunk 8, outside the plan of 8 chunks"),
+    (Header(1, 0, 2, 1, CHUNK // 2), "announced 524288 bytes for chunk 2; the plan has 1048576"),
+    (Header(1, 0, 7, 1, SIZE), "announced 8388608 bytes for chunk 7"),
+    (Header(9, 0, 0, 1, CHUNK), "transfer 9 generation 0 arrived, but no such transfer was begun"),
+])
+def test_a_chunk_this_side_did_not_plan_is_refused_and_nothing_lands(header, reason):
+    layout = synthetic_layout(SIZE)
+    dst = make_state(layout, None)
+    streams = DataListener()
+    listener = Listener()
+    result: dict[str, Any] = {}
+
+    def receiver() -> None:
+        s = Session(None, dst, listener.accept(10), Mode.TCP_E, Role.RECEIVER, CHUNK, WINDOW, streams=streams,
+                    peer_timeout=2.0)
+        s.open()
+        try:
+            s.receive()
+        except TransferError as exc:
+            result["error"] = exc
+        s.abort()
+
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    hostile = HostileSender(listener, layout.layout_id, layout.nbytes)
+    try:
+        hostile.send_chunk(header, b"\x42" * min(header.length, PIECE_BYTES))
+        thread.join(THREAD_TIMEOUT_S)
+    finally:
+        hostile.close()
+        listener.close()
+        streams.close()
+    assert reason in str(result["error"]), result
+    assert state_digest(dst.memoryview()) == state_digest(make_state(layout, None).memoryview()), "nothing landed"
+
+
+def test_a_chunk_sealed_with_another_key_never_counts():
+    layout = synthetic_layout(SIZE)
+    dst = make_state(layout, None)
+    streams = DataListener()
+    listener = Listener()
+    seen: list[tuple[int, int]] = []
+    result: dict[str, Any] = {}
+
+    def receiver() -> None:
+        s = Session(None, dst, listener.accept(10), Mode.TCP_E, Role.RECEIVER, CHUNK, WINDOW, streams=streams,
+                    peer_timeout=2.0, on_chunk=lambda off, n: seen.append((off, n)))
+        s.open()
+        try:
+            s.receive()
+        except Exception as exc:  # noqa: BLE001  (the peer goes silent after its forgery)
+            result["error"] = exc
+        s.abort()
+
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    hostile = HostileSender(listener, layout.layout_id, layout.nbytes)
+    try:
+        hostile.key = new_key()  # not the key its Begin announced
+        hostile.send_chunk(Header(1, 0, 0, 1, CHUNK), b"\x42" * CHUNK)
+        status = hostile.channel.recv(10)
+        thread.join(THREAD_TIMEOUT_S)
+    finally:
+        hostile.close()
+        listener.close()
+        streams.close()
+    assert isinstance(status, wire.Status) and status.corrupt == [0] and status.verified == []
+    assert seen == [], "a chunk that failed its tag is never folded"
