@@ -56,7 +56,7 @@ def _run(streams: DataListener, size: int = SIZE) -> tuple[Any, Any, list[BaseEx
 
 
 def test_a_byte_flipped_on_the_line_fails_its_chunk_which_comes_again_intact():
-    sent, got, errors, src, dst = _run(FaultyStreams(flip_after=3 * CHUNK + 1000))
+    sent, got, errors, src, dst = _run(FaultyStreams(flip_after=1000))
     assert errors == []
     assert state_digest(dst.memoryview()) == state_digest(src.memoryview())
     assert got.corrupt == 1
@@ -65,7 +65,7 @@ def test_a_byte_flipped_on_the_line_fails_its_chunk_which_comes_again_intact():
 
 def test_a_connection_cut_mid_transfer_is_replaced_and_the_transfer_resumes():
     size = 32 << 20
-    sent, got, errors, src, dst = _run(FaultyStreams(cut_after=6 * CHUNK), size)
+    sent, got, errors, src, dst = _run(FaultyStreams(cut_after=2 * CHUNK), size)
     assert errors == []
     assert state_digest(dst.memoryview()) == state_digest(src.memoryview())
     assert sent.reconnects >= 1
@@ -165,3 +165,52 @@ def test_a_chunk_sealed_with_another_key_never_counts():
         streams.close()
     assert isinstance(status, wire.Status) and status.corrupt == [0] and status.verified == []
     assert seen == [], "a chunk that failed its tag is never folded"
+
+
+@pytest.mark.parametrize("mode,begin,reason", [
+    (Mode.TCP_E, wire.Begin(transfer=1, chunk_size=8, nchunks=SIZE // 8), "announced 8-byte chunks; this side set"),
+    (Mode.RDMA_E, wire.Begin(transfer=1, chunk_size=CHUNK // 2, nchunks=16), "announced 524288-byte chunks"),
+    (Mode.GRPC, wire.Begin(transfer=1, chunk_size=4 << 20, nchunks=10**6), "announced 1000000 frames"),
+    (Mode.GRPC, wire.Begin(transfer=1, chunk_size=64, nchunks=2), "announced 2 frames of 64 bytes"),
+])
+def test_a_receiver_refuses_a_plan_it_did_not_set_before_anything_lands(mode, begin, reason):
+    """The sender may not choose how many chunks (or frames) the receiver keeps track of."""
+    from fedrdma.transport.agent import Agent
+
+    layout = synthetic_layout(SIZE)
+    dst = make_state(layout, None)
+    streams = DataListener() if mode is Mode.TCP_E else None
+    listener = Listener()
+    result: dict[str, Any] = {}
+
+    def receiver() -> None:
+        agent = Agent() if mode.one_sided else None
+        s = Session(agent, dst, listener.accept(10), mode, Role.RECEIVER, CHUNK, WINDOW, streams=streams,
+                    peer_timeout=2.0, trusted_fabric=True)
+        s.open()
+        try:
+            s.receive()
+        except Exception as exc:  # noqa: BLE001  (the refusal is what the test looks at)
+            result["error"] = exc
+        s.abort()
+
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    channel = dial(listener.address)
+    try:
+        channel.send(wire.Hello(mode=mode, layout_id=layout.layout_id, nbytes=layout.nbytes))
+        hello = channel.recv(10)
+        assert isinstance(hello, wire.Hello)
+        socks = (dial_data("127.0.0.1", hello.data_port, wire.unb64(hello.ticket), hello.data_streams)
+                 if mode is Mode.TCP_E else [])
+        channel.send(begin)
+        thread.join(THREAD_TIMEOUT_S)
+        for sock in socks:
+            sock.close()
+    finally:
+        channel.close()
+        listener.close()
+        if streams is not None:
+            streams.close()
+    assert reason in str(result["error"]), result
+    assert state_digest(dst.memoryview()) == state_digest(make_state(layout, None).memoryview())

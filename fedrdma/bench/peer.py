@@ -193,6 +193,7 @@ def run(
             agent, state, channel, args.mode, args.role, args.chunk_size, args.window,
             policy=RetryPolicy(chunk_timeout_s=args.chunk_timeout), peer_timeout=args.peer_timeout,
             streams=streams, data_streams=args.data_streams, trusted_fabric=args.trusted_fabric,
+            follow_plan=bool(args.cells),
         )
         session.open()
         pools = agent.registered_pools if agent else 0

@@ -197,6 +197,8 @@ def bench_paper(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--against") from exc
     command = "fedrdma " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    out.print("peers and federations speak mutual TLS with certificates made for the run; one-sided modes run as "
+              "a trusted fabric: every process is this benchmark's own")
     with progress(out) as bar:
         current: list[Any] = []
 

@@ -58,6 +58,7 @@ class Session:
         streams: DataListener | None = None,
         data_streams: int = DEFAULT_STREAMS,
         trusted_fabric: bool = False,
+        follow_plan: bool = False,
     ) -> None:
         mode, role = Mode(mode), Role(role)
         if mode.one_sided and agent is None:
@@ -65,6 +66,7 @@ class Session:
         self.ctx = Context(
             agent, state, channel, mode, role, ChunkPlan.build(state.nbytes, chunk_size), check_window(window),
             policy or RetryPolicy(), peer_timeout, on_chunk, pool, streams=streams, data_streams=data_streams,
+            follow_plan=follow_plan,
         )
         self.trusted_fabric = trusted_fabric
         """The operator's statement that the peer may reach this whole process (see `transport.fabric`)."""

@@ -70,6 +70,8 @@ class Context:
     """tcp-e, the listening side: the data port its peers' connections arrive on."""
     data_streams: int = DEFAULT_STREAMS
     """tcp-e, the listening side: how many data connections the peer opens."""
+    follow_plan: bool = False
+    """A receiver that takes the chunk size each Begin announces (a sweep), not only its own."""
 
     def verified(self, offset: int, length: int) -> None:
         if self.on_chunk is not None:
@@ -107,7 +109,17 @@ class Mover:
 
     # -- shared helpers ----------------------------------------------------------------
     def plan_for(self, chunk_size: int, nchunks: int) -> ChunkPlan:
-        """The plan a peer's Begin or Offer announces, refused unless it fits this side's state."""
+        """The plan a peer's Begin or Offer announces, refused unless it is this side's own.
+
+        A receiver does not let the sender choose how many chunks it keeps track of: the
+        chunk size is the one this side was made with (the aggregator's, fixed at join),
+        unless the session follows the sender's (a benchmark's sweep over chunk sizes).
+        """
+        if chunk_size != self.ctx.plan.chunk_size and not self.ctx.follow_plan:
+            raise ProtocolError(
+                f"the peer announced {chunk_size}-byte chunks; this side set {self.ctx.plan.chunk_size} "
+                "(a receiver takes only the chunk size it was made with)"
+            )
         plan = ChunkPlan.build(self.ctx.state.nbytes, chunk_size)
         if len(plan) != nchunks:
             raise ProtocolError(f"peer plans {nchunks} chunks, but {chunk_size}-byte chunks make {len(plan)}")

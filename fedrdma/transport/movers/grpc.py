@@ -25,6 +25,19 @@ FRAME_BYTES = 4 << 20
 baseline was tried with (README: Measurements behind the defaults)."""
 
 
+HEADER_BYTES_PER_TENSOR = 1024
+"""A safetensors header entry (name, dtype, shape, offsets) per tensor, with room: a GPT-2's
+entries are a few dozen bytes each."""
+
+HEADER_BYTES_BASE = 4096
+"""The header's own frame (its length, braces, metadata) with room."""
+
+
+def header_bound(tensors: int) -> int:
+    """At most how large the baseline's safetensors header of `tensors` tensors may be."""
+    return HEADER_BYTES_BASE + HEADER_BYTES_PER_TENSOR * tensors
+
+
 class GrpcMover(Mover):
     mode = Mode.GRPC
 
@@ -56,7 +69,14 @@ class GrpcMover(Mover):
         begin = self.expect(wire.Begin)
         assert isinstance(begin, wire.Begin)
         start = time.perf_counter()
+        limit = ctx.state.nbytes + header_bound(len(ctx.state.layout.specs))
+        if begin.chunk_size != FRAME_BYTES or begin.nchunks > -(-limit // FRAME_BYTES):
+            raise ProtocolError(
+                f"the sender announced {begin.nchunks} frames of {begin.chunk_size} bytes; this side takes "
+                f"{FRAME_BYTES}-byte frames and at most {limit} bytes (its state and a safetensors header)"
+            )
         frames: list[bytes] = []
+        received = 0
         while len(frames) < begin.nchunks:
             try:
                 frame = ctx.channel.recv(ctx.peer_timeout)
@@ -64,6 +84,10 @@ class GrpcMover(Mover):
                 raise PeerLost(f"the sender went silent mid-stream ({len(frames)}/{begin.nchunks} frames)") from None
             if not isinstance(frame, Blob):
                 raise ProtocolError(f"expected a data frame, got {type(frame).__name__}")
+            received += len(frame)
+            if len(frame) > FRAME_BYTES or received > limit:
+                raise ProtocolError(f"the sender sent {received} bytes in {len(frames) + 1} frames; this side "
+                                    f"takes frames of at most {FRAME_BYTES} bytes and {limit} in all")
             frames.append(frame)
         arrived = time.perf_counter()
         payload = b"".join(frames)

@@ -337,7 +337,7 @@ class TcpMover(Mover):
         deadline = time.monotonic() + self.ctx.peer_timeout
         with self._lock:
             while True:
-                current = self._current
+                current, finished = self._current, self._finished
                 if current is not None:
                     receiver, key = current
                     if (header.transfer, header.generation) == (receiver.transfer, receiver.generation):
@@ -346,12 +346,14 @@ class TcpMover(Mover):
                     if header.transfer == receiver.transfer and header.generation < receiver.generation:
                         header.check(receiver.transfer, header.generation, receiver.plan)
                         return None  # sent before a reconnect this side already followed
-                finished = self._finished
+                    ahead = header.transfer == receiver.transfer and header.generation > receiver.generation
+                else:
+                    ahead = header.transfer == (finished.transfer + 1 if finished is not None else 1)
                 if finished is not None and header.transfer == finished.transfer:
                     header.check(finished.transfer, header.generation, finished.plan)
                     return None
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if not ahead or remaining <= 0:  # only the next Begin or Resume may still be on its way
                     raise ProtocolError(f"sealed chunk of transfer {header.transfer} generation "
                                         f"{header.generation} arrived, but no such transfer was begun")
                 self._lock.wait(remaining)
