@@ -190,3 +190,16 @@ def test_a_failing_peers_error_reaches_the_benchmark_with_both_sides_output():
     assert "rdma-e" in text and "failed: PlanError: chunk size 12345 is not a multiple of 8 bytes" in text
     assert "--- sender's stderr:" in text and "--- receiver's stderr:" in text
     assert time.monotonic() - started < 60, "a failure is reported as it happens, not after a timeout"
+
+
+@pytest.mark.parametrize("mode", ["rdma-e", "rdma-e-pull"])
+def test_pool_modes_are_read_against_a_raw_operation_by_the_same_pair_right_after_each_transfer(mode):
+    from fedrdma.bench import transfer
+
+    size = 8 << 20
+    res = transfer.run_mode(mode, ["--size-bytes", str(size)], 1 << 20, 4, 3, transfer.transfer_env())
+    assert res.identical and len(res.seconds) == 3
+    assert len(res.paired) == 3 and all(0 < r < 50 for r in res.paired), res.paired
+    assert res.summary(size).vs_raw_same_pair == sorted(res.paired)[1]
+    grpc = transfer.run_mode("grpc", ["--size-bytes", str(size)], 1 << 20, 4, 1, transfer.transfer_env())
+    assert grpc.paired == [] and grpc.summary(size).vs_raw_same_pair is None

@@ -97,6 +97,40 @@ def raw_reference(args: argparse.Namespace, agent: Agent, state: FlatState, chan
     pool.close()
 
 
+PAIRED_OPS = {Mode.RDMA_E: "WRITE", Mode.RDMA_E_PULL: "READ"}
+"""The raw operation each pool mode is paired with: the same initiator, pools and endpoint."""
+
+
+def paired_raw(session: Session, channel: Channel) -> float | None:
+    """Right after a transfer, the same bytes in one raw NIXL operation between the same pools.
+
+    The ceiling measured beside each transfer, by the same two processes over the same
+    endpoint: a host whose speed drifts moves both alike, which a reference measured by
+    another pair of processes, seconds apart, cannot promise. Returns the raw operation's
+    seconds on the initiator, None on the target (which serves it).
+    """
+    op = PAIRED_OPS[session.mode]
+    agent = session.ctx.agent
+    assert agent is not None and session.ctx.pool is not None
+    if session.role is not session.mode.initiator:
+        msg = recv_serving(channel, agent, RAW_DEADLINE_S, Pacer())  # our worker serves the peer's operation
+        if not isinstance(msg, wire.Status):
+            raise ProtocolError(f"the paired reference's initiator sent {type(msg).__name__}, not its status")
+        return None
+    remote = session.mover.remote  # type: ignore[attr-defined]
+    start = time.perf_counter()
+    operation = agent.post_whole(op, session.ctx.pool.region, remote.regions[0], remote.name)
+    deadline = time.monotonic() + RAW_DEADLINE_S
+    while (status := operation.state()) == "PROC" and time.monotonic() < deadline:
+        time.sleep(RAW_POLL_S)
+    seconds = time.perf_counter() - start
+    operation.release()
+    if status != "DONE":
+        raise TransferError(f"the paired raw {op} ended in state {status}: {operation.error}")
+    channel.send(wire.Status(transfer=0, complete=True))
+    return seconds
+
+
 def parse_cells(text: str) -> list[tuple[int, int]]:
     """`4194304:8,1048576:32` -> [(chunk size, window), ...]; empty text, no sweep."""
     cells = []
@@ -145,6 +179,8 @@ def parser(prog: str = "python -m fedrdma.bench.peer") -> argparse.ArgumentParse
                    "from this directory (`fedrdma.bench.certs`); plaintext without")
     p.add_argument("--trusted-fabric", action="store_true", help="one-sided modes over a fabric that does not "
                    "enforce keys: the benchmark's peers are its own processes")
+    p.add_argument("--paired", action="store_true", help="rdma-e and rdma-e-pull: after each transfer, the same "
+                   "bytes in one raw NIXL operation between the same pools (paired_seconds)")
     return p
 
 
@@ -203,13 +239,14 @@ def run(
             for _ in range(args.transfers):
                 with Meter() as meter:
                     stats = session.send() if args.role == Role.SENDER else session.receive()
+                paired = paired_raw(session, channel) if args.paired else None
                 report(
                     args, state, meter,
                     {
                         "seconds": stats.seconds, "nbytes": stats.nbytes, "bytes_posted": stats.bytes_posted,
                         "reconnects": stats.reconnects, "corrupt": stats.corrupt, "extra": stats.extra,
                         "registered_pools": agent.registered_pools if agent else 0,
-                        "chunk_size": session.plan.chunk_size, "window": window,
+                        "chunk_size": session.plan.chunk_size, "window": window, "paired_seconds": paired,
                     },
                 )
         session.close()

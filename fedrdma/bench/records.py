@@ -48,6 +48,9 @@ class ModeSummary(Record):
     goodput_wire_gb_s: float | None = Field(None, description="grpc: goodput of the wire alone")
     vs_line: float | None = Field(None, description="goodput over the lab path's line rate")
     vs_reference: float | None = Field(None, description="goodput over the raw NIXL WRITE's (READ's for rdma-e-pull)")
+    vs_raw_same_pair: float | None = Field(None, description="rdma-e, rdma-e-pull: median over the transfers of a raw "
+                                           "NIXL WRITE's (READ's) seconds, same pools and endpoint, right after, over "
+                                           "the transfer's: the ceiling a drifting host cannot skew")
     vs_grpc: float | None = Field(None, description="goodput over grpc's in the same run")
 
 

@@ -14,7 +14,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,9 @@ GATHER_POLL_S = 0.05
 
 REFERENCES = {"reference": "raw-write", "reference_read": "raw-read"}
 
+PAIRED_MODES = (Mode.RDMA_E, Mode.RDMA_E_PULL)
+"""Modes whose peers also time a raw NIXL operation after each transfer (`peer.paired_raw`)."""
+
 
 @dataclass
 class ModeResult:
@@ -57,6 +60,8 @@ class ModeResult:
     identical: bool
     extra: dict[str, list[float]]
     bytes_posted: list[int]
+    paired: list[float] = field(default_factory=list)
+    """Per counted transfer: the raw operation's seconds over the transfer's, same pair, right after."""
 
     def extend(self, later: ModeResult) -> ModeResult:
         """This mode's transfers together with those of a later pair: one set of figures."""
@@ -70,6 +75,7 @@ class ModeResult:
             identical=self.identical and later.identical,
             extra=extra,
             bytes_posted=self.bytes_posted + later.bytes_posted,
+            paired=self.paired + later.paired,
         )
 
     def summary(self, nbytes: int) -> ModeSummary:
@@ -88,6 +94,7 @@ class ModeResult:
             identical=self.identical,
             repeat=len(self.seconds),
             bytes_posted=max(self.bytes_posted) if self.bytes_posted else None,
+            vs_raw_same_pair=statistics.median(self.paired) if self.paired else None,
             **extra,
         )
 
@@ -185,7 +192,8 @@ def run_mode(
 ) -> ModeResult:
     transfers = repeat + WARMUP
     common = [*size_args, "--chunk-size", str(chunk_size), "--window", str(window), "--transfers", str(transfers)]
-    rows = run_pair_events(mode, common, transfers, env, where, on_transfer, tls)
+    paired = mode in PAIRED_MODES
+    rows = run_pair_events(mode, [*common, *(["--paired"] if paired else [])], transfers, env, where, on_transfer, tls)
     s, r = rows["sender"][WARMUP:], rows["receiver"][WARMUP:]
     # The time of a transfer is the initiator's: the raw READ is timed where it is posted.
     timed = r if mode == "raw-read" else s
@@ -203,6 +211,7 @@ def run_mode(
         identical=all(row["digest"] == digest for row in r),
         extra=extra,
         bytes_posted=[row["bytes_posted"] for row in s + r if row.get("bytes_posted")],
+        paired=[row["paired_seconds"] / row["seconds"] for row in s + r if row.get("paired_seconds")],
     )
 
 

@@ -52,7 +52,7 @@ def transfer_table(result: TransferResult) -> Table:
     on_line = result.link_rate_gbit is not None
     table = _table(f"{size_label(result.size_bytes)} over {result.path}, medians of {result.repeat}",
                    [("mode", LEFT), "seconds (min)", "GB/s", *(["of line"] if on_line else []), "vs reference",
-                    "vs grpc", "CPU s", "recv +RSS MiB", "encrypted", "identical"])
+                    "vs raw, same pair", "vs grpc", "CPU s", "recv +RSS MiB", "encrypted", "identical"])
 
     def line(row: ModeSummary) -> list[str]:
         return [_ratio(row.vs_line, "{:.3f}")] if on_line else []
@@ -61,8 +61,8 @@ def transfer_table(result: TransferResult) -> Table:
         if row is None:
             continue
         table.add_row(label, f"{row.seconds:.3f} ({row.seconds_min:.3f})", f"{row.goodput_gb_s:.2f}",
-                      *line(row), "1.00", "", f"{row.cpu_seconds:.2f}", f"{row.receiver_extra_rss_mb:.0f}", "", "",
-                      style="dim")
+                      *line(row), "1.00", "", "", f"{row.cpu_seconds:.2f}", f"{row.receiver_extra_rss_mb:.0f}",
+                      "", "", style="dim")
     for mode, row in result.modes.items():
         wire = row.goodput_wire_gb_s
         table.add_row(
@@ -71,6 +71,7 @@ def transfer_table(result: TransferResult) -> Table:
             f"{row.goodput_gb_s:.3f}",
             *line(row),
             _ratio(row.vs_reference, "{:.2f}"),
+            _ratio(row.vs_raw_same_pair, "{:.2f}"),
             _ratio(row.vs_grpc, "{:.1f}x"),
             f"{row.cpu_seconds:.2f}",
             f"{row.receiver_extra_rss_mb:.0f}",
