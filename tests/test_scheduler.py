@@ -171,3 +171,17 @@ def test_an_endpoint_lost_with_nothing_in_flight_still_breaks_the_transfer_until
     s.verified(1)
     s.endpoint_lost("too late to matter")
     assert s.broken is None, "a finished transfer has no endpoint to rebuild"
+
+
+def test_a_verdict_that_overtakes_the_completion_counts_and_the_late_completion_is_ignored():
+    s = make(n=1, window=1)
+    (p,) = s.poll(0.0)
+    s.verified(0)  # the receiver checked the bytes before this side saw its own operation finish
+    assert s.done and s.in_flight == 0
+    assert s.landed(0, p.generation) is False
+
+
+def test_a_verdict_naming_a_chunk_outside_the_plan_is_an_error():
+    s = make(n=2)
+    with pytest.raises(TransferError, match="chunk 5 verified, but the plan has 2"):
+        s.verified(5)

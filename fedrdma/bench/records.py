@@ -62,6 +62,7 @@ class TransferResult(Record):
     window: int
     repeat: int
     interleaved: bool = Field(False, description="modes took turns, a fresh pair per counted transfer")
+    data_streams: int | None = Field(None, description="tcp-e's data connections per session; absent in older results")
     ucx_tls: str = ""
     path: str = Field(LOOPBACK_PATH, description="where the peers ran")
     link_rate_gbit: float | None = Field(None, description="the lab path's line rate; None on loopback")

@@ -25,6 +25,7 @@ from fedrdma.bench.wan import ON_LOOPBACK, Placement
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW
 from fedrdma.core.errors import RunError
 from fedrdma.core.modes import Mode
+from fedrdma.transport.streams import DEFAULT_STREAMS
 
 DEFAULT_REPEAT = 3
 """Counted transfers per mode: enough for a median on a noisy 2-core VM."""
@@ -189,9 +190,11 @@ def run_mode(
     on_transfer: Callable[[], None] = lambda: None,
     where: Placement = ON_LOOPBACK,
     tls: bool = True,
+    data_streams: int = DEFAULT_STREAMS,
 ) -> ModeResult:
     transfers = repeat + WARMUP
-    common = [*size_args, "--chunk-size", str(chunk_size), "--window", str(window), "--transfers", str(transfers)]
+    common = [*size_args, "--chunk-size", str(chunk_size), "--window", str(window), "--transfers", str(transfers),
+              "--data-streams", str(data_streams)]
     paired = mode in PAIRED_MODES
     rows = run_pair_events(mode, [*common, *(["--paired"] if paired else [])], transfers, env, where, on_transfer, tls)
     s, r = rows["sender"][WARMUP:], rows["receiver"][WARMUP:]
@@ -235,6 +238,7 @@ def run(
     references: bool = True,
     interleave: bool = False,
     tls: bool = True,
+    data_streams: int = DEFAULT_STREAMS,
 ) -> TransferResult:
     """Every mode (and, unless told not to, the raw references) between two fresh processes.
 
@@ -249,10 +253,11 @@ def run(
         for mode in order:
             on_mode(mode)
             res = run_mode(mode, size_args, chunk_size, window, 1 if interleave else repeat, env, on_transfer, where,
-                           tls)
+                           tls, data_streams)
             measured[mode] = measured[mode].extend(res) if turn else res
     result = TransferResult(
         size_bytes=nbytes, chunk_size=chunk_size, window=window, repeat=repeat, interleaved=interleave,
+        data_streams=data_streams,
         ucx_tls=env.get("UCX_TLS", ""), path=where.describe(), **where.fields(),
         modes={Mode(mode): measured[mode].summary(nbytes).model_copy(update={"tls": tls and encrypts(Mode(mode))})
                for mode in modes},

@@ -29,6 +29,7 @@ from fedrdma.core.modes import Mode, choices
 from fedrdma.core.sizes import size_label
 from fedrdma.lab.config import DEFAULT_MTU, LabConfig, PathShape
 from fedrdma.lab.errors import LabError
+from fedrdma.transport.streams import DEFAULT_STREAMS, MAX_STREAMS
 
 app = typer.Typer(help="Benchmarks that print ratios measured in one run.", no_args_is_help=True)
 
@@ -59,6 +60,8 @@ def bench_transfer(
     references: bool = typer.Option(True, help="Also time raw NIXL WRITE and READ (the ceiling the modes are read against)."),
     tls: bool = typer.Option(True, help="Mutual TLS between the peers, with certificates made for the run: grpc over "
                                         "TLS, tcp-e's chunks sealed, as a federation runs them."),
+    data_streams: int = typer.Option(DEFAULT_STREAMS, min=1, max=MAX_STREAMS, help="tcp-e: data connections per "
+                                     "session."),
 ) -> None:
     """Move one state between two processes with each mode and with raw NIXL references.
 
@@ -108,7 +111,7 @@ def bench_transfer(
                 size_args, nbytes, mode_list, chunk_size, window, repeat,
                 on_transfer=lambda: bar.advance(task),
                 on_mode=lambda m: bar.update(task, description=f"[cyan]{m}"),
-                env=env, where=where, references=references, tls=tls,
+                env=env, where=where, references=references, tls=tls, data_streams=data_streams,
             )
         except RunError as exc:
             bar.stop()

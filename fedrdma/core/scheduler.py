@@ -188,6 +188,13 @@ class Scheduler:
             self.broken = reason
 
     def verified(self, index: int) -> None:
+        """The verifier holds chunk `index`'s bytes, checked: whatever this side's own op still says.
+
+        A verifier's word may overtake the operation's completion (it checks the bytes as they
+        land): a chunk still in flight counts as verified all the same, and its late
+        completion is then ignored.
+        """
+        self._check_index(index)
         slot = self._slots[index]
         if slot.status is ChunkStatus.VERIFIED:
             return
@@ -240,10 +247,11 @@ class Scheduler:
     def resume(self, verified: Iterable[int]) -> None:
         """After a reconnect: the peer already holds these chunks verified; skip them."""
         for index in verified:
-            if not 0 <= index < len(self._slots):
-                raise TransferError(f"peer reports chunk {index} verified, but the plan has {len(self._slots)}")
-            if self._slots[index].status is not ChunkStatus.IN_FLIGHT:
-                self.verified(index)
+            self.verified(index)
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < len(self._slots):
+            raise TransferError(f"peer reports chunk {index} verified, but the plan has {len(self._slots)}")
 
     # -- internals -------------------------------------------------------------------
     def _post(self, index: int, now: float) -> Post:

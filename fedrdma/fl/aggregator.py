@@ -132,18 +132,25 @@ class Aggregator:
         self._pool(self.spare)
         self.evaluate = evaluate
         self.round = 0
+        self.run_id = checkpoint.begin_run(self.out_dir, self.state.layout_id, cfg.resume)
         if cfg.resume:
-            done = checkpoint.load_latest(self.out_dir, self.state)
-            if done is not None:
+            resumed = checkpoint.load_latest(self.out_dir, self.state, self.run_id)
+            if resumed is not None:
                 self.state.touch()
-                self.round = done
-                log.info("resumed from round %d", done)
+                self.round = resumed.round
+                for damaged in resumed.skipped:
+                    log.warning("skipped a damaged checkpoint: %s", damaged)
+                log.info("resumed run %s from round %d", self.run_id, resumed.round)
+        self._resumed = resumed if cfg.resume else None
         self.silos: dict[str, SiloState] = {}
         self._fold_lock = threading.Lock()
         self._aggregate: RoundAggregate | None = None
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.hub = Hub(cfg.listen, [s.id for s in cfg.silos], self.state.layout_id, self.state.nbytes,
                        self._welcome, self._event, self.credentials)
+        if self._resumed is not None:
+            self._event({"event": "resumed", "run_id": self.run_id, "from_round": self._resumed.round,
+                         "skipped": list(self._resumed.skipped)})
         self._event({"event": "security", "mode": self.mode, "tls": self.credentials is not None,
                      "fabric": self.fabric.describe(), "trusted_fabric": cfg.trusted_fabric})
         self._event({"event": "pools", "global": [p.region.digest() for p in self.pools.values()],
@@ -307,7 +314,7 @@ class Aggregator:
         for silo, reason in outcome.rejected.items():
             results[silo].ok = False
             results[silo].reason = f"update rejected: {reason}"
-        checkpoint.save(self.out_dir, self.state, rnd)
+        checkpoint.save(self.out_dir, self.state, rnd, self.run_id)
         eval_loss = self._evaluate()
         for r in results.values():
             st = self.silos.get(r.silo)

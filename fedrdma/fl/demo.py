@@ -146,6 +146,13 @@ def write_configs(
     return agg_path, silo_paths
 
 
+def forget_run(out_dir: Path) -> None:
+    """Remove an earlier run's record and checkpoints from a directory this code made for itself."""
+    for rnd in checkpoint.rounds(out_dir):
+        checkpoint.path_for(out_dir, rnd).unlink()
+    (out_dir / checkpoint.RUN_FILE).unlink(missing_ok=True)
+
+
 def _command(kind: str, config: Path) -> list[str]:
     return [sys.executable, "-m", "fedrdma.cli", kind, "--config", str(config)]
 
@@ -161,6 +168,7 @@ def run_federation(
     )
     metrics = root / "aggregator" / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
+    forget_run(root / "aggregator")  # a demo reruns into its own directory: the last run's are its own too
     env = dict(os.environ)
     env.setdefault("UCX_TLS", "tcp")
     logs = [open(root / f"{name}.log", "w") for name in ["aggregator", *silos]]  # noqa: SIM115

@@ -39,9 +39,9 @@ SOCKET_BUFFER_BYTES = 32 << 20
 """Socket buffers asked for: a 5 Gbit/s x 20 ms path holds 12.5 MB in flight (the kernel caps
 the request at its own limits; README: TCP buffers on real hosts)."""
 
-DEFAULT_STREAMS = 2
-"""Data connections per session: two keep a lossy WAN path full where one stalls on each
-loss, and cost nothing on a clean one (README: Measurements behind the defaults)."""
+DEFAULT_STREAMS = 4
+"""Data connections per session: one connection's sealing and sending is bound to a core's
+share, and a fast long path needs several to fill (README: Measurements behind the defaults)."""
 
 MAX_STREAMS = 16
 """More connections than this per session only add sockets and threads."""

@@ -35,7 +35,8 @@ class StatusFollower:
 
     def on_message(self, sched: Scheduler, msg: wire.Message, now: float) -> None:
         if isinstance(msg, wire.Status) and msg.transfer == self.transfer:
-            sched.resume(msg.verified)  # checked against the plan: a bad index is an error
+            for index in msg.verified:  # checked against the plan: a bad index is an error
+                sched.verified(index)
             for index in msg.corrupt:
                 sched.corrupt(index, now)
 

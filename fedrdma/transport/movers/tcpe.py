@@ -142,7 +142,8 @@ class TcpMover(Mover):
                 for msg in self.drain():
                     liveness.heard(now)
                     if isinstance(msg, wire.Status) and msg.transfer == transfer:
-                        sched.resume(msg.verified)
+                        for index in msg.verified:
+                            sched.verified(index)
                         for index in msg.corrupt:
                             sched.corrupt(index, now)
                 for post in sched.poll(now):
