@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -227,6 +228,26 @@ def test_aggregator_restarted_with_resume_continues_without_repeating_a_round(tm
     assert rounds.count(1) == 1 and rounds[-2:] == [2, 3], rounds
     assert checkpoint.rounds(out)[-1] == 3
     assert any(not bool((saved[k] == v).all()) for k, v in load_file(str(checkpoint.path_for(out, 3))).items())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["killed", "interrupted"])
+def test_silos_of_a_dead_aggregator_exit_non_zero_after_their_rejoin_limit(tmp_path, sig):
+    """An interrupted aggregator closes its links without saying the run is finished."""
+    port = free_port()
+    agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", 3, MODEL, False, DEMO_SILOS[:2], port)
+    out = tmp_path / "aggregator"
+    agg = start("aggregator", agg_cfg, tmp_path / "agg.log")
+    silos = [start("silo", c, tmp_path / f"s{i}.log", None, "--rejoin-s", "3") for i, c in enumerate(silo_cfgs)]
+    deadline = time.monotonic() + WAIT_S
+    while not events(out / "metrics.jsonl", "round")[1:]:
+        assert time.monotonic() < deadline and agg.poll() is None, (tmp_path / "agg.log").read_text()
+        time.sleep(0.05)
+    agg.send_signal(sig)
+    assert agg.wait(WAIT_S) != 0
+    for i, s in enumerate(silos):
+        log = (tmp_path / f"s{i}.log").read_text
+        assert wait(s) == 1, log()
+        assert "gave up on the aggregator after 3 s" in log() and "took part in rounds" not in log(), log()
 
 
 def test_a_malformed_config_names_the_field_and_the_form(tmp_path):

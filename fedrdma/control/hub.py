@@ -277,11 +277,12 @@ class Hub:
                 del self.links[link.silo]
         link.close()
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Stop serving; `finished` tells the silos the run is over (else they see the aggregator gone)."""
         self._stop.set()
         with self._lock:
             links = list(self.links.values())
-        for link in links:
+        for link in links if finished else []:
             try:
                 link.control.send(m.Finish())
             except PeerLost:

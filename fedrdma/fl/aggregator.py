@@ -374,6 +374,7 @@ class Aggregator:
             self._event(records[-1].model_dump(mode="json"))
             on_round(records[-1])
         failures = 0
+        finished = False
         try:
             while self.round < self.cfg.rounds:
                 try:
@@ -389,12 +390,15 @@ class Aggregator:
                 self.round += 1
                 records.append(record)
                 on_round(record)
+            finished = True
         finally:
-            self.close()
+            self.close(finished)
         return records
 
-    def close(self) -> None:
-        self.hub.close()
+    def close(self, finished: bool = False) -> None:
+        """Tell the silos the run is over only when it is; after a failure they see the aggregator gone,
+        and rejoin if it comes back with --resume (or give up after their rejoin_s)."""
+        self.hub.close(finished)
         for st in self.silos.values():
             for session in (st.broadcast, st.upload):
                 if session is not None:
