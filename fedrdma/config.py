@@ -20,7 +20,7 @@ from fedrdma.core.addresses import LOOPBACK_HOST, is_loopback, split_host_port
 from fedrdma.core.chunks import CHUNK_ALIGN, DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, MAX_WINDOW
 from fedrdma.core.errors import FedRDMAError
 from fedrdma.core.modes import Mode, choices
-from fedrdma.core.rules import MIN_SILOS, NORM_FACTOR
+from fedrdma.core.rules import MAX_SAMPLES, MIN_SILOS, NORM_FACTOR, WEIGHT_FACTOR
 from fedrdma.transport.fabric import AUTO
 from fedrdma.transport.streams import DEFAULT_STREAMS, MAX_STREAMS
 
@@ -169,6 +169,9 @@ def read_tuning(path: Path) -> dict[str, int]:
 
 class SiloEntry(_Settings):
     id: str = Field(pattern=SILO_ID_PATTERN, description="the name in the silo's certificate")
+    weight: int | None = Field(None, gt=0, lt=MAX_SAMPLES, description="the silo's FedAvg weight as the "
+                               "consortium agreed it (its training-set size); when set, the count the "
+                               "silo reports is ignored")
 
     @model_validator(mode="before")
     @classmethod
@@ -191,6 +194,8 @@ class AggregatorConfig(RuntimeSettings, TransportSettings):
     round_deadline_s: float = Field(DEFAULT_ROUND_DEADLINE_S, gt=0)
     join_timeout_s: float = Field(DEFAULT_JOIN_TIMEOUT_S, gt=0)
     gather_s: float = Field(DEFAULT_GATHER_S, ge=0)
+    weight_factor: float = Field(WEIGHT_FACTOR, ge=1, description="a silo without an agreed weight "
+                                 "counts with at most this many times the median of the others' weights")
     norm_factor: float = Field(NORM_FACTOR, gt=1, description="an update whose delta norm is this many times "
                                "the others' median is rejected")
     silos: list[SiloEntry] = Field(default_factory=list, description="silos allowed to join, by the name in "

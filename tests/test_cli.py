@@ -161,3 +161,15 @@ def test_sim_is_a_pure_model() -> None:
     outside = {m for m in loaded if m.split(".")[0] in ("typer", "rich", "click")
                or m.startswith(("fedrdma.bench", "fedrdma.cli", "fedrdma.lab", "fedrdma.fl"))}
     assert not outside, sorted(outside)
+
+
+@pytest.mark.parametrize("entry,message", [
+    ("bank=0", "greater than 0"),
+    (f"bank={1 << 29}", "less than 536870912"),
+    ("bank=many", "valid integer"),
+])
+def test_an_agreed_weight_out_of_range_names_the_silo_entry(entry: str, message: str) -> None:
+    result = runner.invoke(app, ["aggregator", "--insecure", "--silos", "hospital", "--silos", entry])
+    assert result.exit_code == 2
+    text = _unboxed(result.output)
+    assert "`silos.1.weight`" in text and message in text, text

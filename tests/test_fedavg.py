@@ -5,7 +5,9 @@ import torch
 
 from fedrdma.core.errors import LayoutError
 from fedrdma.core.fedavg import (
+    MAX_SAMPLES,
     NORM_FACTOR,
+    WEIGHT_FACTOR,
     AggregationError,
     NotEnoughSilos,
     RoundAggregate,
@@ -38,11 +40,16 @@ def chunks(nbytes: int, rng: random.Random) -> list[tuple[int, int]]:
     return out
 
 
-def fold_all(agg: RoundAggregate, updates: dict[str, FlatState], samples: dict[str, int], seed: int = 0) -> None:
-    """Start every silo, then fold all their chunks in one random interleaved order."""
+def fold_all(
+    agg: RoundAggregate, updates: dict[str, FlatState], samples: dict[str, int], seed: int = 0, agreed: bool = True
+) -> None:
+    """Start every silo, then fold all their chunks in one random interleaved order.
+
+    The weights are agreed ones (never capped) unless `agreed=False`, so the arithmetic tests
+    may use any spread of weights."""
     rng = random.Random(seed)
     for silo, n in samples.items():
-        agg.start_silo(silo, n)
+        agg.start_silo(silo, n, agreed=agreed)
     work = [(silo, off, ln) for silo, upd in updates.items() for off, ln in chunks(upd.nbytes, rng)]
     rng.shuffle(work)
     for silo, off, ln in work:
@@ -264,7 +271,7 @@ def test_folds_from_several_threads_give_the_same_mean():
     samples = {"a": 2, "b": 9, "c": 4, "d": 31}
     agg = RoundAggregate(glob)
     for silo, n in samples.items():
-        agg.start_silo(silo, n)
+        agg.start_silo(silo, n, agreed=True)
     rng = random.Random(5)
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = [
@@ -313,6 +320,62 @@ def test_an_accepted_silo_rewriting_its_buffer_is_caught_when_the_sum_is_rebuilt
     assert result.accepted == ("a", "b")
     assert "changed after they were verified" in result.rejected["c"]
     for name, ref in reference({s: updates[s] for s in ("a", "b")}, {"a": 1, "b": 2}).items():
+        assert torch.allclose(into.views[name].float(), ref.float(), atol=1e-6, rtol=0), name
+
+
+def honest_and_liar(glob: FlatState) -> dict[str, FlatState]:
+    return {s: make_state(i + 1, 0.01, base=glob) for i, s in enumerate(["a", "b", "c", "liar"])}
+
+
+def test_a_silo_claiming_2_29_samples_counts_as_weight_factor_times_the_others_median():
+    glob = make_state(0)
+    updates = honest_and_liar(glob)
+    claims = {"a": 100, "b": 110, "c": 120, "liar": MAX_SAMPLES - 1}
+    agg = RoundAggregate(glob)
+    fold_all(agg, updates, claims, agreed=False)
+    into = FlatState.allocate(glob.layout)
+    result = agg.finish(into)
+    cap = int(WEIGHT_FACTOR * 110)
+    assert result.accepted == ("a", "b", "c", "liar")
+    assert result.capped == {"liar": cap}
+    assert result.n_samples["liar"] == MAX_SAMPLES - 1  # the claim is recorded as made
+    assert result.weights["liar"] == pytest.approx(cap / (330 + cap))
+    assert result.weights["liar"] <= 0.5
+    expected = reference(updates, {**claims, "liar": cap})
+    for name, ref in expected.items():
+        assert torch.allclose(into.views[name].float(), ref.float(), atol=1e-6, rtol=0), name
+
+
+def test_an_agreed_weight_is_never_capped():
+    glob = make_state(0)
+    updates = honest_and_liar(glob)
+    agg = RoundAggregate(glob)
+    weights = {"a": 100, "b": 110, "c": 120, "liar": 5000}
+    for silo, n in weights.items():
+        agg.start_silo(silo, n, agreed=silo == "liar")
+    for silo, update in updates.items():
+        agg.fold(silo, update, 0, update.nbytes)
+    into = FlatState.allocate(glob.layout)
+    result = agg.finish(into)
+    assert result.capped == {}
+    assert result.weights["liar"] == pytest.approx(5000 / 5330)
+    for name, ref in reference(updates, weights).items():
+        assert torch.allclose(into.views[name].float(), ref.float(), atol=1e-6, rtol=0), name
+
+
+def test_a_capped_silo_that_rewrote_its_buffer_is_rejected_and_the_rest_stand():
+    glob = make_state(0)
+    updates = honest_and_liar(glob)
+    claims = {"a": 100, "b": 110, "c": 120, "liar": 10_000}
+    agg = RoundAggregate(glob)
+    fold_all(agg, updates, claims, agreed=False)
+    updates["liar"].buffer.zero_()  # so its excess weight cannot be subtracted again
+    into = FlatState.allocate(glob.layout)
+    result = agg.finish(into)
+    assert result.accepted == ("a", "b", "c")
+    assert "changed after they were verified" in result.rejected["liar"]
+    honest = {s: updates[s] for s in ("a", "b", "c")}
+    for name, ref in reference(honest, claims).items():
         assert torch.allclose(into.views[name].float(), ref.float(), atol=1e-6, rtol=0), name
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 
 from fedrdma.cli import app
 from fedrdma.control.certs import init_ca, issue
+from fedrdma.core.rules import WEIGHT_FACTOR
 from fedrdma.fl import checkpoint
 from fedrdma.fl.demo import (
     DEMO_SILOS,
@@ -155,6 +157,30 @@ def test_a_bad_update_is_rejected_before_aggregation(tmp_path, fault, reason):
     final = load_file(str(checkpoint.path_for(tmp_path / "aggregator", 1)))
     assert all(bool(t.isfinite().all()) for t in final.values())
     assert max(float(t.abs().max()) for t in final.values()) < 100  # no x1000 update leaked in
+
+
+def test_a_silo_claiming_2_29_samples_does_not_dominate_and_agreed_weights_win(tmp_path):
+    liar, agreed, honest = DEMO_SILOS[:3]
+    port = free_port()
+    agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", 1, MODEL, False, DEMO_SILOS[:3], port)
+    agg = start("aggregator", agg_cfg, tmp_path / "agg.log", None,
+                "--silos", liar, "--silos", f"{agreed}=7", "--silos", honest)
+    silos = [start_faulty(silo_cfgs[0], tmp_path / "liar.log", f"claim:{(1 << 29) - 1}")]
+    silos += [start("silo", c, tmp_path / f"s{i}.log") for i, c in enumerate(silo_cfgs[1:])]
+    assert wait(agg) == 0, (tmp_path / "agg.log").read_text()
+    for s in silos:
+        wait(s)
+    (record,) = events(tmp_path / "aggregator" / "metrics.jsonl", "round")[1:]
+    assert sorted(record["accepted"]) == sorted(DEMO_SILOS[:3])
+    by_silo = {s["silo"]: s for s in record["silos"]}
+    assert by_silo[liar]["n_samples"] == (1 << 29) - 1
+    honest_n = by_silo[honest]["n_samples"]
+    cap = math.floor(WEIGHT_FACTOR * (7 + honest_n) / 2)  # x the median of the others' weights
+    assert by_silo[liar]["capped_samples"] == cap
+    assert by_silo[liar]["weight"] == pytest.approx(cap / (cap + 7 + honest_n))
+    assert by_silo[agreed]["weight"] == pytest.approx(7 / (cap + 7 + honest_n))  # its report is ignored
+    assert by_silo[agreed]["capped_samples"] is None
+    assert "counts as" in (tmp_path / "agg.log").read_text()
 
 
 def test_refused_joins_name_the_reason_on_both_sides_and_the_round_goes_on(tmp_path):

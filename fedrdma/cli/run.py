@@ -31,11 +31,13 @@ app = typer.Typer()
 
 
 def _silo_entry(text: str) -> dict[str, str]:
+    """`hospital`, or `hospital=1200` for a silo whose FedAvg weight the consortium agreed."""
     silo, sep, _ = text.partition(":")
     if sep:
         raise typer.BadParameter(f"--silos takes a silo id ({silo!r}); tokens are gone: a silo authenticates "
                                  "with its certificate (`fedrdma certs issue DIR ID --role silo`)")
-    return {"id": silo}
+    silo, sep, weight = text.partition("=")
+    return {"id": silo, "weight": weight} if sep else {"id": silo}
 
 
 def _logging() -> None:

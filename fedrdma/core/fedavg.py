@@ -26,7 +26,7 @@ import xxhash
 from fedrdma.core.chunks import CHUNK_ALIGN
 from fedrdma.core.errors import FedRDMAError, LayoutError
 from fedrdma.core.layout import FlatState, TensorSpec
-from fedrdma.core.rules import MAX_SAMPLES, MIN_SILOS, NORM_FACTOR
+from fedrdma.core.rules import MAX_SAMPLES, MIN_SILOS, NORM_FACTOR, WEIGHT_FACTOR
 
 ACCUMULATE_DTYPE = torch.float64
 """Dtype of the running sum; see the module docstring for why float64."""
@@ -75,14 +75,23 @@ class RoundResult:
     rejected: dict[str, str]
     weights: dict[str, float]
     n_samples: dict[str, int]
+    """The counts the silos reported (or the agreed weights, for silos that have one)."""
     delta_norms: dict[str, float]
     """L2 norm of `update - global` per silo that delivered finite values (for metrics);
     computed in float32 per chunk, so good to ~1e-6 relative, which the outlier test needs."""
+    capped: dict[str, int] = field(default_factory=dict)
+    """Silos whose reported count exceeded `weight_factor` times the others' median, with the
+    weight they counted with instead."""
 
 
 @dataclass
 class _Silo:
     n_samples: int
+    """What the silo reported, or its agreed weight."""
+    agreed: bool = False
+    """The weight comes from the aggregator's configuration, so it is never capped."""
+    weight: int = 0
+    """What its chunks were added with; a cap lowers it at `finish`."""
     covered: list[tuple[int, int]] = field(default_factory=list)
     """Sorted, disjoint [start, end) byte ranges already folded (coverage)."""
     summed: dict[tuple[int, int], int] = field(default_factory=dict)
@@ -191,8 +200,12 @@ class RoundAggregate:
         """Bytes held by the running sum, for memory accounting."""
         return sum(t.numel() * t.element_size() for t in self._sum.values())
 
-    def start_silo(self, silo: str, n_samples: int) -> None:
-        """Register a silo and its FedAvg weight (local training set size) before its chunks land."""
+    def start_silo(self, silo: str, n_samples: int, agreed: bool = False) -> None:
+        """Register a silo and its FedAvg weight (local training set size) before its chunks land.
+
+        `agreed`: the weight is the consortium's, from the aggregator's configuration, not the
+        silo's own claim, and `finish` never caps it.
+        """
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or not 0 < n_samples < MAX_SAMPLES:
             raise AggregationError(
                 f"silo {silo!r} reported n_samples={n_samples!r}; it must be an integer in [1, {MAX_SAMPLES})"
@@ -201,7 +214,7 @@ class RoundAggregate:
             self._check_open()
             if silo in self._silos:
                 raise AggregationError(f"silo {silo!r} was already started this round; start each silo once")
-            self._silos[silo] = _Silo(n_samples)
+            self._silos[silo] = _Silo(n_samples, agreed, n_samples)
 
     def fold(self, silo: str, update: FlatState, offset: int, length: int) -> None:
         """Add one verified chunk `[offset, offset+length)` of `silo`'s update to the running sum.
@@ -240,7 +253,7 @@ class RoundAggregate:
                 state.finite = False
                 return
             state.sq_norm += sq_norm
-            self._add(raw, offset, state.n_samples)
+            self._add(raw, offset, state.weight)
             state.summed[(offset, offset + length)] = _digest(raw)
 
     def reject(self, silo: str, reason: str) -> None:
@@ -258,8 +271,9 @@ class RoundAggregate:
         into: FlatState,
         min_silos: int = MIN_SILOS,
         norm_factor: float = NORM_FACTOR,
+        weight_factor: float = WEIGHT_FACTOR,
     ) -> RoundResult:
-        """Close the round: check each silo, retract the rejected, write the mean into `into`.
+        """Close the round: check each silo, retract the rejected, cap claimed weights, write the mean into `into`.
 
         Checks, in order: an explicit `reject`; incomplete coverage; non-finite values; a
         delta norm above `norm_factor` times the median of the other silos still standing
@@ -267,7 +281,9 @@ class RoundAggregate:
         their folded bytes again; if a rejected silo's buffer no longer holds the bytes that
         were folded (hash mismatch: it wrote again after verification), the sum is rebuilt
         from the accepted silos' buffers instead, and any of those whose bytes changed too
-        is rejected as well. `into` may be the global state itself. If
+        is rejected as well. A reported count above `weight_factor` times the median of the
+        other accepted silos' weights is lowered to that (agreed weights are not): the excess
+        is subtracted again the way a retraction is. `into` may be the global state itself. If
         fewer than `min_silos` are accepted, `NotEnoughSilos` is raised, `into` is left
         untouched and the round stays open (late chunks may still be folded, then `finish`
         called again).
@@ -301,18 +317,23 @@ class RoundAggregate:
             norms = {n: math.sqrt(s.sq_norm) for n, s in self._silos.items() if s.finite and s.update is not None}
             _check_quorum(accepted, rejected, min_silos)
             self._closed = True
+            capped = _caps({n: self._silos[n] for n in accepted}, weight_factor)
             retracted = [self._retract(self._silos[name]) for name in rejected]
-            if not all(retracted):
+            reweighed = [self._reweigh(self._silos[name], weight) for name, weight in capped.items()]
+            if not all(retracted) or not all(reweighed):
+                for name, weight in capped.items():
+                    self._silos[name].weight = weight
                 self._rebuild(accepted, rejected)
                 _check_quorum(accepted, rejected, min_silos)
-            total = sum(n_samples[n] for n in accepted)
-            weights = {n: n_samples[n] / total for n in accepted}
+            total = sum(self._silos[n].weight for n in accepted)
+            weights = {n: self._silos[n].weight / total for n in accepted}
             with torch.no_grad():
                 for spec in self.layout.specs:
                     # In place: the sum is spent once the round closes, and a temporary
                     # would double the aggregator's largest allocation.
                     into.views[spec.name].view(-1).copy_(self._sum[spec.name].div_(total))
-            return RoundResult(tuple(accepted), rejected, weights, n_samples, norms)
+            capped = {n: w for n, w in capped.items() if n in accepted}
+            return RoundResult(tuple(accepted), rejected, weights, n_samples, norms, capped)
 
     # -- internals -------------------------------------------------------------------
 
@@ -368,8 +389,22 @@ class RoundAggregate:
             raw = self._scratch.copy(state.update.buffer[start:end])
             if _digest(raw) != digest:
                 return False
-            self._add(raw, start, -state.n_samples)
+            self._add(raw, start, -state.weight)
         state.summed.clear()
+        return True
+
+    def _reweigh(self, state: _Silo, weight: int) -> bool:
+        """Change what `state`'s chunks were added with to `weight`; False if its buffer changed since.
+
+        On False the sum is left half-changed: the caller rebuilds it with the new weight.
+        """
+        assert state.update is not None
+        for (start, end), digest in state.summed.items():
+            raw = self._scratch.copy(state.update.buffer[start:end])
+            if _digest(raw) != digest:
+                return False
+            self._add(raw, start, weight - state.weight)
+        state.weight = weight
         return True
 
     def _rebuild(self, accepted: list[str], rejected: dict[str, str]) -> None:
@@ -394,7 +429,7 @@ class RoundAggregate:
             raw = self._scratch.copy(state.update.buffer[start:end])
             if _digest(raw) != digest:
                 return False
-            self._add(raw, start, state.n_samples)
+            self._add(raw, start, state.weight)
         return True
 
     def _add(self, raw: torch.Tensor, offset: int, weight: int) -> None:
@@ -409,6 +444,20 @@ def _sq_norm(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> float:
     memory traffic of float64. The delta goes to `out` (float32, x's length), not a new block."""
     delta = torch.sub(x.float(), g.float(), out=out)
     return float(torch.dot(delta, delta))
+
+
+def _caps(standing: dict[str, _Silo], weight_factor: float) -> dict[str, int]:
+    """The silos whose claimed weight exceeds `weight_factor` times the median of the others',
+    with the weight each counts with instead (never below 1, never above its claim)."""
+    caps: dict[str, int] = {}
+    for name, state in standing.items():
+        others = [s.weight for o, s in standing.items() if o != name]
+        if state.agreed or not others:
+            continue
+        cap = max(1, math.floor(weight_factor * statistics.median(others)))
+        if state.weight > cap:
+            caps[name] = cap
+    return caps
 
 
 def _check_quorum(accepted: list[str], rejected: dict[str, str], min_silos: int) -> None:

@@ -15,3 +15,9 @@ MIN_SILOS = 1
 
 MAX_SAMPLES = 1 << 29
 """Above this a float32 value times n_samples is no longer exact in float64."""
+
+WEIGHT_FACTOR = 3.0
+"""A silo's self-reported sample count weighs at most this many times the median of the
+other accepted silos' weights: members of one consortium rarely differ more in size, and a
+silo claiming 2**29-1 samples then counts as three ordinary silos, not as the whole round.
+Members that do differ more agree their weights in the aggregator's `silos` instead."""

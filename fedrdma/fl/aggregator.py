@@ -145,6 +145,8 @@ class Aggregator:
         self.silos: dict[str, SiloState] = {}
         self._fold_lock = threading.Lock()
         self._aggregate: RoundAggregate | None = None
+        self._agreed = {s.id: s.weight for s in cfg.silos if s.weight is not None}
+        """FedAvg weights from the configuration: these silos' reported counts are ignored."""
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.hub = Hub(cfg.listen, [s.id for s in cfg.silos], self.state.layout_id, self.state.nbytes,
                        self._welcome, self._event, self.credentials)
@@ -233,7 +235,8 @@ class Aggregator:
             out.ready = ready
             with self._fold_lock:
                 assert self._aggregate is not None
-                self._aggregate.start_silo(link.silo, ready.n_samples)
+                agreed = self._agreed.get(link.silo)
+                self._aggregate.start_silo(link.silo, agreed or ready.n_samples, agreed=agreed is not None)
             out.n_samples = ready.n_samples
             out.upload = st.upload.receive()
             out.ok = True
@@ -303,7 +306,12 @@ class Aggregator:
         for r in results.values():
             if not r.ok and r.n_samples:  # started, so it may have folded chunks: retract them
                 aggregate.reject(r.silo, r.reason)
-        outcome = aggregate.finish(into=self.spare, min_silos=cfg.min_silos, norm_factor=cfg.norm_factor)
+        outcome = aggregate.finish(into=self.spare, min_silos=cfg.min_silos, norm_factor=cfg.norm_factor,
+                                   weight_factor=cfg.weight_factor)
+        for silo, weight in outcome.capped.items():
+            log.warning("round %d: silo %s reported %d samples, more than %g x the others' median; it counts "
+                        "as %d (agree its weight in `silos` if it really is that large)",
+                        rnd, silo, outcome.n_samples[silo], cfg.weight_factor, weight)
         self.spare.touch()
         self.state, self.spare = self.spare, self.state
         self.state.bind(self.model)
@@ -328,7 +336,9 @@ class Aggregator:
         return record
 
     def _round_record(self, rnd, results, outcome, aggregation_seconds, eval_loss, seconds) -> AggregatorRound:
-        silos = [r.record() for r in results.values()]
+        silos = [r.record().model_copy(update={"weight": outcome.weights.get(r.silo),
+                                               "capped_samples": outcome.capped.get(r.silo)})
+                 for r in results.values()]
         ok = [s for s in silos if s.silo in outcome.accepted]
         comm = [(s.broadcast_seconds or 0.0) + (s.upload_seconds or 0.0) for s in ok]
         train = [s.train_seconds or 0.0 for s in ok]

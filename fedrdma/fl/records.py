@@ -41,7 +41,10 @@ class SiloOutcome(Record):
     silo: str
     ok: bool
     reason: str = Field("", description="why the silo was left out, empty when it was not")
-    n_samples: int | None = None
+    n_samples: int | None = Field(None, description="the training-set size the silo reported")
+    weight: float | None = Field(None, description="its share of the round's FedAvg mean; absent when left out")
+    capped_samples: int | None = Field(None, description="the count it weighed with instead of its report, "
+                                       "when that exceeded weight_factor x the others' median")
     train_loss: float | None = None
     train_seconds: float | None = None
     silo_broadcast_seconds: float | None = Field(

@@ -6,7 +6,7 @@ broken or hostile silo.
 
 Faults: `exit-after-broadcast:R` (dies in round R once the global arrived), `stall-once:R:S`
 (round R's training takes S seconds longer, once per process), `nan` (a NaN in the update),
-`scale` (the update times 1000).
+`scale` (the update times 1000), `claim:N` (reports N training samples, whatever it holds).
 """
 
 from __future__ import annotations
@@ -68,6 +68,18 @@ class ScaledUpdate(Silo):
         return result
 
 
+class ClaimSamples(Silo):
+    """Trains honestly but claims `n` samples, to take a larger share of the FedAvg mean."""
+
+    def __init__(self, cfg: SiloConfig, n: int) -> None:
+        super().__init__(cfg)
+        self.n = n
+
+    def train(self, rnd: int, upload: Session) -> tuple[int, float, float]:
+        _, loss, seconds = super().train(rnd, upload)
+        return self.n, loss, seconds
+
+
 def faulty(cfg: SiloConfig, fault: str) -> Silo:
     name, _, rest = fault.partition(":")
     args = rest.split(":") if rest else []
@@ -79,6 +91,8 @@ def faulty(cfg: SiloConfig, fault: str) -> Silo:
         return NanUpdate(cfg)
     if name == "scale":
         return ScaledUpdate(cfg)
+    if name == "claim":
+        return ClaimSamples(cfg, int(args[0]))
     raise SystemExit(f"unknown fault {fault!r}; see `python -m fedrdma.testing.silo --help`")
 
 
