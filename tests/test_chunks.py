@@ -1,5 +1,6 @@
 import pytest
 
+from fedrdma.core import chunks
 from fedrdma.core.chunks import ChunkPlan, Region, check_window, chunk_checksum
 from fedrdma.core.errors import PlanError, RangeError
 
@@ -64,3 +65,19 @@ def test_chunk_size_that_splits_an_element_is_refused_unless_it_is_the_whole_sta
     with pytest.raises(PlanError, match="not a multiple of 8 bytes.*use e.g. 4096"):
         ChunkPlan.build(10_000, 4100)
     assert len(ChunkPlan.build(10_004, 10_004)) == 1
+
+
+def test_chunks_of_a_state_above_one_registration_slice_never_straddle_a_slice(monkeypatch):
+    monkeypatch.setattr(chunks, "REGISTRATION_SLICE", 1 << 20)
+    plan = ChunkPlan.build(5 << 20 | 24, 256 << 10)
+    slices = chunks.registration_slices(plan.nbytes)
+    assert slices == [(i << 20, 1 << 20) for i in range(5)] + [(5 << 20, 24)]
+    for c in plan.chunks:
+        assert c.offset >> 20 == (c.end - 1) >> 20, c
+
+
+def test_a_chunk_size_that_would_straddle_a_slice_is_refused_with_one_that_works(monkeypatch):
+    monkeypatch.setattr(chunks, "REGISTRATION_SLICE", 1 << 20)
+    with pytest.raises(PlanError, match=r"straddle two registrations.*divides 1048576 \(a power of two"):
+        ChunkPlan.build(5 << 20, 384 << 10)
+    assert len(ChunkPlan.build(1 << 20, 384 << 10)) == 3  # within one slice any aligned size works

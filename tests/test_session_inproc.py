@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from fedrdma.bench.states import make_state, synthetic_layout
+from fedrdma.core import chunks
 from fedrdma.core.chunks import state_digest
 from fedrdma.core.errors import LayoutError, PeerLost, TransferError
 from fedrdma.core.layout import FlatState
@@ -97,6 +98,39 @@ def test_every_mode_moves_identical_bytes_and_reports_every_chunk_once(mode):
     assert sorted(seen) == sorted(seen[: len(seen) // 2] * 2), "each transfer reports the same ranges"
     covered = sorted(seen[: len(seen) // 2])
     assert sum(n for _, n in covered) == SIZE and all(a + n <= b for (a, n), (b, _) in zip(covered, covered[1:]))
+
+
+@pytest.mark.parametrize("mode", [Mode.RDMA_E, Mode.RDMA_E_PULL, Mode.RDMA])
+def test_a_state_registered_in_several_slices_moves_bit_identical(mode, monkeypatch):
+    """States above 4 GiB are registered in slices; lowered to 2 MiB, a 6 MiB state spans three."""
+    monkeypatch.setattr(chunks, "REGISTRATION_SLICE", 2 << 20)
+    assert len(chunks.registration_slices(SIZE)) == 3
+    src, dst = states()
+    sent, got, errors = pair(mode, src, dst, transfers=2)
+    assert errors == []
+    assert state_digest(dst.memoryview()) == state_digest(src.memoryview())
+    assert [s.nbytes for s in got] == [SIZE, SIZE]
+
+
+@pytest.mark.parametrize("op", ["WRITE", "READ"])
+def test_the_raw_reference_moves_a_multi_slice_pool_in_one_request(op, monkeypatch):
+    monkeypatch.setattr(chunks, "REGISTRATION_SLICE", 2 << 20)
+    src, dst = states()
+    near, far = (src, dst) if op == "WRITE" else (dst, src)
+    initiator, target = Agent(), Agent()
+    try:
+        local, remote = initiator.register(near.buffer), target.register(far.buffer)
+        peer = initiator.add_peer(target.metadata())
+        operation = initiator.post_whole(op, local.region, remote.region, peer)
+        deadline = time.monotonic() + THREAD_TIMEOUT_S
+        while (status := operation.state()) == "PROC" and time.monotonic() < deadline:
+            target.progress()
+        operation.release()
+        assert status == "DONE", operation.error
+        assert state_digest(dst.memoryview()) == state_digest(src.memoryview())
+    finally:
+        initiator.close()
+        target.close()
 
 
 def test_a_layout_mismatch_is_refused_on_both_sides_before_a_byte_moves():

@@ -27,6 +27,12 @@ they never split an element of any dtype a state holds (all are at most 8 bytes 
 MAX_WINDOW = 1024
 """More outstanding chunks than this only grows descriptor tables; no path here needs it."""
 
+REGISTRATION_SLICE = 4 << 30
+"""Pools are registered in slices of this many bytes: single regions above ~4 GiB have been
+reported to run well below line rate on RDMA NICs with an IOMMU (README: Measurements behind
+the defaults). A descriptor cannot span two registrations, so no chunk may straddle a slice
+boundary. Read at call time, so a test can lower it to move a multi-slice state quickly."""
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -63,6 +69,13 @@ class ChunkPlan:
                 f"chunk size {chunk_size} is not a multiple of {CHUNK_ALIGN} bytes; a chunk boundary "
                 f"must not split a tensor element (use e.g. {chunk_size // CHUNK_ALIGN * CHUNK_ALIGN or CHUNK_ALIGN})"
             )
+        if nbytes > REGISTRATION_SLICE and REGISTRATION_SLICE % chunk_size:
+            raise PlanError(
+                f"chunk size {chunk_size} does not divide the {_size(REGISTRATION_SLICE)} slices in which a "
+                f"{_size(nbytes)} state is registered, so a chunk would straddle two registrations, which "
+                f"one descriptor cannot name; use a chunk size that divides {REGISTRATION_SLICE} "
+                f"(a power of two, e.g. {DEFAULT_CHUNK_SIZE})"
+            )
         chunks = tuple(
             Chunk(i, off, min(chunk_size, nbytes - off)) for i, off in enumerate(range(0, nbytes, chunk_size))
         )
@@ -70,6 +83,15 @@ class ChunkPlan:
 
     def __len__(self) -> int:
         return len(self.chunks)
+
+
+def registration_slices(nbytes: int) -> list[tuple[int, int]]:
+    """(offset, length) of each registration slice of an `nbytes` pool, in order."""
+    return [(off, min(REGISTRATION_SLICE, nbytes - off)) for off in range(0, nbytes, REGISTRATION_SLICE)]
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / (1 << 30):g} GiB" if nbytes >= 1 << 30 else f"{nbytes / (1 << 20):g} MiB"
 
 
 def check_window(window: int) -> int:

@@ -24,6 +24,7 @@ from fedrdma.config import AggregatorConfig
 from fedrdma.control import messages as m
 from fedrdma.control.hub import Hub, SiloLink
 from fedrdma.core.addresses import split_host_port
+from fedrdma.core.chunks import ChunkPlan
 from fedrdma.core.errors import FedRDMAError, PeerLost
 from fedrdma.core.fedavg import NotEnoughSilos, RoundAggregate
 from fedrdma.core.layout import FlatState
@@ -124,6 +125,7 @@ class Aggregator:
         """The other half of the double-buffered global: the next average accumulates here."""
         self.chunk_size = min(cfg.chunk_size, self.state.nbytes)
         """A chunk larger than the state is the state: small (LoRA) states travel whole."""
+        ChunkPlan.build(self.state.nbytes, self.chunk_size)  # a chunk size no plan can use stops us here, once
         self.agent = Agent(f"aggregator-{id(self):x}") if self.mode.one_sided else None
         self.streams = (DataListener(split_host_port(cfg.listen)[0], cfg.data_port)
                         if Mode.TCP_E in (self.mode, self.mode.broadcast) else None)

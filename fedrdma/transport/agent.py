@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from nixl_cu12 import _bindings, nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
-from fedrdma.core.chunks import ChunkPlan, Region
+from fedrdma.core.chunks import ChunkPlan, Region, registration_slices
 from fedrdma.core.errors import TransferError
 
 log = logging.getLogger(__name__)
@@ -30,11 +30,6 @@ PROGRESS_THREAD = False
 (README: Measurements behind the defaults). On a host that also trains a model that core is
 stolen from training, so our loops drive progress themselves (`progress`, every poll of a
 transfer or notification) and nothing spins between transfers."""
-
-MAX_REGISTRATION_BYTES = 4 << 30
-"""Register a large pool in slices of at most 4 GiB: single regions above ~4 GiB have been
-reported to run well below line rate on RDMA NICs with an IOMMU (README: Measurements behind the defaults)."""
-
 
 def _quiet_nixl() -> None:
     """NIXL configures its logger on import, to stdout; stdout is ours (JSON lines)."""
@@ -105,9 +100,15 @@ class Agent:
         return Operation(self, op, local, remote, index, notif)
 
     def post_whole(self, op: str, local: Region, remote: Region, peer: str) -> Operation:
-        """One operation over a whole buffer, unchunked: the raw reference the modes are read against."""
-        far = self.nixl.get_xfer_descs([(remote.address, remote.length, 0)], "DRAM")
-        near = self.nixl.get_xfer_descs([(local.address, local.length, 0)], "DRAM")
+        """One operation over a whole buffer, unchunked: the raw reference the modes are read against.
+
+        One descriptor per registration slice (a descriptor cannot span two registrations), so
+        a state above 4 GiB is still a single request."""
+        if local.length != remote.length:
+            raise TransferError(f"a whole {op} needs equal buffers, not {local.length} and {remote.length} bytes")
+        slices = registration_slices(local.length)
+        far = self.nixl.get_xfer_descs([(*remote.slice(off, n), 0) for off, n in slices], "DRAM")
+        near = self.nixl.get_xfer_descs([(*local.slice(off, n), 0) for off, n in slices], "DRAM")
         return Operation(self, op, None, None, 0, b"", handle=self.nixl.initialize_xfer(op, near, far, peer))
 
     def remote_dlist(self, peer: str, ranges: Sequence[tuple[int, int]]) -> object:
@@ -160,10 +161,8 @@ class Pool:
         self.agent = agent
         self.buffer = buffer
         self.region = Region(int(buffer.data_ptr()), int(buffer.numel()))
-        slices = [
-            (self.region.address + off, min(MAX_REGISTRATION_BYTES, self.region.length - off), 0, "")
-            for off in range(0, self.region.length, MAX_REGISTRATION_BYTES)
-        ]
+        # In the slices chunk plans respect (core.chunks.REGISTRATION_SLICE): no chunk spans two.
+        slices = [(self.region.address + off, length, 0, "") for off, length in registration_slices(self.region.length)]
         self.reg_descs = agent.nixl.register_memory(slices, "DRAM")
         self.registered = True
         self._local: dict[int, object] = {}
