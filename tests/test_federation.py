@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fedrdma.cli import app
+from fedrdma.control.beats import MISSED_BEATS
 from fedrdma.control.certs import init_ca, issue
 from fedrdma.core.rules import WEIGHT_FACTOR
 from fedrdma.fl import checkpoint
@@ -230,6 +231,45 @@ def test_a_killed_silo_is_left_out_and_rejoins(tmp_path):
         s["silo"] == DEMO_SILOS[2] and not s["ok"] for s in rounds[0]["silos"]
     )
     assert sorted(rounds[1]["accepted"]) == sorted(DEMO_SILOS[:3])  # it rejoined the next round
+
+
+def process_state(pid: int) -> str:
+    """The kernel's one-letter state of a process (T: stopped)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def wait_for(what: str, predicate, timeout: float = WAIT_S) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("phase", ["broadcast", "upload"])
+def test_a_hung_silo_is_left_out_on_its_heartbeats_and_rejoins_after_sigcont(tmp_path, phase):
+    port = free_port()
+    agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", 3, MODEL, False, DEMO_SILOS[:3], port)
+    metrics = tmp_path / "aggregator" / "metrics.jsonl"
+    # A deadline far beyond the heartbeat window: only the missed heartbeats can end the round early.
+    agg = start("aggregator", agg_cfg, tmp_path / "agg.log", None, "--min-silos", "2", "--round-deadline-s",
+                "150", "--gather-s", "30", "--chunk-size", "16384", "--window", "2")
+    steady = [start("silo", c, tmp_path / f"steady{i}.log") for i, c in enumerate(silo_cfgs[:2])]
+    victim = start_faulty(silo_cfgs[2], tmp_path / "victim.log", f"stop:{phase}:1")
+    try:
+        wait_for("the silo to stop itself", lambda: process_state(victim.pid) == "T")
+        wait_for("round 1 to close", lambda: len(events(metrics, "round")) >= 2)
+        (first,) = events(metrics, "round")[1:2]
+        assert first["accepted"] == sorted(DEMO_SILOS[:2])
+        (left_out,) = [s for s in first["silos"] if s["silo"] == DEMO_SILOS[2]]
+        assert not left_out["ok"] and f"missed {MISSED_BEATS} heartbeats" in left_out["reason"], left_out["reason"]
+    finally:
+        victim.send_signal(signal.SIGCONT)
+    assert wait(agg) == 0, (tmp_path / "agg.log").read_text()
+    for s in (*steady, victim):
+        assert wait(s) == 0
+    rounds = events(metrics, "round")[1:]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert sorted(rounds[-1]["accepted"]) == sorted(DEMO_SILOS[:3]), "it rejoined after SIGCONT"
 
 
 def test_aggregator_restarted_with_resume_continues_without_repeating_a_round(tmp_path):

@@ -77,7 +77,7 @@ class SiloLink:
                 msg = self.control.recv(MISSED_BEATS * self.heartbeat_s)
             except TimeoutError:
                 log.warning("silo %s missed %d heartbeats; closing its streams", self.silo, MISSED_BEATS)
-                self.close()
+                self.close(f"silo {self.silo} missed {MISSED_BEATS} heartbeats ({MISSED_BEATS * self.heartbeat_s:g} s)")
                 return
             except (PeerLost, ProtocolError) as exc:
                 log.info("silo %s: control stream ended: %s", self.silo, exc)
@@ -94,10 +94,10 @@ class SiloLink:
                 self.close()
                 return
 
-    def close(self) -> None:
-        self.control.close()
+    def close(self, reason: str = "closed locally") -> None:
+        self.control.close(reason)
         for channel in self.data.values():
-            channel.close()
+            channel.close(reason)
 
 
 def listener_streams(silos: int) -> int:

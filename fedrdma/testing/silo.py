@@ -6,13 +6,17 @@ broken or hostile silo.
 
 Faults: `exit-after-broadcast:R` (dies in round R once the global arrived), `stall-once:R:S`
 (round R's training takes S seconds longer, once per process), `nan` (a NaN in the update),
-`scale` (the update times 1000), `claim:N` (reports N training samples, whatever it holds).
+`scale` (the update times 1000), `claim:N` (reports N training samples, whatever it holds),
+`stop:PHASE:R` (round R: the process stops itself with SIGSTOP, as a host that freezes, once
+STOP_AFTER_CHUNKS chunks of its broadcast landed or of its upload went out; PHASE is
+`broadcast` or `upload`, one-sided modes only).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,10 +27,16 @@ from fedrdma.config import ConfigError, SiloConfig, load
 from fedrdma.control.link import JoinRefused
 from fedrdma.core.errors import FedRDMAError
 from fedrdma.fl.silo import Silo
+from fedrdma.testing.faults import Faults, FaultyAgent
 from fedrdma.transport.session import Session
 
 EXIT_CODE = 17
 """The exit code of a silo that dies mid-round on purpose, so a test can tell it from a crash."""
+
+STOP_AFTER_CHUNKS = 2
+"""A hung silo stops this many chunks into the phase: mid-transfer, with chunks already folded."""
+
+PHASES = ("broadcast", "upload")
 
 
 class ExitAfterBroadcast(Silo):
@@ -80,6 +90,55 @@ class ClaimSamples(Silo):
         return self.n, loss, seconds
 
 
+class _StoppingAgent(FaultyAgent):
+    """Counts the chunks of one phase (broadcast notices as a target, upload completions as
+    an initiator) while armed, and stops the whole process at STOP_AFTER_CHUNKS."""
+
+    def __init__(self, name: str, phase: str) -> None:
+        super().__init__(Faults(), 1, name)
+        self.phase = phase
+        self.armed = False
+        self._seen = 0
+
+    def notifications(self, peer: str) -> list[bytes]:
+        notes = super().notifications(peer)
+        if self.phase == "broadcast":
+            self._count(len(notes))
+        return notes
+
+    def completed(self, op: str, index: int) -> None:
+        super().completed(op, index)
+        if self.phase == "upload" and op == "WRITE":
+            self._count(1)
+
+    def _count(self, n: int) -> None:
+        if not self.armed or not n:
+            return
+        self._seen += n
+        if self._seen >= STOP_AFTER_CHUNKS:
+            self.armed = False
+            os.kill(os.getpid(), signal.SIGSTOP)  # resumes here on SIGCONT
+
+
+class StopAt(Silo):
+    """Hangs once, in round `rnd`, mid-broadcast or mid-upload: alive but silent, until SIGCONT."""
+
+    def __init__(self, cfg: SiloConfig, phase: str, rnd: int) -> None:
+        super().__init__(cfg)
+        if phase not in PHASES:
+            raise SystemExit(f"stop:{phase}: the phase is one of {', '.join(PHASES)}")
+        self.stopper = _StoppingAgent(f"silo-{cfg.id}-{os.getpid()}", phase)
+        self.agent = self.stopper
+        self.rnd = rnd
+
+    def _round(self, link, broadcast, upload, rnd: int) -> None:  # type: ignore[no-untyped-def]
+        self.stopper.armed = rnd == self.rnd
+        try:
+            super()._round(link, broadcast, upload, rnd)
+        finally:
+            self.stopper.armed = False
+
+
 def faulty(cfg: SiloConfig, fault: str) -> Silo:
     name, _, rest = fault.partition(":")
     args = rest.split(":") if rest else []
@@ -93,6 +152,8 @@ def faulty(cfg: SiloConfig, fault: str) -> Silo:
         return ScaledUpdate(cfg)
     if name == "claim":
         return ClaimSamples(cfg, int(args[0]))
+    if name == "stop":
+        return StopAt(cfg, args[0], int(args[1]))
     raise SystemExit(f"unknown fault {fault!r}; see `python -m fedrdma.testing.silo --help`")
 
 

@@ -232,8 +232,9 @@ class Channel:
             except queue.Full:
                 threading.Thread(target=self._outbound.put, args=(_CLOSED,), daemon=True).start()
 
-    def close(self) -> None:
-        self._mark_closed("closed locally")
+    def close(self, reason: str = "closed locally") -> None:
+        """`reason` is what a wait on this channel reports (a peer that missed its heartbeats)."""
+        self._mark_closed(reason)
 
 
 class ClientChannel(Channel):
@@ -286,9 +287,9 @@ class ClientChannel(Channel):
             return exc.details() or ""
         return ""
 
-    def close(self) -> None:
+    def close(self, reason: str = "closed locally") -> None:
         """Half-close after every queued frame (cancelling at once would drop the last ones), then end."""
-        super().close()
+        super().close(reason)
         if self._flushed.wait(CLOSE_FLUSH_S) and threading.current_thread() is not self._reader:
             self._reader.join(CLOSE_FLUSH_S)  # the peer ends the call once it read our half-close
         self._call.cancel()
