@@ -228,7 +228,9 @@ class SiloConfig(RuntimeSettings):
     id: str = Field(pattern=SILO_ID_PATTERN, description="this silo's name, as its certificate says")
     aggregator: str = Field(DEFAULT_LISTEN, description="HOST:PORT of the aggregator; with --certs HOST must be "
                             "a name in the aggregator's certificate")
-    data: Path = Field(description="this silo's local text: .txt or .jsonl with a 'text' field")
+    data: Path | None = Field(None, description="this silo's local text: .txt or .jsonl with a 'text' field")
+    train: Literal["local", "none"] = Field("local", description="none: skip local training and add a seeded "
+                                           "perturbation instead, so benchmarks of scale run many silos per host")
     local_steps: int = Field(DEFAULT_LOCAL_STEPS, ge=1)
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
     lr: float = Field(DEFAULT_LR, gt=0)
@@ -238,6 +240,9 @@ class SiloConfig(RuntimeSettings):
     @model_validator(mode="after")
     def _check(self) -> SiloConfig:
         self._check_security(self.aggregator, "aggregator")
+        if self.train == "local" and self.data is None:
+            raise ValueError("a silo that trains needs its local text: --data FILE (.txt or .jsonl), "
+                             "or --train none for a benchmark silo that does not train")
         return self
 
 

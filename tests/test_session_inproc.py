@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from fedrdma.bench.states import make_state, synthetic_layout
-from fedrdma.core import chunks
+from fedrdma.core import chunks, liveness
 from fedrdma.core.chunks import state_digest
 from fedrdma.core.errors import LayoutError, PeerLost, TransferError
 from fedrdma.core.layout import FlatState
@@ -226,6 +226,41 @@ def test_a_pull_holder_waits_as_long_as_the_receiver_reports_progress():
     channel.close()
     listener.close()
     assert out["stats"].seconds > 2.5 and out["stats"].bytes_posted == SIZE
+
+
+@pytest.mark.parametrize("bytes_per_s,completes", [(SIZE / 5, True), (SIZE * 4, False)])
+def test_a_baseline_sender_waits_for_the_load_as_long_as_the_state_size_allows(bytes_per_s, completes, monkeypatch):
+    """The baseline's receiver says nothing while it joins and loads the whole state: the sender's
+    wait for its status is the peer timeout plus what the state's size allows, not the timeout alone."""
+    monkeypatch.setattr(liveness, "SLOW_HOST_BYTES_PER_S", bytes_per_s)  # allows 5 s, or 0.25 s
+    src, _ = states()
+    listener = Listener()
+    out: dict[str, Any] = {}
+
+    def sender() -> None:
+        s = Session(None, src, listener.accept(10), Mode.GRPC, Role.SENDER, CHUNK, WINDOW, peer_timeout=1.0)
+        s.open()
+        out["result"] = _call(s.send)
+        s.abort()
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    channel = dial(listener.address)  # a receiver that takes 2.5 s to load what arrived
+    channel.send(wire.Hello(mode=Mode.GRPC, layout_id=src.layout_id, nbytes=src.nbytes))
+    assert isinstance(channel.recv(10), wire.Hello)
+    begin = channel.recv(10)
+    assert isinstance(begin, wire.Begin)
+    frames = [channel.recv(10) for _ in range(begin.nchunks)]
+    assert sum(len(f) for f in frames) > SIZE
+    time.sleep(2.5)
+    _call(lambda: channel.send(wire.Status(transfer=begin.transfer, complete=True)))  # a sender that gave up is gone
+    thread.join(THREAD_TIMEOUT_S)
+    channel.close()
+    listener.close()
+    if completes:
+        assert out["result"] is None
+    else:
+        assert isinstance(out["result"], PeerLost) and "no Status within 1 s" in str(out["result"])
 
 
 def _call(fn: Callable[[], Any]) -> BaseException | None:

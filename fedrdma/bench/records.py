@@ -278,3 +278,37 @@ class HeapResult(Record):
     seq_len: int
     time: float
     variants: dict[str, HeapVariant]
+
+
+# --- bench scale ----------------------------------------------------------------------------
+
+
+class ScaleRound(Record):
+    round: int
+    accepted: list[str]
+    seconds: float = Field(description="the round as the aggregator timed it: broadcast, uploads, aggregation")
+    aggregation_seconds: float = Field(description="closing the round: checks, retractions, the mean")
+
+
+class ScaleRun(Record):
+    """One federation of `silos` non-training silos on one aggregator."""
+
+    silos: int
+    rounds: list[ScaleRound]
+    all_accepted: bool = Field(description="every silo was accepted in every round")
+    aggregator_cpu_seconds: float = Field(description="user and system CPU of the aggregator process, start to end")
+    aggregator_peak_rss_mb: float
+    aggregator_rss_above_globals_mb: float = Field(
+        description="peak RSS less its two global pools (the model's double-buffered state): the interpreter, "
+                    "the inboxes and everything else")
+
+
+class ScaleResult(Record):
+    """`fedrdma bench scale --json`: one aggregator with more and more silos, in one run."""
+
+    model: str
+    mode: Mode
+    state_mb: float
+    silo_processes: int = Field(description="processes the silos shared (each silo keeps its own link and endpoint)")
+    time: float
+    runs: list[ScaleRun]

@@ -1,4 +1,4 @@
-"""`fedrdma bench transfer|paper|compare|heap`: benchmarks that print ratios measured in one run."""
+"""`fedrdma bench transfer|paper|compare|heap|scale`: benchmarks that print ratios measured in one run."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from fedrdma.cli.console import console, progress
 from fedrdma.cli.inputs import model_name
 from fedrdma.cli.lab import describe_validation
 from fedrdma.cli.options import comma_list, mode, one_of, single
-from fedrdma.cli.tables import compare_table, heap_table, transfer_table
+from fedrdma.cli.tables import compare_table, heap_table, scale_table, transfer_table
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, ChunkPlan, check_window
 from fedrdma.core.errors import PlanError, RunError
 from fedrdma.core.modes import Mode, choices
@@ -275,3 +275,52 @@ def bench_heap(
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
         out.print(f"wrote {json_path}")
+
+
+SCALE_MODEL = "gpt2-tiny"
+"""The scale benchmark's default model: 64 silos' states fit anywhere; gpt2-small measures memory."""
+
+MAX_SCALE_SILOS = 256
+"""Beyond this the silos' processes would not fit this machine's memory and file descriptors."""
+
+
+@app.command("scale")
+def bench_scale(
+    silos: str = typer.Option("4,16,64", help="Comma list of silo counts, one federation each."),
+    model: str = typer.Option(SCALE_MODEL, help="Model whose state the silos move (gpt2-tiny, gpt2-small, ...)."),
+    rounds: int = typer.Option(2, min=1, help="Rounds per federation; the table shows the last."),
+    mode_name: str = typer.Option(Mode.TCP_E.value, "--mode", help=f"How updates move: {choices()} (one-sided "
+                                  "modes run as a trusted fabric: every process is this benchmark's)."),
+    out_dir: Path = typer.Option(Path("runs/bench-scale"), help="Configs, logs and metrics of each federation."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the results here as JSON."),
+    plot: bool = typer.Option(True, help="Write scale.png next to the JSON (or in --out-dir)."),
+) -> None:
+    """One aggregator with more and more silos: real links and transfers, no local training."""
+    from fedrdma.bench import scale
+    from fedrdma.cli.plots import scale_plot
+
+    out = console()
+    counts = comma_list(silos, "--silos", _silo_count)
+    chosen = single(mode_name, "--mode", mode)
+    single(model, "--model", model_name)
+    with progress(out) as bar:
+        task = bar.add_task(f"federations of {silos} silos", total=rounds * len(counts))
+        try:
+            result = scale.run(out_dir, counts, model, chosen, rounds, on_round=lambda n, r: bar.advance(task))
+        except RunError as exc:
+            out.print(f"[red]bench scale failed:[/] {exc}")
+            raise typer.Exit(1) from None
+    out.print(scale_table(result))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
+        out.print(f"wrote {json_path}")
+    if plot:
+        png = scale_plot(result, (json_path.parent if json_path else out_dir) / f"scale-{model}.png")
+        out.print(f"wrote {png}")
+
+
+def _silo_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_SCALE_SILOS:
+        raise ValueError(f"silo count {text!r} must be a whole number from 1 to {MAX_SCALE_SILOS}")
+    return int(text)

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fedrdma.lab.units import format_duration, format_rate  # noqa: E402
 
 if TYPE_CHECKING:
+    from fedrdma.bench.records import ScaleResult
     from fedrdma.fl.records import AggregatorRound
     from fedrdma.sim.tune import Recommendation
 
@@ -51,6 +52,31 @@ def rounds_plot(by_mode: Mapping[str, Sequence[AggregatorRound]], path: Path) ->
         ax.set_ylabel("seconds (mean over silos)")
         ax.set_title(f"{mode}: time per round")
         ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def scale_plot(result: ScaleResult, path: Path) -> Path:
+    """Per silo count: the last round's time split into aggregation and the rest, and the aggregator's memory."""
+    counts = [run.silos for run in result.runs]
+    last = [run.rounds[-1] for run in result.runs]
+    fig, (time_ax, rss_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    labels = [str(n) for n in counts]
+    aggregation = [r.aggregation_seconds for r in last]
+    time_ax.bar(labels, [r.seconds - a for r, a in zip(last, aggregation, strict=True)], label="moving the state")
+    time_ax.bar(labels, aggregation, bottom=[r.seconds - a for r, a in zip(last, aggregation, strict=True)],
+                label="aggregation")
+    time_ax.set_xlabel("silos")
+    time_ax.set_ylabel("seconds")
+    time_ax.set_title(f"{result.model} over {result.mode}: the last round")
+    time_ax.legend()
+    rss_ax.bar(labels, [run.aggregator_rss_above_globals_mb for run in result.runs])
+    rss_ax.set_xlabel("silos")
+    rss_ax.set_ylabel("MiB")
+    rss_ax.set_title("aggregator peak RSS above its two globals")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

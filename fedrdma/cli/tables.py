@@ -22,7 +22,7 @@ from fedrdma.sim.tcp_buffers import BUFFER_BDP_FACTOR
 if TYPE_CHECKING:
     from fedrdma.bench.compare import Comparison
     from fedrdma.bench.probe import ProbeResult
-    from fedrdma.bench.records import HeapResult, ModeSummary, TransferResult
+    from fedrdma.bench.records import HeapResult, ModeSummary, ScaleResult, TransferResult
     from fedrdma.fl.records import AggregatorRound, DemoResult
     from fedrdma.lab.config import LabConfig
     from fedrdma.lab.lab import PathStatus
@@ -99,6 +99,20 @@ def heap_table(result: HeapResult, probe_bytes: int) -> Table:
     for variant, row in result.variants.items():
         table.add_row(variant, f"{row.seconds:.2f} ({row.seconds_min:.2f})", f"{row.vs_default:.2f}x",
                       str(row.chunk_mmapped_while_training))
+    return table
+
+
+def scale_table(result: ScaleResult) -> Table:
+    table = _table(f"{result.model} ({result.state_mb:.1f} MiB state) over {result.mode}: one aggregator, "
+                   f"silos without local training in {result.silo_processes} processes",
+                   ["silos", "all accepted", "round s (last)", "aggregation s (last)", "aggregation % of round",
+                    "aggregator CPU s", "aggregator peak RSS MiB", "above its 2 globals MiB"])
+    for run in result.runs:
+        last = run.rounds[-1]
+        table.add_row(str(run.silos), "yes" if run.all_accepted else "NO", f"{last.seconds:.2f}",
+                      f"{last.aggregation_seconds:.3f}", f"{100 * last.aggregation_seconds / last.seconds:.1f}",
+                      f"{run.aggregator_cpu_seconds:.1f}", f"{run.aggregator_peak_rss_mb:.0f}",
+                      f"{run.aggregator_rss_above_globals_mb:.0f}")
     return table
 
 

@@ -15,6 +15,19 @@ lost: the transfer fails with a clear error instead of hanging on NIXL, which ha
 deadline of its own."""
 
 
+SLOW_HOST_BYTES_PER_S = 100e6
+"""The slowest a peer is assumed to copy, (de)serialize or register memory: 100 MB/s, a
+tenth of what these 2-core VMs do. A peer working on a whole state at once (the baseline
+joining and loading what arrived, a staging receiver allocating and registering buffers)
+sends nothing meanwhile; its silence may last this long per byte before it counts."""
+
+
+def busy_allowance(nbytes: int) -> float:
+    """Seconds a peer may be silent while it works on `nbytes` at once, beyond PEER_TIMEOUT_S:
+    a 7B fp32 state (28 GB) gets ~5 minutes, GPT-2 small's (0.5 GB) 5 s."""
+    return nbytes / SLOW_HOST_BYTES_PER_S
+
+
 @dataclass
 class Liveness:
     """The time of the peer's last sign of life, against a timeout. `now` is passed in."""

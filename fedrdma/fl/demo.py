@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +108,10 @@ def make_certs(directory: Path, silos: Sequence[str], hosts: Hosts = LOCAL) -> P
 def write_configs(
     root: Path, mode: Mode, rounds: int, model: str, lora: bool, silos: Sequence[str], port: int,
     hosts: Hosts = LOCAL, local_steps: int = DEMO_LOCAL_STEPS,
+    aggregator_settings: Mapping[str, Any] | None = None, silo_settings: Mapping[str, Any] | None = None,
 ) -> tuple[Path, list[Path]]:
+    """The run's certificates and configs. `aggregator_settings` and `silo_settings` override
+    the demo's values; a None value leaves the setting out (to its default)."""
     root.mkdir(parents=True, exist_ok=True)
     certs = make_certs(root / CERTS_DIR, silos, hosts)
     # The demo's and the lab's processes are all its own: one-sided modes may touch any of them.
@@ -126,14 +129,14 @@ def write_configs(
         "round_deadline_s": PROCESS_TIMEOUT_S,
     }
     agg_path = root / "aggregator.toml"
-    agg_path.write_text(_toml(agg))
+    agg_path.write_text(_toml(_override(agg, aggregator_settings)))
     silo_paths = []
     for k, silo in enumerate(silos):
         cfg = {
             **common,
             "id": silo,
             "aggregator": f"{hosts.silo(k)[1]}:{port}",
-            "data": str(demo_corpus(silo)),
+            "data": str(demo_corpus(silo)) if silo_settings is None or "data" not in silo_settings else None,
             "local_steps": local_steps,
             "batch_size": DEMO_BATCH_SIZE,
             "seq_len": DEMO_SEQ_LEN,
@@ -141,9 +144,14 @@ def write_configs(
             "out_dir": str(root / "silos"),
         }
         path = root / f"silo-{silo}.toml"
-        path.write_text(_toml(cfg))
+        path.write_text(_toml(_override(cfg, silo_settings)))
         silo_paths.append(path)
     return agg_path, silo_paths
+
+
+def _override(values: dict[str, Any], settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    merged = {**values, **(settings or {})}
+    return {key: value for key, value in merged.items() if value is not None}
 
 
 def forget_run(out_dir: Path) -> None:
@@ -184,7 +192,7 @@ def run_federation(
         while procs[0].poll() is None:
             if time.monotonic() > deadline:
                 raise RunError(f"the {mode} federation took longer than {PROCESS_TIMEOUT_S:.0f} s")
-            records = _rounds(metrics)
+            records = read_rounds(metrics)
             for record in records[seen:]:
                 on_round(record)
             seen = len(records)
@@ -199,13 +207,13 @@ def run_federation(
                 proc.kill()
         for log in logs:
             log.close()
-    records = _rounds(metrics)
+    records = read_rounds(metrics)
     for record in records[seen:]:
         on_round(record)
     return records
 
 
-def _rounds(metrics: Path) -> list[AggregatorRound]:
+def read_rounds(metrics: Path) -> list[AggregatorRound]:
     """The round rows of an aggregator's metrics.jsonl (a row still being written is left for later)."""
     if not metrics.exists():
         return []

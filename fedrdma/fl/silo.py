@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+import xxhash
+
 from fedrdma.config import SiloConfig
 from fedrdma.control import messages as m
 from fedrdma.control.link import AggregatorLink, JoinRefused
@@ -37,6 +40,15 @@ REJOIN_PAUSE_S = 1.0
 ADAM_MOMENTS = 2
 """AdamW keeps two moments per trainable weight: the optimizer's share of memory."""
 
+PERTURBATION = 1e-3
+"""Scale of a non-training silo's update: about a fine-tuning step's size on GPT-2's weights."""
+
+PERTURBED_SAMPLES = 1000
+"""The count a non-training silo reports: equal for all, so their weights are equal."""
+
+PERTURBATION_SEED_MASK = (1 << 63) - 1
+"""torch seeds are non-negative 64-bit integers."""
+
 
 class Silo:
     def __init__(self, cfg: SiloConfig) -> None:
@@ -45,11 +57,12 @@ class Silo:
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.model, self.state = build_trainable(cfg)
-        tokenizer = load_tokenizer(cfg.model)
-        self.data = load_silo_data(cfg.data, tokenizer, cfg.seq_len)
-        self.trainer = LocalTrainer(
-            self.model, self.data.train, cfg.lr, cfg.local_steps, cfg.batch_size, seed=cfg.seed
-        )
+        self.trainer: LocalTrainer | None = None
+        """None with `train = "none"`: the round's update is a seeded perturbation."""
+        if cfg.train == "local":
+            assert cfg.data is not None  # the config's validator requires it
+            data = load_silo_data(cfg.data, load_tokenizer(cfg.model), cfg.seq_len)
+            self.trainer = LocalTrainer(self.model, data.train, cfg.lr, cfg.local_steps, cfg.batch_size, seed=cfg.seed)
         self.credentials = _credentials(cfg)
         self.agent: Agent | None = None
         self.pool: Pool | None = None
@@ -140,8 +153,21 @@ class Silo:
         `upload` is the session the update will leave by, for a subclass that wants it
         (`fedrdma.testing.silo` poisons or attacks here).
         """
+        if self.trainer is None:
+            return self._perturb(rnd)
         with compute_heap():
             return self.trainer.train_round(rnd)
+
+    def _perturb(self, rnd: int) -> tuple[int, float, float]:
+        """A stand-in for training that costs no compute: every weight moves by seeded noise of
+        PERTURBATION's scale, different per silo and round, so updates differ and pass the checks."""
+        start = time.perf_counter()
+        seed = xxhash.xxh3_64_intdigest(f"{self.cfg.seed}:{self.cfg.id}:{rnd}".encode()) & PERTURBATION_SEED_MASK
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for view in self.state.views.values():
+                view.add_(torch.randn(view.shape, generator=generator).to(view.dtype), alpha=PERTURBATION)
+        return PERTURBED_SAMPLES, 0.0, time.perf_counter() - start
 
     def _round(self, link: AggregatorLink, broadcast: Session, upload: Session, rnd: int) -> None:
         cpu0 = time.process_time()
@@ -150,7 +176,7 @@ class Silo:
         n_samples, loss, train_seconds = self.train(rnd, upload)
         pool_bytes = self.pool.region.length if self.pool else 0
         memory = memory_report(self.model, None, pool_bytes, pool_is_model=self.pool is not None)
-        memory["optimizer"] = ADAM_MOMENTS * self.state.nbytes
+        memory["optimizer"] = ADAM_MOMENTS * self.state.nbytes if self.trainer is not None else 0
         memory["rest"] = max(0, memory["rest"] - memory["optimizer"])
         self.state.touch()  # training changed the bytes
         link.control.send(

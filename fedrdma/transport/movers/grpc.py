@@ -14,6 +14,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedrdma.core.errors import LayoutError, PeerLost, ProtocolError
+from fedrdma.core.liveness import busy_allowance
 from fedrdma.core.modes import Mode
 from fedrdma.transport import wire
 from fedrdma.transport.channel import Blob
@@ -52,7 +53,8 @@ class GrpcMover(Mover):
         for off in range(0, len(payload), FRAME_BYTES):
             ctx.channel.send_blob(view[off : off + FRAME_BYTES])
         del view, payload
-        status = self.expect(wire.Status)
+        # The receiver is silent while it joins, deserializes and loads the whole state.
+        status = self.expect(wire.Status, ctx.peer_timeout + busy_allowance(ctx.state.nbytes))
         assert isinstance(status, wire.Status)
         end = time.perf_counter()
         decode = sum(status.seconds.values())

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from fedrdma.core.liveness import busy_allowance
 from fedrdma.core.modes import Mode
 from fedrdma.transport import wire
 from fedrdma.transport.agent import RemotePeer
@@ -34,7 +35,8 @@ class StagedMover(Mover):
         start = time.perf_counter()
         plan = ctx.plan
         ctx.channel.send(wire.Begin(transfer=transfer, chunk_size=plan.chunk_size, nchunks=len(plan)))
-        stage = self.expect(wire.Stage)
+        # The receiver is silent while it allocates and registers a staging buffer per chunk.
+        stage = self.expect(wire.Stage, ctx.peer_timeout + busy_allowance(ctx.state.nbytes))
         assert isinstance(stage, wire.Stage)
         metadata, regions = wire.unb64(stage.metadata), [r.region() for r in stage.regions]
         if self.remote is None:
