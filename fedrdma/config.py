@@ -27,6 +27,9 @@ from fedrdma.transport.streams import DEFAULT_STREAMS, MAX_STREAMS
 DEFAULT_LISTEN = f"{LOOPBACK_HOST}:7700"
 """Loopback by default: exposing the control plane is a deliberate act."""
 
+KEEP_CHECKPOINTS = 3
+"""Checkpoints kept on disk: the newest few, so a bad round can still be rolled back."""
+
 DEFAULT_ROUNDS = 3
 
 DEFAULT_ROUND_DEADLINE_S = 600.0
@@ -194,6 +197,8 @@ class AggregatorConfig(RuntimeSettings, TransportSettings):
     round_deadline_s: float = Field(DEFAULT_ROUND_DEADLINE_S, gt=0)
     join_timeout_s: float = Field(DEFAULT_JOIN_TIMEOUT_S, gt=0)
     gather_s: float = Field(DEFAULT_GATHER_S, ge=0)
+    keep_checkpoints: int = Field(KEEP_CHECKPOINTS, ge=1, description="this run's newest checkpoints kept in "
+                                  "out_dir; older ones are pruned (raise it to keep every round, for an audit)")
     weight_factor: float = Field(WEIGHT_FACTOR, ge=1, description="a silo without an agreed weight "
                                  "counts with at most this many times the median of the others' weights")
     norm_factor: float = Field(NORM_FACTOR, gt=1, description="an update whose delta norm is this many times "

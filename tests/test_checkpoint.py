@@ -30,6 +30,15 @@ def test_a_run_saves_durably_and_prunes_only_its_own_checkpoints(tmp_path):
     assert state_digest(again.memoryview()) == state_digest(s.memoryview())
 
 
+def test_a_checkpoint_records_its_weights_and_keep_holds_as_many_as_asked(tmp_path):
+    s = state(1)
+    run = checkpoint.begin_run(tmp_path, s.layout_id, resume=False)
+    for rnd in range(1, 6):
+        checkpoint.save(tmp_path, s, rnd, run, {"bank": 0.25, "hospital": 0.75}, keep=5)
+    assert checkpoint.rounds(tmp_path) == [1, 2, 3, 4, 5]
+    assert checkpoint.weights_of(checkpoint.path_for(tmp_path, 5)) == {"bank": 0.25, "hospital": 0.75}
+
+
 def test_a_fresh_run_into_a_directory_of_another_run_is_refused_and_touches_nothing(tmp_path):
     s = state(1)
     run = checkpoint.begin_run(tmp_path, s.layout_id, resume=False)
@@ -89,3 +98,13 @@ def test_a_full_disk_is_a_clear_error_that_leaves_no_temporary_file(tmp_path):
         assert checkpoint.load_latest(disk, loaded, run) == checkpoint.Resumed(2, ())
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_resuming_removes_what_a_killed_writer_left_half_written(tmp_path):
+    s = state(1)
+    run = checkpoint.begin_run(tmp_path, s.layout_id, resume=False)
+    checkpoint.save(tmp_path, s, 1, run)
+    half = checkpoint.path_for(tmp_path, 2).with_name("global-round-00002.safetensors.tmp")
+    half.write_bytes(b"\0" * 100)  # as a SIGKILL during the write leaves it
+    assert checkpoint.begin_run(tmp_path, s.layout_id, resume=True) == run
+    assert not half.exists() and checkpoint.rounds(tmp_path) == [1]

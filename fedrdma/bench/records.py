@@ -312,3 +312,31 @@ class ScaleResult(Record):
     silo_processes: int = Field(description="processes the silos shared (each silo keeps its own link and endpoint)")
     time: float
     runs: list[ScaleRun]
+
+
+# --- bench soak -----------------------------------------------------------------------------
+
+
+class SoakLeaks(Record):
+    processes: list[str] = Field(description="processes still running once the run was over")
+    fds: int = Field(description="descriptors the soak's own process held more at the end than at the start")
+    tmp_files: list[str] = Field(description="half-written checkpoints left in the aggregator's directory")
+
+
+class SoakResult(Record):
+    """`fedrdma bench soak --json`: a federation under random faults, each round recomputed from files."""
+
+    rounds: int
+    silos: int
+    seed: int
+    model: str
+    seconds: float
+    faults: dict[str, int] = Field(description="faults injected, by kind")
+    survived: dict[str, int] = Field(description="of those, the ones after which the run went on to a correct end")
+    rounds_retried: int = Field(description="round attempts that did not close: too few silos, or the aggregator killed")
+    mismatched_rounds: list[int] = Field(description="rounds whose checkpoint is not the weighted mean of the "
+                                         "updates it accepted (or whose checkpoint or updates are missing)")
+    stale_updates: list[str] = Field(description="SILO@ROUND: accepted updates not built on the previous global")
+    double_counted: list[int] = Field(description="rounds recorded again after the aggregator resumed past them")
+    unexpected_exits: list[str] = Field(description="silos that left without being told to (restarted)")
+    leaks: SoakLeaks

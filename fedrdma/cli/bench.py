@@ -1,4 +1,4 @@
-"""`fedrdma bench transfer|paper|compare|heap|scale`: benchmarks that print ratios measured in one run."""
+"""`fedrdma bench transfer|paper|compare|heap|scale|soak`: benchmarks that print ratios measured in one run."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from fedrdma.cli.console import console, progress
 from fedrdma.cli.inputs import model_name
 from fedrdma.cli.lab import describe_validation
 from fedrdma.cli.options import comma_list, mode, one_of, single
-from fedrdma.cli.tables import compare_table, heap_table, scale_table, transfer_table
+from fedrdma.cli.tables import compare_table, heap_table, scale_table, soak_table, transfer_table
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, ChunkPlan, check_window
 from fedrdma.core.errors import PlanError, RunError
 from fedrdma.core.modes import Mode, choices
@@ -324,3 +324,40 @@ def _silo_count(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= MAX_SCALE_SILOS:
         raise ValueError(f"silo count {text!r} must be a whole number from 1 to {MAX_SCALE_SILOS}")
     return int(text)
+
+
+@app.command("soak")
+def bench_soak(
+    rounds: int = typer.Option(100, min=2, help="Rounds of the federation."),
+    silos: int = typer.Option(4, min=2, max=16, help="Silos, each its own process."),
+    faults: str = typer.Option("random", help="random: after each closed round, a fault with probability 1/2."),
+    seed: int = typer.Option(0, help="Seed of the faults: which, when, whom."),
+    model: str = typer.Option("gpt2-tiny", help="Model whose state the silos move."),
+    mode_name: str = typer.Option(Mode.TCP_E.value, "--mode", help=f"How updates move: {choices()}."),
+    out_dir: Path = typer.Option(Path("runs/bench-soak"), help="Configs, logs, checkpoints and the silos' updates."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the results here as JSON."),
+) -> None:
+    """A federation under random faults; every round's mean recomputed from the silos' saved updates."""
+    from fedrdma.bench import soak
+
+    out = console()
+    single(faults, "--faults", one_of("fault schedule", ["random"]))
+    chosen = single(mode_name, "--mode", mode)
+    single(model, "--model", model_name)
+    with progress(out) as bar:
+        task = bar.add_task(f"{rounds} rounds under faults", total=rounds)
+        try:
+            result = soak.run(out_dir, rounds, silos, seed, chosen, model, on_round=lambda r: bar.advance(task))
+        except RunError as exc:
+            out.print(f"[red]bench soak failed:[/] {exc}")
+            raise typer.Exit(1) from None
+    out.print(soak_table(result))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
+        out.print(f"wrote {json_path}")
+    clean = not (result.mismatched_rounds or result.stale_updates or result.double_counted
+                 or result.leaks.processes or result.leaks.fds or result.leaks.tmp_files)
+    if not clean:
+        out.print("[red]the soak found rounds or resources that are wrong: see the table[/]")
+        raise typer.Exit(1)

@@ -22,7 +22,7 @@ from fedrdma.sim.tcp_buffers import BUFFER_BDP_FACTOR
 if TYPE_CHECKING:
     from fedrdma.bench.compare import Comparison
     from fedrdma.bench.probe import ProbeResult
-    from fedrdma.bench.records import HeapResult, ModeSummary, ScaleResult, TransferResult
+    from fedrdma.bench.records import HeapResult, ModeSummary, ScaleResult, SoakResult, TransferResult
     from fedrdma.fl.records import AggregatorRound, DemoResult
     from fedrdma.lab.config import LabConfig
     from fedrdma.lab.lab import PathStatus
@@ -113,6 +113,25 @@ def scale_table(result: ScaleResult) -> Table:
                       f"{last.aggregation_seconds:.3f}", f"{100 * last.aggregation_seconds / last.seconds:.1f}",
                       f"{run.aggregator_cpu_seconds:.1f}", f"{run.aggregator_peak_rss_mb:.0f}",
                       f"{run.aggregator_rss_above_globals_mb:.0f}")
+    return table
+
+
+def soak_table(result: SoakResult) -> Table:
+    table = _table(f"soak: {result.rounds} rounds of {result.model}, {result.silos} silos, seed {result.seed}, "
+                   f"{result.seconds:.0f} s", [("fault", LEFT), "injected", "survived"])
+    for kind, count in result.faults.items():
+        table.add_row(kind, str(count), str(result.survived.get(kind, 0)))
+    table.add_section()
+    checks = {
+        "rounds retried": str(result.rounds_retried),
+        "mismatched rounds": ", ".join(map(str, result.mismatched_rounds)) or "none",
+        "stale updates": ", ".join(result.stale_updates) or "none",
+        "double counted": ", ".join(map(str, result.double_counted)) or "none",
+        "leaked processes / fds / .tmp": f"{len(result.leaks.processes)} / {result.leaks.fds} / "
+                                         f"{len(result.leaks.tmp_files)}",
+    }
+    for name, value in checks.items():
+        table.add_row(name, value, "")
     return table
 
 

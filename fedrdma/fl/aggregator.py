@@ -324,7 +324,7 @@ class Aggregator:
         for silo, reason in outcome.rejected.items():
             results[silo].ok = False
             results[silo].reason = f"update rejected: {reason}"
-        checkpoint.save(self.out_dir, self.state, rnd, self.run_id)
+        checkpoint.save(self.out_dir, self.state, rnd, self.run_id, outcome.weights, cfg.keep_checkpoints)
         eval_loss = self._evaluate()
         for r in results.values():
             st = self.silos.get(r.silo)

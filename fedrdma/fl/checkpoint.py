@@ -24,14 +24,23 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from fedrdma.config import KEEP_CHECKPOINTS
 from fedrdma.core.errors import FedRDMAError, LayoutError
 from fedrdma.core.layout import FlatState
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^global-round-(\d{5})\.safetensors$")
-KEEP = 3
-"""Checkpoints kept on disk: the newest few, so a bad round can still be rolled back."""
+
+WEIGHTS_KEY = "weights"
+"""Metadata key of a checkpoint's FedAvg weights (JSON: silo id -> weight, summing to 1)."""
+
+
+def weights_of(path: Path) -> dict[str, float]:
+    """The FedAvg weights a checkpoint records; empty for one written before they were kept."""
+    with safe_open(str(path), framework="pt") as fh:
+        return json.loads((fh.metadata() or {}).get(WEIGHTS_KEY, "{}"))
+
 
 RUN_FILE = "run.json"
 """The run a directory's checkpoints belong to: its id, its layout, when it began."""
@@ -89,6 +98,9 @@ def begin_run(out_dir: Path, layout_id: str, resume: bool) -> str:
     existing = json.loads(record.read_text()) if record.exists() else None
     done = rounds(out_dir)
     if resume and existing is not None:
+        for leftover in out_dir.glob(f"*{TMP_SUFFIX}"):  # a writer killed mid-write: never read, so never needed
+            log.info("removing %s, left by a checkpoint write that was interrupted", leftover.name)
+            leftover.unlink(missing_ok=True)
         if existing.get("layout_id") != layout_id:
             raise CheckpointError(
                 f"{out_dir} holds run {existing.get('run_id')} of layout {existing.get('layout_id')}, and this "
@@ -109,14 +121,23 @@ def begin_run(out_dir: Path, layout_id: str, resume: bool) -> str:
     return run_id
 
 
-def save(out_dir: Path, state: FlatState, rnd: int, run_id: str) -> Path:
-    """Round `rnd`'s global state, durably; only this run's older checkpoints are pruned."""
+def save(
+    out_dir: Path, state: FlatState, rnd: int, run_id: str, weights: dict[str, float] | None = None,
+    keep: int = KEEP_CHECKPOINTS,
+) -> Path:
+    """Round `rnd`'s global state, durably; only this run's older checkpoints are pruned, to `keep`.
+
+    `weights`: the round's FedAvg weights by silo, kept in the file's metadata, so that a
+    checkpoint says which updates it is the mean of (an audit, or the soak, can recompute it).
+    """
     out_dir = Path(out_dir)
     target = path_for(out_dir, rnd)
     tmp = target.with_name(target.name + TMP_SUFFIX)
+    metadata = {"round": str(rnd), "layout_id": state.layout_id, "run_id": run_id}
+    if weights is not None:
+        metadata[WEIGHTS_KEY] = json.dumps(weights, sort_keys=True)
     try:
-        save_file(dict(state.views), str(tmp),
-                  metadata={"round": str(rnd), "layout_id": state.layout_id, "run_id": run_id})
+        save_file(dict(state.views), str(tmp), metadata=metadata)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -132,7 +153,7 @@ def save(out_dir: Path, state: FlatState, rnd: int, run_id: str) -> Path:
             "(or give another --out-dir) and continue with --resume"
         ) from None
     mine = [r for r in rounds(out_dir) if _run_of(path_for(out_dir, r)) == run_id]
-    for old in mine[:-KEEP]:
+    for old in mine[:-keep]:
         path_for(out_dir, old).unlink(missing_ok=True)
     return target
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -159,14 +160,8 @@ class Silo:
             return self.trainer.train_round(rnd)
 
     def _perturb(self, rnd: int) -> tuple[int, float, float]:
-        """A stand-in for training that costs no compute: every weight moves by seeded noise of
-        PERTURBATION's scale, different per silo and round, so updates differ and pass the checks."""
         start = time.perf_counter()
-        seed = xxhash.xxh3_64_intdigest(f"{self.cfg.seed}:{self.cfg.id}:{rnd}".encode()) & PERTURBATION_SEED_MASK
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for view in self.state.views.values():
-                view.add_(torch.randn(view.shape, generator=generator).to(view.dtype), alpha=PERTURBATION)
+        perturb(self.state.views, self.cfg.seed, self.cfg.id, rnd)
         return PERTURBED_SAMPLES, 0.0, time.perf_counter() - start
 
     def _round(self, link: AggregatorLink, broadcast: Session, upload: Session, rnd: int) -> None:
@@ -192,6 +187,18 @@ class Silo:
                               memory=MemorySplit.model_validate(memory))
         self._event(row.model_dump(mode="json"))
 
+
+
+def perturb(views: Mapping[str, torch.Tensor], seed: int, silo: str, rnd: int) -> None:
+    """A stand-in for training that costs no compute: every weight moves by seeded noise of
+    PERTURBATION's scale, different per silo and round, so updates differ and pass the checks.
+    A pure function of (each weight, its name, seed, silo, round), whatever order the tensors
+    come in: a check can redo it bit for bit from a checkpoint."""
+    with torch.no_grad():
+        for name, view in views.items():
+            key = xxhash.xxh3_64_intdigest(f"{seed}:{silo}:{rnd}:{name}".encode()) & PERTURBATION_SEED_MASK
+            noise = torch.randn(view.shape, generator=torch.Generator().manual_seed(key))
+            view.add_(noise.to(view.dtype), alpha=PERTURBATION)
 
 
 def _handed(session: Session) -> dict[str, Any]:

@@ -9,7 +9,8 @@ Faults: `exit-after-broadcast:R` (dies in round R once the global arrived), `sta
 `scale` (the update times 1000), `claim:N` (reports N training samples, whatever it holds),
 `stop:PHASE:R` (round R: the process stops itself with SIGSTOP, as a host that freezes, once
 STOP_AFTER_CHUNKS chunks of its broadcast landed or of its upload went out; PHASE is
-`broadcast` or `upload`, one-sided modes only).
+`broadcast` or `upload`, one-sided modes only), `record:DIR` (an honest silo that keeps a copy
+of every update it uploads as DIR/ID-RRRRR.safetensors, for a check that recomputes the mean).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from fedrdma.bench.soak import update_path
 from fedrdma.config import ConfigError, SiloConfig, load
 from fedrdma.control.link import JoinRefused
 from fedrdma.core.errors import FedRDMAError
@@ -139,6 +142,23 @@ class StopAt(Silo):
             self.stopper.armed = False
 
 
+class Recording(Silo):
+    """Honest, and keeps what it uploads: the soak recomputes each round's mean from these."""
+
+    def __init__(self, cfg: SiloConfig, directory: Path) -> None:
+        super().__init__(cfg)
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def train(self, rnd: int, upload: Session) -> tuple[int, float, float]:
+        result = super().train(rnd, upload)
+        path = update_path(self.directory, self.cfg.id, rnd)
+        tmp = path.with_suffix(".tmp")
+        save_file({name: view.clone() for name, view in self.state.views.items()}, str(tmp))
+        os.replace(tmp, path)  # a reader never sees half a file, even if this silo is killed
+        return result
+
+
 def faulty(cfg: SiloConfig, fault: str) -> Silo:
     name, _, rest = fault.partition(":")
     args = rest.split(":") if rest else []
@@ -154,6 +174,8 @@ def faulty(cfg: SiloConfig, fault: str) -> Silo:
         return ClaimSamples(cfg, int(args[0]))
     if name == "stop":
         return StopAt(cfg, args[0], int(args[1]))
+    if name == "record":
+        return Recording(cfg, Path(rest))
     raise SystemExit(f"unknown fault {fault!r}; see `python -m fedrdma.testing.silo --help`")
 
 
