@@ -321,6 +321,8 @@ class SoakLeaks(Record):
     processes: list[str] = Field(description="processes still running once the run was over")
     fds: int = Field(description="descriptors the soak's own process held more at the end than at the start")
     tmp_files: list[str] = Field(description="half-written checkpoints left in the aggregator's directory")
+    namespaces: list[str] = Field(default_factory=list, description="the soak lab's namespaces still there "
+                                  "after it was taken down (in the lab only)")
 
 
 class SoakResult(Record):
@@ -330,6 +332,7 @@ class SoakResult(Record):
     silos: int
     seed: int
     model: str
+    lab: bool = Field(False, description="the processes ran in the WAN lab, each silo on its own shaped path")
     seconds: float
     faults: dict[str, int] = Field(description="faults injected, by kind")
     survived: dict[str, int] = Field(description="of those, the ones after which the run went on to a correct end")

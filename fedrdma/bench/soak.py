@@ -5,7 +5,10 @@ perturbation, `fedrdma.fl.silo.perturb`) and keep a copy of every update they up
 (`python -m fedrdma.testing.silo --fault record:DIR`). After each closed round the soak may
 inject one fault, at a random moment of the next round: it SIGKILLs a silo and starts it
 again, SIGSTOPs one for a while (shorter or longer than the heartbeat window) and SIGCONTs
-it, or SIGKILLs the aggregator and restarts it with `--resume`.
+it, or SIGKILLs the aggregator and restarts it with `--resume`. With `lab` (root) every
+process runs in the WAN lab's namespaces, each silo on its own shaped path, and the soak
+also cuts a silo's path (every packet dropped, both ways) or drops a burst of its packets
+for a few seconds.
 
 Then it checks, from files alone:
 - each round's checkpoint equals the weighted mean of exactly the updates that round
@@ -15,7 +18,6 @@ Then it checks, from files alone:
 - no round was recorded again after the aggregator resumed past it;
 - nothing leaked: no process left, no descriptor of the soak's own left open, no `.tmp` file.
 
-Link cuts and loss bursts on a silo's path (the lab) are not injected yet.
 """
 
 from __future__ import annotations
@@ -30,13 +32,34 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedrdma.bench.records import SoakLeaks, SoakResult
 from fedrdma.core.errors import RunError
 from fedrdma.core.modes import Mode
 
+if TYPE_CHECKING:
+    from fedrdma.lab.lab import Lab
+
 FAULTS = ("silo_kill", "silo_stop", "aggregator_kill")
 """What the soak injects, one at a time."""
+
+LAB_FAULTS = ("link_cut", "loss_burst")
+"""What it injects too when the federation runs in the lab."""
+
+LAB_NAME = "frsoak"
+"""The soak's own lab, up for the run and down afterwards."""
+
+LAB_RATE = "1gbit"
+LAB_RTT = "10ms"
+"""Each silo's path: a wide-area line, fast enough that rounds stay short."""
+
+CUT_S = (1.0, 6.0)
+"""How long a cut lasts (uniform): within the heartbeat window or beyond it."""
+
+BURST_S = (1.0, 4.0)
+BURST_LOSS = 0.2
+"""A loss burst: one packet in five dropped each way for a few seconds."""
 
 FAULT_PROBABILITY = 0.5
 """Chance that a closed round is followed by a fault: half the rounds run under one."""
@@ -110,14 +133,16 @@ class _Proc:
 
 @dataclass
 class _Tally:
-    faults: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAULTS, 0))
+    faults: dict[str, int]
     injected_at: list[tuple[str, int]] = field(default_factory=list)
     unexpected_exits: list[str] = field(default_factory=list)
 
 
 class Soak:
-    def __init__(self, root: Path, rounds: int, silos: int, seed: int, mode: Mode, model: str) -> None:
-        from fedrdma.fl.demo import free_port, write_configs
+    def __init__(self, root: Path, rounds: int, silos: int, seed: int, mode: Mode, model: str,
+                 lab: Lab | None = None) -> None:
+        from fedrdma.bench.wan import federation_hosts
+        from fedrdma.fl.demo import LOCAL, free_port, write_configs
 
         self.root, self.rounds, self.seed, self.model = root, rounds, seed, model
         self.names = [f"s{i:02d}" for i in range(silos)]
@@ -127,8 +152,13 @@ class Soak:
             if stale.exists():
                 for path in stale.iterdir():
                     path.unlink()
+        self.lab = lab
+        self.kinds = FAULTS + (LAB_FAULTS if lab is not None else ())
+        self.hosts = federation_hosts(lab) if lab is not None else LOCAL
+        self.restores: list[tuple[float, int, float]] = []
+        """(when, silo index, loss) of the path faults in force."""
         self.agg_cfg, silo_cfgs = write_configs(
-            root, mode, rounds, model, False, self.names, free_port(),
+            root, mode, rounds, model, False, self.names, free_port(), self.hosts,
             aggregator_settings={"eval_data": None, "min_silos": 1, "round_deadline_s": ROUND_DEADLINE_S,
                                  "gather_s": GATHER_S, "heartbeat_s": HEARTBEAT_S, "keep_checkpoints": rounds},
             silo_settings={"train": "none", "data": None, "rejoin_s": REJOIN_S, "heartbeat_s": HEARTBEAT_S},
@@ -138,14 +168,15 @@ class Soak:
         self.aggregator = _Proc("aggregator", lambda: self._spawn("aggregator", self._agg_command(False)))
         self._resume = False
         self.silos = {
-            name: _Proc(name, lambda c=cfg, n=name: self._spawn(n, [
-                sys.executable, "-m", "fedrdma.testing.silo", "--fault", f"record:{self.updates}", "--config", str(c)]))
-            for name, cfg in zip(self.names, silo_cfgs, strict=True)
+            name: _Proc(name, lambda c=cfg, n=name, k=k: self._spawn(n, [
+                *self.hosts.silo(k)[0], sys.executable, "-m", "fedrdma.testing.silo",
+                "--fault", f"record:{self.updates}", "--config", str(c)]))
+            for k, (name, cfg) in enumerate(zip(self.names, silo_cfgs, strict=True))
         }
 
     def _agg_command(self, resume: bool) -> list[str]:
-        return [sys.executable, "-m", "fedrdma.cli", "aggregator", "--config", str(self.agg_cfg),
-                *(["--resume"] if resume else [])]
+        return [*self.hosts.agg_prefix, sys.executable, "-m", "fedrdma.cli", "aggregator", "--config",
+                str(self.agg_cfg), *(["--resume"] if resume else [])]
 
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "a")  # noqa: SIM115 (closed when the soak ends)
@@ -162,8 +193,7 @@ class Soak:
         from fedrdma.fl import checkpoint
 
         fds_before = len(os.listdir("/proc/self/fd"))
-        rng = random.Random(self.seed)
-        tally = _Tally()
+        tally = _Tally(faults=dict.fromkeys(self.kinds, 0))
         start = time.monotonic()
         self.aggregator.launch()
         for silo in self.silos.values():
@@ -175,6 +205,7 @@ class Soak:
                 now = time.monotonic()
                 if now > deadline:
                     raise RunError(f"the soak took longer than {deadline - start:.0f} s; see {self.root}")
+                self._restore_paths(now)
                 for silo in self.silos.values():
                     if silo.stopped_until is not None and now >= silo.stopped_until:
                         assert silo.proc is not None
@@ -193,13 +224,14 @@ class Soak:
                         tally.unexpected_exits.append(f"{silo.name} (exit {code})")
                         silo.launch()
                 done = len(checkpoint.rounds(self.agg_dir))
-                if done > seen:
-                    for rnd in range(seen + 1, done + 1):
-                        on_round(rnd)
-                    draws = [rng.random() < FAULT_PROBABILITY for _ in range(seen, done)]  # one per closed round
-                    seen = done
-                    if done < self.rounds and any(draws):
-                        self._inject(rng, tally, done)
+                for rnd in range(seen + 1, done + 1):
+                    on_round(rnd)
+                    # Each round's fault is drawn from its own stream: the plan is the seed's
+                    # alone, however many rounds one look at the checkpoints finds closed.
+                    draw = random.Random(f"{self.seed}:{rnd}")
+                    if rnd < self.rounds and draw.random() < FAULT_PROBABILITY:
+                        self._inject(draw, tally, rnd)
+                seen = max(seen, done)
                 time.sleep(POLL_S)
             for silo in self.silos.values():
                 if silo.stopped_until is not None:
@@ -208,6 +240,7 @@ class Soak:
                     silo.stopped_until = None
             leftover = self._reap()
         finally:
+            self._restore_paths(float("inf"))
             for proc in (self.aggregator, *self.silos.values()):
                 if proc.proc is not None and proc.proc.poll() is None:
                     proc.kill()
@@ -218,7 +251,7 @@ class Soak:
 
     def _inject(self, rng: random.Random, tally: _Tally, done: int) -> None:
         time.sleep(rng.uniform(*FAULT_DELAY_S))
-        kind = rng.choice(FAULTS)
+        kind = rng.choice(self.kinds)
         running = [s for s in self.silos.values() if s.stopped_until is None]
         if kind != "aggregator_kill" and not running:
             return
@@ -227,6 +260,15 @@ class Soak:
             victim.kill()
             time.sleep(RESTART_PAUSE_S)
             victim.launch()
+        elif kind in LAB_FAULTS:
+            busy = {index for _, index, _ in self.restores}  # one path fault at a time per path
+            free = [k for k in range(len(self.names)) if k not in busy]
+            if not free:
+                return
+            k = rng.choice(free)
+            loss, span = (1.0, CUT_S) if kind == "link_cut" else (BURST_LOSS, BURST_S)
+            self._path_loss(k, loss, add=True)
+            self.restores.append((time.monotonic() + rng.uniform(*span), k, loss))
         elif kind == "silo_stop":
             victim = rng.choice(running)
             assert victim.proc is not None
@@ -236,6 +278,20 @@ class Soak:
             self._restart_aggregator()
         tally.faults[kind] += 1
         tally.injected_at.append((kind, done))
+
+    def _path_loss(self, k: int, loss: float, add: bool) -> None:
+        from fedrdma.lab.netns import PathLinks
+        from fedrdma.lab.shaping import clear_loss, directions, set_loss
+
+        assert self.lab is not None
+        for direction in directions(PathLinks(self.lab.config.name, k + 1)):
+            (set_loss if add else clear_loss)(direction, loss)
+
+    def _restore_paths(self, now: float) -> None:
+        due = [r for r in self.restores if r[0] <= now]
+        self.restores = [r for r in self.restores if r[0] > now]
+        for _, k, loss in due:
+            self._path_loss(k, loss, add=False)
 
     def _reap(self) -> list[str]:
         """Let every silo leave, then look for any process of this soak still running.
@@ -258,13 +314,14 @@ class Soak:
         double_counted = _double_counted(self.agg_dir / "metrics.jsonl")
         retried = _count_events(self.agg_dir / "metrics.jsonl", "round_failed") + tally.faults["aggregator_kill"]
         finished = not mismatched
-        survived = dict.fromkeys(FAULTS, 0)
+        survived = dict.fromkeys(tally.faults, 0)
         for kind, at in tally.injected_at:
             if finished and self.rounds > at:
                 survived[kind] += 1
         tmp_files = sorted(str(p) for p in self.agg_dir.glob("*.tmp"))
         return SoakResult(
-            rounds=self.rounds, silos=len(self.names), seed=self.seed, model=self.model, seconds=seconds,
+            rounds=self.rounds, silos=len(self.names), seed=self.seed, model=self.model, lab=self.lab is not None,
+            seconds=seconds,
             faults=tally.faults, survived=survived, rounds_retried=retried,
             mismatched_rounds=sorted(set(mismatched)), stale_updates=stale, double_counted=double_counted,
             unexpected_exits=tally.unexpected_exits,
@@ -362,7 +419,18 @@ def _double_counted(metrics: Path) -> list[int]:
     return sorted(set(out))
 
 
-def run(root: Path, rounds: int, silos: int, seed: int, mode: Mode, model: str,
+def run(root: Path, rounds: int, silos: int, seed: int, mode: Mode, model: str, lab: bool = False,
         on_round: Callable[[int], None] = lambda r: None) -> SoakResult:
+    """The soak; with `lab` (root) in the WAN lab, which is taken down afterwards and checked gone."""
     root.mkdir(parents=True, exist_ok=True)
-    return Soak(root, rounds, silos, seed, mode, model).run(on_round)
+    if not lab:
+        return Soak(root, rounds, silos, seed, mode, model).run(on_round)
+    from fedrdma.lab.config import LabConfig
+    from fedrdma.lab.lab import lab as running_lab
+    from fedrdma.lab.netns import list_namespaces
+
+    config = LabConfig.uniform(silos=silos, rate=LAB_RATE, rtt=LAB_RTT, name=LAB_NAME)
+    with running_lab(config) as up:
+        result = Soak(root, rounds, silos, seed, mode, model, up).run(on_round)
+    result.leaks.namespaces = sorted(ns for ns in list_namespaces() if ns.startswith(f"{LAB_NAME}-"))
+    return result

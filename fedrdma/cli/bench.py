@@ -336,9 +336,15 @@ def bench_soak(
     mode_name: str = typer.Option(Mode.TCP_E.value, "--mode", help=f"How updates move: {choices()}."),
     out_dir: Path = typer.Option(Path("runs/bench-soak"), help="Configs, logs, checkpoints and the silos' updates."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the results here as JSON."),
+    lab: bool | None = typer.Option(None, "--lab/--no-lab", help="Run in the WAN lab, each silo on its own path, "
+                                    "and cut those paths too; default: when root."),
 ) -> None:
     """A federation under random faults; every round's mean recomputed from the silos' saved updates."""
     from fedrdma.bench import soak
+
+    in_lab = os.geteuid() == 0 if lab is None else lab
+    if in_lab and os.geteuid() != 0:
+        raise typer.BadParameter("the lab needs root (network namespaces); run with sudo or --no-lab", param_hint="--lab")
 
     out = console()
     single(faults, "--faults", one_of("fault schedule", ["random"]))
@@ -347,8 +353,8 @@ def bench_soak(
     with progress(out) as bar:
         task = bar.add_task(f"{rounds} rounds under faults", total=rounds)
         try:
-            result = soak.run(out_dir, rounds, silos, seed, chosen, model, on_round=lambda r: bar.advance(task))
-        except RunError as exc:
+            result = soak.run(out_dir, rounds, silos, seed, chosen, model, in_lab, on_round=lambda r: bar.advance(task))
+        except (RunError, LabError) as exc:
             out.print(f"[red]bench soak failed:[/] {exc}")
             raise typer.Exit(1) from None
     out.print(soak_table(result))
@@ -357,7 +363,7 @@ def bench_soak(
         json_path.write_text(json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
         out.print(f"wrote {json_path}")
     clean = not (result.mismatched_rounds or result.stale_updates or result.double_counted
-                 or result.leaks.processes or result.leaks.fds or result.leaks.tmp_files)
+                 or result.leaks.processes or result.leaks.fds or result.leaks.tmp_files or result.leaks.namespaces)
     if not clean:
         out.print("[red]the soak found rounds or resources that are wrong: see the table[/]")
         raise typer.Exit(1)

@@ -117,8 +117,9 @@ def scale_table(result: ScaleResult) -> Table:
 
 
 def soak_table(result: SoakResult) -> Table:
-    table = _table(f"soak: {result.rounds} rounds of {result.model}, {result.silos} silos, seed {result.seed}, "
-                   f"{result.seconds:.0f} s", [("fault", LEFT), "injected", "survived"])
+    where = "in the WAN lab" if result.lab else "on loopback"
+    table = _table(f"soak: {result.rounds} rounds of {result.model}, {result.silos} silos {where}, seed "
+                   f"{result.seed}, {result.seconds:.0f} s", [("fault", LEFT), "injected", "survived"])
     for kind, count in result.faults.items():
         table.add_row(kind, str(count), str(result.survived.get(kind, 0)))
     table.add_section()
@@ -127,8 +128,8 @@ def soak_table(result: SoakResult) -> Table:
         "mismatched rounds": ", ".join(map(str, result.mismatched_rounds)) or "none",
         "stale updates": ", ".join(result.stale_updates) or "none",
         "double counted": ", ".join(map(str, result.double_counted)) or "none",
-        "leaked processes / fds / .tmp": f"{len(result.leaks.processes)} / {result.leaks.fds} / "
-                                         f"{len(result.leaks.tmp_files)}",
+        "leaked processes / fds / .tmp / namespaces": f"{len(result.leaks.processes)} / {result.leaks.fds} / "
+                                                      f"{len(result.leaks.tmp_files)} / {len(result.leaks.namespaces)}",
     }
     for name, value in checks.items():
         table.add_row(name, value, "")

@@ -108,6 +108,12 @@ def set_loss(d: Direction, loss: float, position: int | None = 2) -> None:
          "-m", "comment", "--comment", "loss", "-j", "DROP")
 
 
+def clear_loss(d: Direction, loss: float) -> None:
+    """Remove a drop rule `set_loss(d, loss)` added (the first of that probability)."""
+    _ipt(d.links.wan_ns, "-D", d.chain, "-m", "statistic", "--mode", "random", "--probability", f"{loss:.10f}",
+         "-m", "comment", "--comment", "loss", "-j", "DROP")
+
+
 def counters(d: Direction) -> tuple[int, int]:
     """(packets seen, packets dropped by the loss rule) since the last reset."""
     out = run(in_ns(d.links.wan_ns, [iptables(), "-w", "-L", d.chain, "-v", "-x", "-n"])).stdout
