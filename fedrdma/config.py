@@ -194,7 +194,9 @@ class AggregatorConfig(RuntimeSettings, TransportSettings):
     rounds: int = Field(DEFAULT_ROUNDS, ge=1)
     min_silos: int = Field(MIN_SILOS, ge=1, description="a round closes once this many silos uploaded, "
                            "or all of them before the deadline")
-    round_deadline_s: float = Field(DEFAULT_ROUND_DEADLINE_S, gt=0)
+    round_deadline_s: float = Field(DEFAULT_ROUND_DEADLINE_S, gt=0, description="a silo not done this long after "
+                                    "the round started is left out, unless its upload is still landing chunks "
+                                    "(then up to 4x this)")
     join_timeout_s: float = Field(DEFAULT_JOIN_TIMEOUT_S, gt=0)
     gather_s: float = Field(DEFAULT_GATHER_S, ge=0)
     keep_checkpoints: int = Field(KEEP_CHECKPOINTS, ge=1, description="this run's newest checkpoints kept in "

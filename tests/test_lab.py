@@ -348,3 +348,20 @@ def test_bench_transfer_crosses_shaped_path() -> None:
         assert row.identical, mode
         assert row.vs_line is not None and 0 < row.vs_line <= TBF_BURST_SLACK, \
             f"{mode} moved {row.vs_line}x the line: not shaped"
+
+
+@needs_lab
+def test_an_upload_still_landing_chunks_at_the_deadline_is_waited_for(tmp_path, clean_slate) -> None:
+    """On a 2 Mbit/s path a round of gpt2-tiny (0.5 MiB each way) takes ~4.5 s; its 3 s
+    deadline passes mid-upload, and the silos, still verifying chunks, are accepted."""
+    from fedrdma.bench.wan import federation_hosts
+    from fedrdma.fl.demo import run_federation
+    from fedrdma.fl.inputs import DEMO_SILOS
+
+    with Lab.up(_config(silos=2, rate="2mbit", rtt="10ms")) as lab:
+        records = run_federation(tmp_path, "tcp-e", 1, "gpt2-tiny", False, DEMO_SILOS[:2],
+                                 hosts=federation_hosts(lab), local_steps=1,
+                                 aggregator_settings={"round_deadline_s": 3, "chunk_size": 65536, "eval_data": None})
+    (record,) = [r for r in records if r.round == 1]
+    assert record.round_seconds > 3, "the path was meant to outlast the deadline"
+    assert sorted(record.accepted) == sorted(DEMO_SILOS[:2]), record.rejected

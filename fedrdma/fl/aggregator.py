@@ -28,6 +28,7 @@ from fedrdma.core.chunks import ChunkPlan
 from fedrdma.core.errors import FedRDMAError, PeerLost
 from fedrdma.core.fedavg import NotEnoughSilos, RoundAggregate
 from fedrdma.core.layout import FlatState
+from fedrdma.core.liveness import PEER_TIMEOUT_S
 from fedrdma.core.modes import Mode, Role
 from fedrdma.fl import checkpoint
 from fedrdma.fl.records import AggregatorRound, MemorySplit, SiloOutcome
@@ -48,6 +49,17 @@ MAX_ROUND_RETRIES = 3
 
 READY_GRACE_S = 1.0
 """Poll interval while waiting for a silo's ready message (bounded by the round deadline)."""
+
+DEADLINE_EXTENSION = 4.0
+"""A silo whose upload still lands chunks at the round deadline gets up to this many times
+the deadline in all: a slow line is not a dead silo, but a trickle must not hold a round for ever."""
+
+PROGRESS_WINDOW_S = PEER_TIMEOUT_S
+"""An upload that verified a chunk this recently is making progress (the data plane's own
+liveness bound: a longer silence fails the transfer anyway)."""
+
+WAIT_STEP_S = 0.2
+"""How often the round's wait looks at its silos' progress."""
 
 
 @dataclass
@@ -147,6 +159,8 @@ class Aggregator:
         self.silos: dict[str, SiloState] = {}
         self._fold_lock = threading.Lock()
         self._aggregate: RoundAggregate | None = None
+        self._progress: dict[str, float] = {}
+        """When each silo's upload last verified a chunk this round (the deadline's progress)."""
         self._agreed = {s.id: s.weight for s in cfg.silos if s.weight is not None}
         """FedAvg weights from the configuration: these silos' reported counts are ignored."""
         self.metrics_path = self.out_dir / "metrics.jsonl"
@@ -223,6 +237,7 @@ class Aggregator:
         with self._fold_lock:
             if self._aggregate is not None:
                 self._aggregate.fold(silo, inbox, offset, length)
+                self._progress[silo] = time.monotonic()
 
     # -- one silo's round --------------------------------------------------------------
     def _silo_round(self, link: SiloLink, rnd: int, deadline: float, out: SiloRound) -> None:
@@ -286,6 +301,7 @@ class Aggregator:
         deadline = start + cfg.round_deadline_s
         with self._fold_lock:
             self._aggregate = RoundAggregate(self.state, accumulator=self._accumulator())
+            self._progress = {}
         results = {link.silo: SiloRound(link.silo) for link in links}
         threads = [
             threading.Thread(target=self._silo_round, args=(link, rnd, deadline, results[link.silo]), daemon=True)
@@ -293,8 +309,7 @@ class Aggregator:
         ]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._wait_for_silos(threads, results, start)
         late = [r.silo for r in results.values() if r.finished_at == 0.0]
         for silo in late:
             results[silo].reason = "missed the round deadline"
@@ -336,6 +351,23 @@ class Aggregator:
         record = self._round_record(rnd, results, outcome, aggregation_seconds, eval_loss, time.monotonic() - start)
         self._event(record.model_dump(mode="json"))
         return record
+
+    def _wait_for_silos(self, threads: list[threading.Thread], results: dict[str, SiloRound], start: float) -> None:
+        """Until every silo is done, or the deadline: past it, only while an unfinished upload
+        still verifies chunks (a slow path), and never past DEADLINE_EXTENSION times it."""
+        deadline = start + self.cfg.round_deadline_s
+        limit = start + self.cfg.round_deadline_s * DEADLINE_EXTENSION
+        while True:
+            alive = [t for t in threads if t.is_alive()]
+            now = time.monotonic()
+            if not alive or now >= limit:
+                return
+            if now >= deadline:
+                with self._fold_lock:
+                    recent = [s for s, at in self._progress.items() if now - at < PROGRESS_WINDOW_S]
+                if not any(results[s].finished_at == 0.0 for s in recent):
+                    return
+            alive[0].join(timeout=WAIT_STEP_S)
 
     def _round_record(self, rnd, results, outcome, aggregation_seconds, eval_loss, seconds) -> AggregatorRound:
         silos = [r.record().model_copy(update={"weight": outcome.weights.get(r.silo),

@@ -169,10 +169,11 @@ def run_federation(
     root: Path, mode: Mode, rounds: int, model: str, lora: bool, silos: Sequence[str],
     on_round: Callable[[AggregatorRound], None] = lambda r: None,
     hosts: Hosts = LOCAL, local_steps: int = DEMO_LOCAL_STEPS,
+    aggregator_settings: Mapping[str, Any] | None = None,
 ) -> list[AggregatorRound]:
     """One aggregator and its silos as processes; returns the aggregator's round records."""
     agg_path, silo_paths = write_configs(
-        root, mode, rounds, model, lora, silos, free_port(), hosts, local_steps
+        root, mode, rounds, model, lora, silos, free_port(), hosts, local_steps, aggregator_settings
     )
     metrics = root / "aggregator" / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
