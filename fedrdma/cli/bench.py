@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -18,7 +17,7 @@ from rich.console import Console
 from fedrdma.bench import heap
 from fedrdma.bench.compare import compare, host_speed, load, markdown
 from fedrdma.bench.wan import ON_LOOPBACK, Placement, shaped_path
-from fedrdma.cli.console import console, progress
+from fedrdma.cli.console import console, progress, write_record
 from fedrdma.cli.inputs import model_name
 from fedrdma.cli.lab import describe_validation
 from fedrdma.cli.options import comma_list, mode, one_of, single
@@ -272,9 +271,7 @@ def bench_heap(
         result = heap.run(model, rounds, repeat, on_child=lambda variant: bar.advance(task))
     out.print(heap_table(result, heap.PROBE_BYTES))
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
-        out.print(f"wrote {json_path}")
+        write_record(out, result, json_path)
 
 
 SCALE_MODEL = "gpt2-tiny"
@@ -312,9 +309,7 @@ def bench_scale(
             raise typer.Exit(1) from None
     out.print(scale_table(result))
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
-        out.print(f"wrote {json_path}")
+        write_record(out, result, json_path)
     if plot:
         png = scale_plot(result, (json_path.parent if json_path else out_dir) / f"scale-{model}.png")
         out.print(f"wrote {png}")
@@ -359,9 +354,7 @@ def bench_soak(
             raise typer.Exit(1) from None
     out.print(soak_table(result))
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
-        out.print(f"wrote {json_path}")
+        write_record(out, result, json_path)
     clean = not (result.mismatched_rounds or result.stale_updates or result.double_counted
                  or result.leaks.processes or result.leaks.fds or result.leaks.tmp_files or result.leaks.namespaces)
     if not clean:

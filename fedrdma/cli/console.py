@@ -10,8 +10,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO
 
+from pydantic import BaseModel
 from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -54,3 +56,10 @@ def live(out: Console, renderable: RenderableType) -> Iterator[None]:
     finally:
         if not out.is_terminal:
             out.line()
+
+
+def write_record(out: Console, record: BaseModel, path: Path) -> None:
+    """A record as indented JSON at `path` (its folder made), said on `out`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(record.model_dump_json(indent=2) + "\n")
+    out.print(f"wrote {path}")

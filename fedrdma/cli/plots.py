@@ -52,11 +52,7 @@ def rounds_plot(by_mode: Mapping[str, Sequence[AggregatorRound]], path: Path) ->
         ax.set_ylabel("seconds (mean over silos)")
         ax.set_title(f"{mode}: time per round")
         ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 100)
 
 
 def scale_plot(result: ScaleResult, path: Path) -> Path:
@@ -77,11 +73,7 @@ def scale_plot(result: ScaleResult, path: Path) -> Path:
     rss_ax.set_xlabel("silos")
     rss_ax.set_ylabel("MiB")
     rss_ax.set_title("aggregator peak RSS above its two globals")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 100)
 
 
 def sim_plot(results: Sequence[tuple[tuple[float, float, float], Recommendation]], path: Path) -> Path:
@@ -107,8 +99,12 @@ def sim_plot(results: Sequence[tuple[tuple[float, float, float], Recommendation]
     axes[0][0].set_ylabel("modelled goodput / line rate")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle("RoCE go-back-N model: which chunk sizes keep the link usable")
+    return _save(fig, path, 120)
+
+
+def _save(fig: plt.Figure, path: Path, dpi: int) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

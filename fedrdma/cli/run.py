@@ -6,7 +6,6 @@ one per field; `demo` runs a whole federation per mode on this host.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.logging import RichHandler
 
-from fedrdma.cli.console import console, live
+from fedrdma.cli.console import console, live, write_record
 from fedrdma.cli.inputs import demo_files, model_name, text_file
 from fedrdma.cli.options import comma_list, mode, single
 from fedrdma.cli.settings import USAGE_ERROR, flag, settings_command
@@ -136,6 +135,4 @@ def demo(
     out.print(f"plot: {png}")
     out.print(f"max |difference| between the modes' final models: {result.max_abs_diff_between_transports:.2e}")
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
-        out.print(f"wrote {json_path}")
+        write_record(out, result, json_path)
