@@ -413,9 +413,9 @@ def test_in_place_accumulator_refuses_what_it_cannot_hold():
 def test_fold_scratch_is_reused_and_grows_only_when_asked():
     """Folds copy each chunk into one reused buffer rather than a fresh block per chunk
     (each a page-faulted mmap under the RDMA modes' pinned threshold)."""
-    from fedrdma.core.fedavg import _Scratch
+    from fedrdma.core.folds import Scratch
 
-    scratch = _Scratch()
+    scratch = Scratch()
     first = scratch.copy(torch.arange(16, dtype=torch.uint8))
     assert first.tolist() == list(range(16))
     again = scratch.copy(torch.full((8,), 7, dtype=torch.uint8))
@@ -425,3 +425,90 @@ def test_fold_scratch_is_reused_and_grows_only_when_asked():
     floats = scratch.floats(10)
     assert floats.dtype == torch.float32 and floats.numel() == 10
     assert scratch.floats(4).data_ptr() == floats.data_ptr()
+
+
+# --- chunks folded from reused buffers: their bytes are fetched again through a source ----------
+
+
+class Fetcher:
+    """A silo's `source`: its update's bytes again, or None once the silo is gone."""
+
+    def __init__(self, update: FlatState) -> None:
+        self.update, self.gone, self.asked = update, False, 0
+
+    def __call__(self, offset: int, length: int) -> torch.Tensor | None:
+        self.asked += 1
+        return None if self.gone else self.update.buffer[offset : offset + length].clone()
+
+
+def fold_through_one_slot(agg: RoundAggregate, updates: dict[str, FlatState], samples: dict[str, int],
+                          fetchers: dict[str, Fetcher]) -> None:
+    """Every chunk lands in one slot that the next chunk overwrites, as a bounded inbox does."""
+    slot = torch.empty(512, dtype=torch.uint8)
+    for silo, n in samples.items():
+        agg.start_silo(silo, n, agreed=True, source=fetchers[silo])
+    for silo, update in updates.items():
+        for off in range(0, update.nbytes, 512):
+            n = min(512, update.nbytes - off)
+            slot[:n].copy_(update.buffer[off : off + n])
+            agg.fold_chunk(silo, off, slot[:n])
+            slot.fill_(0xEE)
+
+
+def test_a_rejected_silo_folded_from_a_reused_slot_is_retracted_with_bytes_fetched_again():
+    glob = make_state(0)
+    good = {s: make_state(i + 1, 0.01, base=glob) for i, s in enumerate(["a", "b", "c"])}
+    samples = {"a": 5, "b": 7, "c": 11, "evil": 50}
+    updates = {**good, "evil": make_state(7, 1.0, base=glob)}  # a norm outlier
+    fetchers = {s: Fetcher(u) for s, u in updates.items()}
+    agg = RoundAggregate(glob)
+    fold_through_one_slot(agg, updates, samples, fetchers)
+    into = FlatState.allocate(glob.layout)
+    result = agg.finish(into)
+    assert result.accepted == ("a", "b", "c") and "delta norm" in result.rejected["evil"]
+    assert fetchers["evil"].asked > 0 and all(fetchers[s].asked == 0 for s in good)
+    for name, ref in reference(good, samples).items():
+        assert torch.allclose(into.views[name].float(), ref.float(), atol=1e-6, rtol=0), name
+
+
+def test_a_silo_gone_before_its_retraction_makes_the_sum_rebuilt_from_the_others():
+    glob = make_state(0)
+    good = {s: make_state(i + 1, 0.01, base=glob) for i, s in enumerate(["a", "b", "c"])}
+    samples = {"a": 5, "b": 7, "c": 11, "left": 3}
+    updates = {**good, "left": make_state(9, 0.01, base=glob)}
+    fetchers = {s: Fetcher(u) for s, u in updates.items()}
+    agg = RoundAggregate(glob)
+    fold_through_one_slot(agg, updates, samples, fetchers)
+    agg.reject("left", "it left mid-round")
+    fetchers["left"].gone = True
+    into = FlatState.allocate(glob.layout)
+    result = agg.finish(into)
+    assert result.accepted == ("a", "b", "c") and result.rejected["left"] == "it left mid-round"
+    assert all(fetchers[s].asked > 0 for s in good), "the others' bytes were fetched to rebuild the sum"
+    for name, ref in reference(good, samples).items():
+        assert torch.allclose(into.views[name].float(), ref.float(), atol=1e-6, rtol=0), name
+
+
+def test_an_accepted_silo_whose_bytes_cannot_be_fetched_for_a_rebuild_is_rejected_and_named():
+    glob = make_state(0)
+    updates = {s: make_state(i + 1, 0.01, base=glob) for i, s in enumerate(["a", "b", "c", "left"])}
+    samples = {"a": 5, "b": 7, "c": 11, "left": 3}
+    fetchers = {s: Fetcher(u) for s, u in updates.items()}
+    agg = RoundAggregate(glob)
+    fold_through_one_slot(agg, updates, samples, fetchers)
+    agg.reject("left", "it left mid-round")
+    fetchers["left"].gone = fetchers["c"].gone = True
+    into = FlatState.allocate(glob.layout)
+    result = agg.finish(into)
+    assert result.accepted == ("a", "b")
+    assert "could not be fetched again" in result.rejected["c"]
+    for name, ref in reference({s: updates[s] for s in ("a", "b")}, samples).items():
+        assert torch.allclose(into.views[name].float(), ref.float(), atol=1e-6, rtol=0), name
+
+
+def test_folding_from_a_reused_buffer_needs_a_source():
+    glob = make_state(0)
+    agg = RoundAggregate(glob)
+    agg.start_silo("a", 1)
+    with pytest.raises(AggregationError, match="no source to fetch them again"):
+        agg.fold_chunk("a", 0, glob.buffer[:8].clone())

@@ -17,14 +17,14 @@ import bisect
 import math
 import statistics
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import xxhash
 
 from fedrdma.core.chunks import CHUNK_ALIGN
 from fedrdma.core.errors import FedRDMAError, LayoutError
+from fedrdma.core.folds import Scratch, digest, insert_disjoint, sq_norm
 from fedrdma.core.layout import FlatState, TensorSpec
 from fedrdma.core.rules import MAX_SAMPLES, MIN_SILOS, NORM_FACTOR, WEIGHT_FACTOR
 
@@ -98,6 +98,10 @@ class _Silo:
     """Ranges whose values went into the running sum, with a hash of the bytes that were
     added: retraction re-reads the buffer and must find the same bytes."""
     update: FlatState | None = None
+    """The buffer its chunks were folded from, when they stay there until the round closes."""
+    source: Source | None = None
+    """Else: how to fetch a range of its update again (None back: it cannot be had)."""
+    unfetchable: bool = False
     finite: bool = True
     sq_norm: float = 0.0
     rejected: str | None = None
@@ -107,33 +111,10 @@ class _Silo:
         return sum(end - start for start, end in self.covered)
 
 
-class _Scratch:
-    """Chunk-sized buffers that every fold of a round reuses.
-
-    A fold needs a private copy of the chunk and room for its delta against the global
-    state. Allocated afresh per chunk, each is a new multi-MiB block: under the RDMA modes'
-    pinned mmap threshold (fedrdma.memory) it is mmapped, faulted and zeroed on every fold,
-    which slowed the demo's uploads severalfold (README: Measurements behind the defaults). Grown on demand, never shrunk: a round's chunks
-    are all of one size but the last.
-    """
-
-    def __init__(self) -> None:
-        self._bytes = torch.empty(0, dtype=torch.uint8)
-        self._floats = torch.empty(0, dtype=torch.float32)
-
-    def copy(self, source: torch.Tensor) -> torch.Tensor:
-        """`source` (bytes) copied into the reused buffer; valid until the next call."""
-        if self._bytes.numel() < source.numel():
-            self._bytes = torch.empty(source.numel(), dtype=torch.uint8)
-        out = self._bytes[: source.numel()]
-        out.copy_(source)
-        return out
-
-    def floats(self, numel: int) -> torch.Tensor:
-        """`numel` float32 elements of the reused buffer, contents undefined."""
-        if self._floats.numel() < numel:
-            self._floats = torch.empty(numel, dtype=torch.float32)
-        return self._floats[:numel]
+Source = Callable[[int, int], "torch.Tensor | None"]
+"""(offset, length) -> those bytes of a silo's update again, as a 1-D uint8 tensor, or None
+when they cannot be had (the silo left). What retraction reads when chunks were folded from
+a buffer that was reused: a staging slot, a frame."""
 
 
 class RoundAggregate:
@@ -142,6 +123,11 @@ class RoundAggregate:
     Call order: `start_silo` for each silo taking part, then `fold` for every verified chunk
     of its upload (any order, interleaved across silos, from any thread), optionally `reject`
     for a silo known to be out (left, missed the deadline), then `finish` once.
+
+    `fold` reads a chunk where it stays until the round closes (the silo's inbox), and so
+    does a retraction. `fold_chunk` takes the chunk's bytes from a buffer that will be
+    reused (a bounded inbox's slot): the silo's `source` fetches them again if it has to be
+    taken back out, and when they cannot be had any more the sum is rebuilt from the others.
 
     Memory: one running sum of `accumulate_dtype` per element of the layout (float64: 8
     bytes per element, twice a float32 model, 950 MiB for gpt2-small), plus two chunk-sized
@@ -190,7 +176,7 @@ class RoundAggregate:
             for tensor in self._sum.values():
                 tensor.zero_()
         self._silos: dict[str, _Silo] = {}
-        self._scratch = _Scratch()
+        self._scratch = Scratch()
         """Used only under `_lock`: one fold, retraction or re-addition at a time."""
         self._lock = threading.Lock()
         self._closed = False
@@ -200,11 +186,12 @@ class RoundAggregate:
         """Bytes held by the running sum, for memory accounting."""
         return sum(t.numel() * t.element_size() for t in self._sum.values())
 
-    def start_silo(self, silo: str, n_samples: int, agreed: bool = False) -> None:
+    def start_silo(self, silo: str, n_samples: int, agreed: bool = False, source: Source | None = None) -> None:
         """Register a silo and its FedAvg weight (local training set size) before its chunks land.
 
         `agreed`: the weight is the consortium's, from the aggregator's configuration, not the
-        silo's own claim, and `finish` never caps it.
+        silo's own claim, and `finish` never caps it. `source`: how to fetch its bytes again,
+        for a silo whose chunks are folded with `fold_chunk` from buffers that are reused.
         """
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or not 0 < n_samples < MAX_SAMPLES:
             raise AggregationError(
@@ -214,7 +201,7 @@ class RoundAggregate:
             self._check_open()
             if silo in self._silos:
                 raise AggregationError(f"silo {silo!r} was already started this round; start each silo once")
-            self._silos[silo] = _Silo(n_samples, agreed, n_samples)
+            self._silos[silo] = _Silo(n_samples, agreed, n_samples, source=source)
 
     def fold(self, silo: str, update: FlatState, offset: int, length: int) -> None:
         """Add one verified chunk `[offset, offset+length)` of `silo`'s update to the running sum.
@@ -223,10 +210,7 @@ class RoundAggregate:
         at `finish`, and later chunks of it are only counted for coverage.
         """
         with self._lock:
-            self._check_open()
-            state = self._silos.get(silo)
-            if state is None:
-                raise AggregationError(f"chunk from silo {silo!r}, which was not started; call start_silo first")
+            state = self._started(silo)
             if update.layout_id != self.layout.layout_id:
                 raise LayoutError(
                     f"silo {silo!r} update has layout {update.layout_id}, the round's is {self.layout.layout_id}"
@@ -238,23 +222,53 @@ class RoundAggregate:
                     f"silo {silo!r} folded chunks from two different buffers; a silo's whole update "
                     "must stay in one buffer until the round closes"
                 )
-            self._check_range(silo, offset, length)
-            _insert_disjoint(state.covered, offset, offset + length, silo)
-            if state.rejected is not None or not state.finite:
-                return
-            # One private copy of the chunk: the values checked, hashed and added are the same
-            # even if the peer writes into its buffer meanwhile (a push-mode silo can).
-            raw = self._scratch.copy(update.buffer[offset : offset + length])
-            pieces = list(self._pieces(raw, offset))
-            sq_norm = sum(_sq_norm(x, g, self._scratch.floats(x.numel())) for _, _, x, g in pieces)
-            # A NaN/Inf value makes the norm non-finite, so the exact check runs only then
-            # (a finite but huge delta can also overflow it: that one is a norm outlier).
-            if not math.isfinite(sq_norm) and not all(bool(torch.isfinite(x).all()) for _, _, x, _ in pieces):
-                state.finite = False
-                return
-            state.sq_norm += sq_norm
-            self._add(raw, offset, state.weight)
-            state.summed[(offset, offset + length)] = _digest(raw)
+            self._check_range(silo, offset, length)  # before slicing, which would clip it
+            self._fold(state, silo, offset, update.buffer[offset : offset + length])
+
+    def fold_chunk(self, silo: str, offset: int, data: torch.Tensor) -> None:
+        """`fold` for bytes that will not stay where they are (a staging slot that is reused):
+        `data` is the chunk at `offset` itself, and the silo's `source` fetches it again if
+        the silo has to be taken back out."""
+        with self._lock:
+            state = self._started(silo)
+            if state.source is None:
+                raise AggregationError(f"silo {silo!r} folds chunks from reused buffers but has no source to "
+                                       "fetch them again; pass source= to start_silo")
+            if data.dtype != torch.uint8 or data.dim() != 1:
+                raise AggregationError(f"silo {silo!r} chunk must be 1-D uint8 bytes, got {data.dtype} {tuple(data.shape)}")
+            self._fold(state, silo, offset, data)
+
+    def _started(self, silo: str) -> _Silo:
+        self._check_open()
+        state = self._silos.get(silo)
+        if state is None:
+            raise AggregationError(f"chunk from silo {silo!r}, which was not started; call start_silo first")
+        return state
+
+    def _fold(self, state: _Silo, silo: str, offset: int, data: torch.Tensor) -> None:
+        """Under `_lock`: check, hash and add one chunk's bytes."""
+        length = data.numel()
+        self._check_range(silo, offset, length)
+        if not insert_disjoint(state.covered, offset, offset + length):
+            raise AggregationError(
+                f"silo {silo!r} folded bytes [{offset}, {offset + length}) that overlap bytes already folded this "
+                "round; each chunk may be folded once (fold only after a chunk is verified, and not again on retry)"
+            )
+        if state.rejected is not None or not state.finite:
+            return
+        # One private copy of the chunk: the values checked, hashed and added are the same
+        # even if the peer writes into its buffer meanwhile (a push-mode silo can).
+        raw = self._scratch.copy(data)
+        pieces = list(self._pieces(raw, offset))
+        squared = sum(sq_norm(x, g, self._scratch.floats(x.numel())) for _, _, x, g in pieces)
+        # A NaN/Inf value makes the norm non-finite, so the exact check runs only then
+        # (a finite but huge delta can also overflow it: that one is a norm outlier).
+        if not math.isfinite(squared) and not all(bool(torch.isfinite(x).all()) for _, _, x, _ in pieces):
+            state.finite = False
+            return
+        state.sq_norm += squared
+        self._add(raw, offset, state.weight)
+        state.summed[(offset, offset + length)] = digest(raw)
 
     def reject(self, silo: str, reason: str) -> None:
         """Leave a silo out of this round (it left, or missed the deadline); its chunks are retracted."""
@@ -314,7 +328,7 @@ class RoundAggregate:
                     )
             accepted = [n for n in self._silos if n not in rejected]
             n_samples = {n: s.n_samples for n, s in self._silos.items()}
-            norms = {n: math.sqrt(s.sq_norm) for n, s in self._silos.items() if s.finite and s.update is not None}
+            norms = {n: math.sqrt(s.sq_norm) for n, s in self._silos.items() if s.finite and s.covered}
             _check_quorum(accepted, rejected, min_silos)
             self._closed = True
             capped = _caps({n: self._silos[n] for n in accepted}, weight_factor)
@@ -378,32 +392,34 @@ class RoundAggregate:
                 yield spec, first, x, g
             i += 1
 
+    def _again(self, state: _Silo, start: int, end: int, folded: int) -> torch.Tensor | None:
+        """The bytes `state` folded at [start, end), read or fetched again; None if they are
+        gone or no longer what was folded (its buffer was rewritten)."""
+        if state.source is None:
+            assert state.update is not None
+            data: torch.Tensor | None = state.update.buffer[start:end]
+        else:
+            data = state.source(start, end - start)
+            if data is None or data.dtype != torch.uint8 or data.numel() != end - start:
+                state.unfetchable = True
+                return None
+        raw = self._scratch.copy(data)
+        return raw if digest(raw) == folded else None
+
     def _retract(self, state: _Silo) -> bool:
-        """Subtract what `state` added, chunk by chunk; False if its buffer changed since.
+        """Subtract what `state` added, chunk by chunk; False if its bytes are gone or changed.
 
         On False the sum is left half-retracted: the caller rebuilds it from scratch.
         """
-        if state.update is None:
-            return True
-        for (start, end), digest in state.summed.items():
-            raw = self._scratch.copy(state.update.buffer[start:end])
-            if _digest(raw) != digest:
-                return False
-            self._add(raw, start, -state.weight)
-        state.summed.clear()
-        return True
+        return self._readd(state, -1)
 
     def _reweigh(self, state: _Silo, weight: int) -> bool:
-        """Change what `state`'s chunks were added with to `weight`; False if its buffer changed since.
+        """Change what `state`'s chunks were added with to `weight`; False if its bytes are gone or changed.
 
         On False the sum is left half-changed: the caller rebuilds it with the new weight.
         """
-        assert state.update is not None
-        for (start, end), digest in state.summed.items():
-            raw = self._scratch.copy(state.update.buffer[start:end])
-            if _digest(raw) != digest:
-                return False
-            self._add(raw, start, weight - state.weight)
+        if not self._readd(state, 1, weight - state.weight):
+            return False
         state.weight = weight
         return True
 
@@ -417,33 +433,28 @@ class RoundAggregate:
         while True:
             for tensor in self._sum.values():
                 tensor.zero_()
-            changed = next((name for name in accepted if not self._readd(self._silos[name])), None)
+            changed = next((name for name in accepted if not self._readd(self._silos[name], 1)), None)
             if changed is None:
                 return
-            rejected[changed] = _REWRITTEN
+            rejected[changed] = _GONE if self._silos[changed].unfetchable else _REWRITTEN
             accepted.remove(changed)
 
-    def _readd(self, state: _Silo) -> bool:
-        assert state.update is not None
-        for (start, end), digest in state.summed.items():
-            raw = self._scratch.copy(state.update.buffer[start:end])
-            if _digest(raw) != digest:
+    def _readd(self, state: _Silo, sign: int, weight: int | None = None) -> bool:
+        """Add `state`'s folded chunks again, times `sign` and its weight (or `weight`);
+        False at the first chunk whose bytes are gone or changed."""
+        for (start, end), folded in state.summed.items():
+            raw = self._again(state, start, end, folded)
+            if raw is None:
                 return False
-            self._add(raw, start, state.weight)
+            self._add(raw, start, sign * (state.weight if weight is None else weight))
+        if sign < 0:
+            state.summed.clear()
         return True
 
     def _add(self, raw: torch.Tensor, offset: int, weight: int) -> None:
         # x is upcast element by element inside add_: weight * x is exact in float64.
         for spec, first, x, _ in self._pieces(raw, offset):
             self._sum[spec.name][first : first + x.numel()].add_(x, alpha=weight)
-
-
-def _sq_norm(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> float:
-    """Squared L2 norm of `x - g`, in float32: it only feeds the outlier test (a factor of
-    10), where float32's relative error (~1e-6 for a chunk) is irrelevant, and it is half the
-    memory traffic of float64. The delta goes to `out` (float32, x's length), not a new block."""
-    delta = torch.sub(x.float(), g.float(), out=out)
-    return float(torch.dot(delta, delta))
 
 
 def _caps(standing: dict[str, _Silo], weight_factor: float) -> dict[str, int]:
@@ -470,29 +481,8 @@ def _check_quorum(accepted: list[str], rejected: dict[str, str], min_silos: int)
 
 
 _REWRITTEN = "update bytes changed after they were verified and folded"
-
-
-def _digest(raw: torch.Tensor) -> int:
-    return xxhash.xxh3_64_intdigest(memoryview(raw.numpy()))
+_GONE = "its update could not be fetched again when the sum had to be rebuilt"
 
 
 def _numel(spec: TensorSpec) -> int:
     return spec.nbytes // spec.torch_dtype.itemsize
-
-
-def _insert_disjoint(ranges: list[tuple[int, int]], start: int, end: int, silo: str) -> None:
-    """Insert [start, end) into sorted disjoint `ranges`, merging neighbours; overlap is an error."""
-    i = bisect.bisect_left(ranges, (start, end))
-    if (i > 0 and ranges[i - 1][1] > start) or (i < len(ranges) and ranges[i][0] < end):
-        raise AggregationError(
-            f"silo {silo!r} folded bytes [{start}, {end}) that overlap bytes already folded this round; "
-            "each chunk may be folded once (fold only after a chunk is verified, and not again on retry)"
-        )
-    if i > 0 and ranges[i - 1][1] == start:
-        start = ranges[i - 1][0]
-        i -= 1
-        del ranges[i]
-    if i < len(ranges) and ranges[i][0] == end:
-        end = ranges[i][1]
-        del ranges[i]
-    ranges.insert(i, (start, end))
