@@ -16,8 +16,8 @@ Then it checks, from files alone:
 - each accepted update is the previous round's global plus that silo's perturbation, bit for
   bit: an update built on a stale global, or a round applied twice, shows here;
 - no round was recorded again after the aggregator resumed past it;
-- nothing leaked: no process left, no descriptor of the soak's own left open, no `.tmp` file.
-
+- nothing leaked: no process left, no descriptor of the soak's own left open, no `.tmp`
+  checkpoint, and in the lab no namespace once it is down.
 """
 
 from __future__ import annotations
@@ -139,6 +139,8 @@ class _Tally:
 
 
 class Soak:
+    """One soak: its processes, the faults in force, and what the checks need afterwards."""
+
     def __init__(self, root: Path, rounds: int, silos: int, seed: int, mode: Mode, model: str,
                  lab: Lab | None = None) -> None:
         from fedrdma.bench.wan import federation_hosts
@@ -166,7 +168,6 @@ class Soak:
         self.env = {**os.environ, "UCX_TLS": os.environ.get("UCX_TLS", "tcp")}
         self.logs: list = []
         self.aggregator = _Proc("aggregator", lambda: self._spawn("aggregator", self._agg_command(False)))
-        self._resume = False
         self.silos = {
             name: _Proc(name, lambda c=cfg, n=name, k=k: self._spawn(n, [
                 *self.hosts.silo(k)[0], sys.executable, "-m", "fedrdma.testing.silo",
