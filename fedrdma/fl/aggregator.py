@@ -110,23 +110,14 @@ class SiloRound:
         return SiloOutcome.model_validate(out)
 
 
-def _credentials(cfg: AggregatorConfig) -> Credentials | None:
-    """The aggregator's certificates, checked; None with --insecure, which is said out loud."""
-    if cfg.certs is None:
-        log.warning("the control plane is plaintext (--insecure): anyone on this host can join as any silo")
-        return None
-    credentials = Credentials.load(cfg.certs, cfg.cert_name)
-    credentials.check(SERVER)
-    return credentials
-
-
 class Aggregator:
     def __init__(self, cfg: AggregatorConfig, evaluate: Any = None) -> None:
         self.cfg = cfg
         self.fabric = fabric.detect()
         self.mode = fabric.resolve(cfg.mode, self.fabric)
         fabric.require_trust(self.mode, cfg.trusted_fabric, self.fabric)  # before any pool is registered
-        self.credentials = _credentials(cfg)
+        self.credentials = Credentials.of_process(cfg.certs, cfg.cert_name, SERVER,
+                                                  "anyone on this host can join as any silo")
         if self.mode.one_sided:  # see fedrdma.memory for why not for grpc
             pin_mmap_threshold()
         mark_runtime()
@@ -451,5 +442,3 @@ class Aggregator:
             pool.close()
         if self.streams is not None:
             self.streams.close()
-
-

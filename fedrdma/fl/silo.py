@@ -64,7 +64,7 @@ class Silo:
             assert cfg.data is not None  # the config's validator requires it
             data = load_silo_data(cfg.data, load_tokenizer(cfg.model), cfg.seq_len)
             self.trainer = LocalTrainer(self.model, data.train, cfg.lr, cfg.local_steps, cfg.batch_size, seed=cfg.seed)
-        self.credentials = _credentials(cfg)
+        self.credentials = Credentials.of_process(cfg.certs, cfg.id, CLIENT, "for one host only")
         self.agent: Agent | None = None
         self.pool: Pool | None = None
         self.rounds_done: list[int] = []
@@ -209,13 +209,3 @@ def _handed(session: Session) -> dict[str, Any]:
         "metadata_bytes": len(hello.metadata),
         "region": [hello.region.region().digest(), hello.region.length] if hello.region else None,
     }
-
-
-def _credentials(cfg: SiloConfig) -> Credentials | None:
-    """This silo's certificates, checked before it dials; None with --insecure, which is said out loud."""
-    if cfg.certs is None:
-        log.warning("the control plane is plaintext (--insecure): for one host only")
-        return None
-    credentials = Credentials.load(cfg.certs, cfg.id)
-    credentials.check(CLIENT)
-    return credentials

@@ -12,6 +12,7 @@ TLS handshake that fails says only "socket closed" to the side that was refused.
 from __future__ import annotations
 
 import datetime
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedrdma.core.errors import FedRDMAError
+
+log = logging.getLogger(__name__)
 
 CA_FILE = "ca.pem"
 """The federation CA's certificate, in every site's certificate directory."""
@@ -109,6 +112,17 @@ class Credentials:
             raise CredentialError(f"{self.source}/{self.name}.key is not an unencrypted PEM key ({exc})") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
             raise CredentialError(f"{self.source}/{self.name}.key is not the key of {where}")
+
+    @classmethod
+    def of_process(cls, directory: Path | None, name: str, kind: str, plaintext_warning: str) -> Credentials | None:
+        """A process's credentials, checked before it serves or dials; None with --insecure
+        (no directory), which is said out loud with `plaintext_warning`."""
+        if directory is None:
+            log.warning("the control plane is plaintext (--insecure): %s", plaintext_warning)
+            return None
+        credentials = cls.load(directory, name)
+        credentials.check(kind)
+        return credentials
 
 
 
