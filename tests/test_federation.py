@@ -245,7 +245,7 @@ def wait_for(what: str, predicate, timeout: float = WAIT_S) -> None:  # type: ig
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("phase", ["broadcast", "upload"])
+@pytest.mark.parametrize("phase", ["broadcast", "train", "upload"])
 def test_a_hung_silo_is_left_out_on_its_heartbeats_and_rejoins_after_sigcont(tmp_path, phase):
     port = free_port()
     agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", 3, MODEL, False, DEMO_SILOS[:3], port)

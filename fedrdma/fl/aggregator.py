@@ -22,6 +22,7 @@ import torch
 
 from fedrdma.config import AggregatorConfig
 from fedrdma.control import messages as m
+from fedrdma.control.beats import MISSED_BEATS
 from fedrdma.control.hub import Hub, SiloLink
 from fedrdma.core.addresses import split_host_port
 from fedrdma.core.chunks import ChunkPlan
@@ -263,7 +264,9 @@ class Aggregator:
     def _await_ready(self, link: SiloLink, rnd: int, deadline: float) -> m.Ready:
         while True:
             if not link.alive():
-                raise PeerLost(f"silo {link.silo} went silent before reporting ready")
+                why = (link.control.close_reason if link.control.closed.is_set() else
+                       f"silo {link.silo} missed {MISSED_BEATS} heartbeats ({MISSED_BEATS * link.heartbeat_s:g} s)")
+                raise PeerLost(f"{why}, before reporting ready")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"silo {link.silo} did not finish training before the round deadline")
             try:

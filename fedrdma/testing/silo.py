@@ -8,8 +8,8 @@ Faults: `exit-after-broadcast:R` (dies in round R once the global arrived), `sta
 (round R's training takes S seconds longer, once per process), `nan` (a NaN in the update),
 `scale` (the update times 1000), `claim:N` (reports N training samples, whatever it holds),
 `stop:PHASE:R` (round R: the process stops itself with SIGSTOP, as a host that freezes, once
-STOP_AFTER_CHUNKS chunks of its broadcast landed or of its upload went out; PHASE is
-`broadcast` or `upload`, one-sided modes only), `record:DIR` (an honest silo that keeps a copy
+STOP_AFTER_CHUNKS chunks of its broadcast landed or of its upload went out, or as its training
+starts; PHASE is `broadcast`, `train` or `upload`, one-sided modes only), `record:DIR` (an honest silo that keeps a copy
 of every update it uploads as DIR/ID-RRRRR.safetensors, for a check that recomputes the mean).
 """
 
@@ -39,7 +39,7 @@ EXIT_CODE = 17
 STOP_AFTER_CHUNKS = 2
 """A hung silo stops this many chunks into the phase: mid-transfer, with chunks already folded."""
 
-PHASES = ("broadcast", "upload")
+PHASES = ("broadcast", "train", "upload")
 
 
 class ExitAfterBroadcast(Silo):
@@ -124,7 +124,8 @@ class _StoppingAgent(FaultyAgent):
 
 
 class StopAt(Silo):
-    """Hangs once, in round `rnd`, mid-broadcast or mid-upload: alive but silent, until SIGCONT."""
+    """Hangs once, in round `rnd`, mid-broadcast, as training starts, or mid-upload: alive but
+    silent, until SIGCONT."""
 
     def __init__(self, cfg: SiloConfig, phase: str, rnd: int) -> None:
         super().__init__(cfg)
@@ -140,6 +141,12 @@ class StopAt(Silo):
             super()._round(link, broadcast, upload, rnd)
         finally:
             self.stopper.armed = False
+
+    def train(self, rnd: int, upload: Session) -> tuple[int, float, float]:
+        if self.stopper.armed and self.stopper.phase == "train":
+            self.stopper.armed = False
+            os.kill(os.getpid(), signal.SIGSTOP)  # resumes here on SIGCONT, and trains
+        return super().train(rnd, upload)
 
 
 class Recording(Silo):
