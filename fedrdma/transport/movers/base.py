@@ -108,6 +108,14 @@ class Mover:
         """Forget the peer; the session releases the pool."""
 
     # -- shared helpers ----------------------------------------------------------------
+    def begun(self) -> tuple[wire.Begin, float, ChunkPlan]:
+        """A chunked receiver's start: the sender's Begin, when it arrived (perf_counter), and
+        the plan it announces, refused unless it is this side's own (`plan_for`)."""
+        begin = self.expect(wire.Begin)
+        assert isinstance(begin, wire.Begin)
+        start = time.perf_counter()
+        return begin, start, self.plan_for(begin.chunk_size, begin.nchunks)
+
     def plan_for(self, chunk_size: int, nchunks: int) -> ChunkPlan:
         """The plan a peer's Begin or Offer announces, refused unless it is this side's own.
 

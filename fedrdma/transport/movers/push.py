@@ -98,10 +98,7 @@ class PushMover(Mover):
 
     def receive(self) -> TransferStats:
         ctx = self.ctx
-        begin = self.expect(wire.Begin)
-        assert isinstance(begin, wire.Begin)
-        start = time.perf_counter()
-        plan = self.plan_for(begin.chunk_size, begin.nchunks)
+        begin, start, plan = self.begun()
 
         def on_verified(index: int) -> None:
             chunk = plan.chunks[index]

@@ -66,10 +66,7 @@ class StagedMover(Mover):
     def receive(self) -> TransferStats:
         ctx = self.ctx
         assert ctx.agent is not None
-        begin = self.expect(wire.Begin)
-        assert isinstance(begin, wire.Begin)
-        start = time.perf_counter()
-        plan = self.plan_for(begin.chunk_size, begin.nchunks)
+        begin, start, plan = self.begun()
         buffers = [torch.empty(c.length, dtype=torch.uint8) for c in plan.chunks]
         staging = ctx.agent.stage(buffers)
         try:

@@ -246,10 +246,7 @@ class TcpMover(Mover):
     # -- the receiver ------------------------------------------------------------------------
     def receive(self) -> TransferStats:
         ctx = self.ctx
-        begin = self.expect(wire.Begin)
-        assert isinstance(begin, wire.Begin)
-        start = time.perf_counter()
-        plan = self.plan_for(begin.chunk_size, begin.nchunks)
+        begin, start, plan = self.begun()
         key = wire.unb64(begin.key)
         if len(key) != 32:
             raise ProtocolError(f"the sender's Begin carries a {len(key)}-byte key; tcp-e seals with 32")
