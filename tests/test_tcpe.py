@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from fedrdma.bench.states import make_state, synthetic_layout
 from fedrdma.core.chunks import state_digest
 from fedrdma.core.errors import TransferError
+from fedrdma.core.layout import FlatState
 from fedrdma.core.modes import Mode, Role
 from fedrdma.testing.faults import FaultyStreams
 from fedrdma.transport import wire
@@ -96,6 +99,36 @@ class HostileSender:
         self.channel.close()
 
 
+@contextmanager
+def facing_hostile(dst: FlatState, **session_kw: Any) -> Iterator[tuple[HostileSender, dict[str, Any]]]:
+    """A tcp-e receiver of `dst` on its own thread, and the hostile sender it faces; what the
+    receiver raised ends up in the dict's "error". The thread is joined before anything closes."""
+    streams = DataListener()
+    listener = Listener()
+    result: dict[str, Any] = {}
+
+    def receiver() -> None:
+        s = Session(None, dst, listener.accept(10), Mode.TCP_E, Role.RECEIVER, CHUNK, WINDOW, streams=streams,
+                    peer_timeout=2.0, **session_kw)
+        s.open()
+        try:
+            s.receive()
+        except Exception as exc:  # noqa: BLE001  (reported to the test, which names the kind it expects)
+            result["error"] = exc
+        s.abort()
+
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    hostile = HostileSender(listener, dst.layout_id, dst.nbytes)
+    try:
+        yield hostile, result
+        thread.join(THREAD_TIMEOUT_S)
+    finally:
+        hostile.close()
+        listener.close()
+        streams.close()
+
+
 @pytest.mark.parametrize("header,reason", [
     (Header(1, 0, SIZE // CHUNK, 1, CHUNK), "chunk 8, outside the plan of 8 chunks"),
     (Header(1, 0, 2, 1, CHUNK // 2), "announced 524288 bytes for chunk 2; the plan has 1048576"),
@@ -105,64 +138,19 @@ class HostileSender:
 def test_a_chunk_this_side_did_not_plan_is_refused_and_nothing_lands(header, reason):
     layout = synthetic_layout(SIZE)
     dst = make_state(layout, None)
-    streams = DataListener()
-    listener = Listener()
-    result: dict[str, Any] = {}
-
-    def receiver() -> None:
-        s = Session(None, dst, listener.accept(10), Mode.TCP_E, Role.RECEIVER, CHUNK, WINDOW, streams=streams,
-                    peer_timeout=2.0)
-        s.open()
-        try:
-            s.receive()
-        except TransferError as exc:
-            result["error"] = exc
-        s.abort()
-
-    thread = threading.Thread(target=receiver)
-    thread.start()
-    hostile = HostileSender(listener, layout.layout_id, layout.nbytes)
-    try:
+    with facing_hostile(dst) as (hostile, result):
         hostile.send_chunk(header, b"\x42" * min(header.length, PIECE_BYTES))
-        thread.join(THREAD_TIMEOUT_S)
-    finally:
-        hostile.close()
-        listener.close()
-        streams.close()
-    assert reason in str(result["error"]), result
+    assert isinstance(result["error"], TransferError) and reason in str(result["error"]), result
     assert state_digest(dst.memoryview()) == state_digest(make_state(layout, None).memoryview()), "nothing landed"
 
 
 def test_a_chunk_sealed_with_another_key_never_counts():
-    layout = synthetic_layout(SIZE)
-    dst = make_state(layout, None)
-    streams = DataListener()
-    listener = Listener()
+    dst = make_state(synthetic_layout(SIZE), None)
     seen: list[tuple[int, int]] = []
-    result: dict[str, Any] = {}
-
-    def receiver() -> None:
-        s = Session(None, dst, listener.accept(10), Mode.TCP_E, Role.RECEIVER, CHUNK, WINDOW, streams=streams,
-                    peer_timeout=2.0, on_chunk=lambda off, n: seen.append((off, n)))
-        s.open()
-        try:
-            s.receive()
-        except Exception as exc:  # noqa: BLE001  (the peer goes silent after its forgery)
-            result["error"] = exc
-        s.abort()
-
-    thread = threading.Thread(target=receiver)
-    thread.start()
-    hostile = HostileSender(listener, layout.layout_id, layout.nbytes)
-    try:
+    with facing_hostile(dst, on_chunk=lambda off, n: seen.append((off, n))) as (hostile, _):
         hostile.key = new_key()  # not the key its Begin announced
         hostile.send_chunk(Header(1, 0, 0, 1, CHUNK), b"\x42" * CHUNK)
         status = hostile.channel.recv(10)
-        thread.join(THREAD_TIMEOUT_S)
-    finally:
-        hostile.close()
-        listener.close()
-        streams.close()
     assert isinstance(status, wire.Status) and status.corrupt == [0] and status.verified == []
     assert seen == [], "a chunk that failed its tag is never folded"
 
