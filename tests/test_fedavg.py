@@ -11,8 +11,8 @@ from fedrdma.core.fedavg import (
     AggregationError,
     NotEnoughSilos,
     RoundAggregate,
-    weighted_mean,
 )
+from fedrdma.core.folds import weighted_mean
 from fedrdma.core.layout import FlatState, Layout
 
 SHAPES = [("w", torch.float32, (37, 11)), ("b", torch.float32, (11,)), ("h", torch.float16, (5, 13))]
@@ -431,14 +431,18 @@ def test_fold_scratch_is_reused_and_grows_only_when_asked():
 
 
 class Fetcher:
-    """A silo's `source`: its update's bytes again, or None once the silo is gone."""
+    """A silo's `source`: its update streamed again in 512-byte chunks, last chunk first (a
+    stream need not keep order), or None once the silo is gone; `cut` ends it early."""
 
     def __init__(self, update: FlatState) -> None:
-        self.update, self.gone, self.asked = update, False, 0
+        self.update, self.gone, self.asked, self.cut = update, False, 0, None
 
-    def __call__(self, offset: int, length: int) -> torch.Tensor | None:
+    def __call__(self):
         self.asked += 1
-        return None if self.gone else self.update.buffer[offset : offset + length].clone()
+        if self.gone:
+            return None
+        offsets = list(range(0, self.update.nbytes, 512))[::-1][: self.cut]
+        return ((off, self.update.buffer[off : off + 512].clone()) for off in offsets)
 
 
 def fold_through_one_slot(agg: RoundAggregate, updates: dict[str, FlatState], samples: dict[str, int],
@@ -512,3 +516,53 @@ def test_folding_from_a_reused_buffer_needs_a_source():
     agg.start_silo("a", 1)
     with pytest.raises(AggregationError, match="no source to fetch them again"):
         agg.fold_chunk("a", 0, glob.buffer[:8].clone())
+
+
+def test_a_stream_that_ends_early_counts_as_gone_and_a_changed_chunk_as_rewritten():
+    glob = make_state(0)
+    good = {s: make_state(i + 1, 0.01, base=glob) for i, s in enumerate(["a", "b", "c"])}
+    samples = {"a": 5, "b": 7, "c": 11, "evil": 50}
+    updates = {**good, "evil": make_state(7, 1.0, base=glob)}  # a norm outlier, to be retracted
+    fetchers = {s: Fetcher(u) for s, u in updates.items()}
+    agg = RoundAggregate(glob)
+    fold_through_one_slot(agg, updates, samples, fetchers)
+    fetchers["evil"].cut = 1  # its retraction gets one chunk back, then the stream ends
+    fetchers["b"].update = make_state(3, 0.02, base=glob)  # b sends other bytes when asked again
+    into = FlatState.allocate(glob.layout)
+    result = agg.finish(into)
+    assert result.accepted == ("a", "c")
+    assert "delta norm" in result.rejected["evil"]
+    assert "changed after they were verified" in result.rejected["b"]
+    for name, ref in reference({s: good[s] for s in ("a", "c")}, samples).items():
+        assert torch.allclose(into.views[name].float(), ref.float(), atol=1e-6, rtol=0), name
+
+
+@pytest.mark.parametrize("accumulate", ["float32-in-place", "float64"])
+@pytest.mark.parametrize("attack", ["outlier x1e6", "claim 2**29-1"])
+def test_what_a_huge_update_or_claim_added_leaves_no_trace_once_taken_out(accumulate, attack):
+    """Subtracting 1e6 x a value (or 2**29 x it) again from a float32 sum would leave its
+    rounding in the others' mean; the aggregate rebuilds from the accepted silos instead."""
+    glob = float32_state(0)
+    good = {s: float32_state(i + 1, glob, 0.01) for i, s in enumerate(["a", "b", "c"])}
+    samples = {"a": 500, "b": 700, "c": 1100}
+    if attack.startswith("outlier"):
+        updates = {**good, "evil": float32_state(9, glob, 1e6)}
+        samples["evil"] = 900
+    else:
+        updates = {**good, "evil": float32_state(9, glob, 0.01)}
+        samples["evil"] = (1 << 29) - 1
+    accumulator = float32_state(5) if accumulate == "float32-in-place" else None
+    agg = RoundAggregate(glob, accumulator=accumulator)
+    fold_all(agg, updates, samples, agreed=False)
+    into = FlatState.allocate(glob.layout)
+    result = agg.finish(into)
+    counted = dict(samples)
+    if attack.startswith("outlier"):
+        assert "evil" in result.rejected
+        expected = reference(good, samples)
+    else:
+        counted["evil"] = result.capped["evil"]
+        expected = reference(updates, counted)
+    for name, ref in expected.items():
+        err = float((into.views[name].double() - ref.double()).abs().max())
+        assert err <= 2 * torch.finfo(torch.float32).eps * float(ref.abs().max()), (name, err)

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+import torch
 
 from fedrdma.bench.states import make_state, synthetic_layout
 from fedrdma.core.chunks import state_digest
@@ -19,6 +20,7 @@ from fedrdma.transport import wire
 from fedrdma.transport.channel import Listener, dial
 from fedrdma.transport.seal import PIECE_BYTES, Header, Sealer, new_key
 from fedrdma.transport.session import Session
+from fedrdma.transport.slots import Slots
 from fedrdma.transport.streams import DataListener
 from fedrdma.transport.streams import dial as dial_data
 
@@ -26,7 +28,20 @@ SIZE, CHUNK, WINDOW = 8 << 20, 1 << 20, 4
 THREAD_TIMEOUT_S = 60.0
 
 
-def _run(streams: DataListener, size: int = SIZE) -> tuple[Any, Any, list[BaseException], Any, Any]:
+class Folded:
+    """A bounded inbox's consumer that rebuilds the state from its slots, to compare bytes."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.bytes = torch.zeros(nbytes, dtype=torch.uint8)
+        self.offsets: list[int] = []
+
+    def __call__(self, offset: int, data: torch.Tensor) -> None:
+        self.bytes[offset : offset + data.numel()].copy_(data)
+        self.offsets.append(offset)
+
+
+def _run(streams: DataListener, size: int = SIZE, slots: Slots | None = None):
+    """One tcp-e transfer between two threads: (sent, got, errors, src, dst)."""
     layout = synthetic_layout(size)
     src, dst = make_state(layout, 1234), make_state(layout, None)
     listener = Listener()
@@ -35,7 +50,8 @@ def _run(streams: DataListener, size: int = SIZE) -> tuple[Any, Any, list[BaseEx
 
     def receiver() -> None:
         try:
-            s = Session(None, dst, listener.accept(10), Mode.TCP_E, Role.RECEIVER, CHUNK, WINDOW, streams=streams)
+            s = Session(None, dst, listener.accept(10), Mode.TCP_E, Role.RECEIVER, CHUNK, WINDOW, streams=streams,
+                        slots=slots)
             s.open()
             out["got"] = s.receive()
             s.close()
@@ -58,19 +74,40 @@ def _run(streams: DataListener, size: int = SIZE) -> tuple[Any, Any, list[BaseEx
     return out.get("sent"), out.get("got"), errors, src, dst
 
 
-def test_a_byte_flipped_on_the_line_fails_its_chunk_which_comes_again_intact():
-    sent, got, errors, src, dst = _run(FaultyStreams(flip_after=1000))
+def _landed(dst: FlatState, slots: Slots | None) -> bytes:
+    """The digest of what the receiver holds: its state, or what its slots handed on (then
+    its state must be untouched, every chunk folded once and every slot back)."""
+    if slots is None:
+        return state_digest(dst.memoryview())
+    folded = slots.consume
+    assert isinstance(folded, Folded)
+    assert bool((dst.buffer == 0).all()), "a bounded inbox wrote into the session's state"
+    assert slots.held == 0 and slots.pool.free == 2, "a slot was not given back"
+    assert sorted(folded.offsets) == list(range(0, dst.nbytes, CHUNK)), "each chunk is folded exactly once"
+    return state_digest(memoryview(folded.bytes.numpy()))
+
+
+def _slots(size: int, bounded: bool) -> Slots | None:
+    return Slots.own(2, CHUNK, Folded(size)) if bounded else None
+
+
+@pytest.mark.parametrize("bounded", [False, True], ids=["in-place", "slots"])
+def test_a_byte_flipped_on_the_line_fails_its_chunk_which_comes_again_intact(bounded):
+    slots = _slots(SIZE, bounded)
+    sent, got, errors, src, dst = _run(FaultyStreams(flip_after=1000), SIZE, slots)
     assert errors == []
-    assert state_digest(dst.memoryview()) == state_digest(src.memoryview())
+    assert _landed(dst, slots) == state_digest(src.memoryview())
     assert got.corrupt == 1
     assert sent.bytes_posted == SIZE + CHUNK, "only the chunk whose tag failed went twice"
 
 
-def test_a_connection_cut_mid_transfer_is_replaced_and_the_transfer_resumes():
+@pytest.mark.parametrize("bounded", [False, True], ids=["in-place", "slots"])
+def test_a_connection_cut_mid_transfer_is_replaced_and_the_transfer_resumes(bounded):
     size = 32 << 20
-    sent, got, errors, src, dst = _run(FaultyStreams(cut_after=2 * CHUNK), size)
+    slots = _slots(size, bounded)
+    sent, got, errors, src, dst = _run(FaultyStreams(cut_after=2 * CHUNK), size, slots)
     assert errors == []
-    assert state_digest(dst.memoryview()) == state_digest(src.memoryview())
+    assert _landed(dst, slots) == state_digest(src.memoryview())
     assert sent.reconnects >= 1
     assert 0 <= sent.bytes_posted - size < size, "verified chunks were not sent again"
 
@@ -85,7 +122,8 @@ class HostileSender:
         assert isinstance(hello, wire.Hello) and hello.data_port and hello.ticket
         self.socks = dial_data("127.0.0.1", hello.data_port, wire.unb64(hello.ticket), hello.data_streams)
         self.key = new_key()
-        self.channel.send(wire.Begin(transfer=1, chunk_size=CHUNK, nchunks=SIZE // CHUNK, key=wire.b64(self.key)))
+        self.begin = wire.Begin(transfer=1, chunk_size=CHUNK, nchunks=SIZE // CHUNK, key=wire.b64(self.key))
+        self.channel.send(self.begin)
 
     def send_chunk(self, header: Header, body: bytes) -> None:
         sealer = Sealer(self.key, header)
@@ -144,15 +182,22 @@ def test_a_chunk_this_side_did_not_plan_is_refused_and_nothing_lands(header, rea
     assert state_digest(dst.memoryview()) == state_digest(make_state(layout, None).memoryview()), "nothing landed"
 
 
-def test_a_chunk_sealed_with_another_key_never_counts():
+@pytest.mark.parametrize("bounded", [False, True], ids=["in-place", "slots"])
+def test_a_chunk_sealed_with_another_key_never_counts(bounded):
     dst = make_state(synthetic_layout(SIZE), None)
     seen: list[tuple[int, int]] = []
-    with facing_hostile(dst, on_chunk=lambda off, n: seen.append((off, n))) as (hostile, _):
+    slots = Slots.own(1, CHUNK, lambda off, data: seen.append((off, data.numel()))) if bounded else None
+    with facing_hostile(dst, on_chunk=lambda off, n: seen.append((off, n)), slots=slots) as (hostile, _):
         hostile.key = new_key()  # not the key its Begin announced
         hostile.send_chunk(Header(1, 0, 0, 1, CHUNK), b"\x42" * CHUNK)
         status = hostile.channel.recv(10)
+        if bounded:  # the one slot came back, so the next chunk has somewhere to land
+            hostile.key = wire.unb64(hostile.begin.key)
+            hostile.send_chunk(Header(1, 0, 1, 1, CHUNK), b"\x42" * CHUNK)
+            again = hostile.channel.recv(10)
+            assert isinstance(again, wire.Status) and again.verified == [1], again
     assert isinstance(status, wire.Status) and status.corrupt == [0] and status.verified == []
-    assert seen == [], "a chunk that failed its tag is never folded"
+    assert seen == ([(CHUNK, CHUNK)] if bounded else []), "a chunk that failed its tag is never folded"
 
 
 @pytest.mark.parametrize("mode,begin,reason", [

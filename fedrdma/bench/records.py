@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import AliasChoices, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from fedrdma.bench.wan import LOOPBACK_PATH
+from fedrdma.config import Inbox
 from fedrdma.core.modes import Mode
 from fedrdma.fl.records import AggregatorRound, Record
 
@@ -308,6 +309,8 @@ class ScaleResult(Record):
 
     model: str
     mode: Mode
+    inbox: Inbox = Field("full", description="the aggregator's `inbox` setting (runs "
+                                            "recorded before it existed had full inboxes)")
     state_mb: float
     silo_processes: int = Field(description="processes the silos shared (each silo keeps its own link and endpoint)")
     time: float

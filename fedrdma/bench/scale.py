@@ -61,13 +61,14 @@ def groups(items: Sequence[Path], parts: int) -> list[list[Path]]:
 
 def run_one(
     root: Path, n: int, model: str, mode: Mode, rounds: int, on_round: Callable[[int], None] = lambda r: None,
+    inbox: str = "slots",
 ) -> tuple[ScaleRun, int]:
     """One federation of `n` non-training silos: the aggregator's figures, and the state's bytes."""
     names = silo_names(n)
     agg_path, silo_paths = write_configs(
         root, mode, rounds, model, False, names, free_port(),
         aggregator_settings={"eval_data": None, "join_timeout_s": JOIN_TIMEOUT_S,
-                             "round_deadline_s": ROUND_DEADLINE_S, "gather_s": JOIN_TIMEOUT_S},
+                             "round_deadline_s": ROUND_DEADLINE_S, "gather_s": JOIN_TIMEOUT_S, "inbox": inbox},
         silo_settings={"train": "none", "data": None},
     )
     metrics = root / "aggregator" / "metrics.jsonl"
@@ -133,8 +134,10 @@ def _wait_reporting(
 
 def run(
     out: Path, counts: Sequence[int], model: str, mode: Mode, rounds: int,
-    on_round: Callable[[int, int], None] = lambda n, r: None,
+    on_round: Callable[[int, int], None] = lambda n, r: None, inbox: str = "slots",
 ) -> ScaleResult:
-    results = [run_one(out / f"silos-{n}", n, model, mode, rounds, lambda r, n=n: on_round(n, r)) for n in counts]
-    return ScaleResult(model=model, mode=mode, state_mb=results[0][1] / MIB, silo_processes=SILO_PROCESSES,
+    results = [run_one(out / f"silos-{n}", n, model, mode, rounds, lambda r, n=n: on_round(n, r), inbox)
+               for n in counts]
+    return ScaleResult(model=model, mode=mode, inbox=inbox, state_mb=results[0][1] / MIB,
+                       silo_processes=SILO_PROCESSES,
                        time=time.time(), runs=[run for run, _ in results])

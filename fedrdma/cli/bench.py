@@ -22,6 +22,7 @@ from fedrdma.cli.inputs import model_name
 from fedrdma.cli.lab import describe_validation
 from fedrdma.cli.options import comma_list, mode, one_of, single
 from fedrdma.cli.tables import compare_table, heap_table, scale_table, soak_table, transfer_table
+from fedrdma.config import INBOXES
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, ChunkPlan, check_window
 from fedrdma.core.errors import PlanError, RunError
 from fedrdma.core.modes import Mode, choices
@@ -288,6 +289,8 @@ def bench_scale(
     rounds: int = typer.Option(2, min=1, help="Rounds per federation; the table shows the last."),
     mode_name: str = typer.Option(Mode.TCP_E.value, "--mode", help=f"How updates move: {choices()} (one-sided "
                                   "modes run as a trusted fabric: every process is this benchmark's)."),
+    inbox: str = typer.Option("slots", help="The aggregator's `inbox`: slots (tcp-e: a few chunks per silo) "
+                              "or full (a whole-state inbox per silo), to compare the two."),
     out_dir: Path = typer.Option(Path("runs/bench-scale"), help="Configs, logs and metrics of each federation."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the results here as JSON."),
     plot: bool = typer.Option(True, help="Write scale.png next to the JSON (or in --out-dir)."),
@@ -300,10 +303,12 @@ def bench_scale(
     counts = comma_list(silos, "--silos", _silo_count)
     chosen = single(mode_name, "--mode", mode)
     single(model, "--model", model_name)
+    inbox = single(inbox, "--inbox", one_of("inbox", INBOXES))
     with progress(out) as bar:
         task = bar.add_task(f"federations of {silos} silos", total=rounds * len(counts))
         try:
-            result = scale.run(out_dir, counts, model, chosen, rounds, on_round=lambda n, r: bar.advance(task))
+            result = scale.run(out_dir, counts, model, chosen, rounds, on_round=lambda n, r: bar.advance(task),
+                               inbox=inbox)
         except RunError as exc:
             out.print(f"[red]bench scale failed:[/] {exc}")
             raise typer.Exit(1) from None

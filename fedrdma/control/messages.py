@@ -75,6 +75,18 @@ class RoundEnd(wire._Msg):
     reason: str = ""
 
 
+class Resend(wire._Msg):
+    """Aggregator to silo, before the round ends: upload round `round`'s update once more.
+
+    A bounded inbox folds chunks and forgets them; to take a rejected silo back out, or to
+    change its weight, the aggregator reads its bytes again from the silo, which keeps its
+    update unchanged until RoundEnd.
+    """
+
+    type: Literal["resend"] = "resend"
+    round: int = Field(ge=1)
+
+
 class Heartbeat(wire._Msg):
     type: Literal["heartbeat"] = "heartbeat"
 
@@ -90,4 +102,4 @@ class Leave(wire._Msg):
     reason: str = ""
 
 
-wire.register(Join, Welcome, Attach, RoundStart, Ready, RoundEnd, Heartbeat, Finish, Leave)
+wire.register(Join, Welcome, Attach, RoundStart, Ready, RoundEnd, Resend, Heartbeat, Finish, Leave)

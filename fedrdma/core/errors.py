@@ -34,3 +34,11 @@ class ProtocolError(FedRDMAError):
 class RunError(FedRDMAError, RuntimeError):
     """A run of processes (a benchmark's peers, a demo's federation) failed; the message
     carries what they printed, since the cause is often on the other side."""
+
+
+class AggregationError(FedRDMAError, ValueError):
+    """A fold or a round close that breaks FedAvg's rules (double fold, unknown silo, ...)."""
+
+
+class NotEnoughSilos(AggregationError):
+    """Fewer silos than `min_silos` survived the update checks; the global state is left as it was."""

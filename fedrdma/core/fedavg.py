@@ -1,14 +1,22 @@
-"""FedAvg arithmetic: the weighted mean of silo updates, all at once or streamed chunk by chunk.
+"""FedAvg arithmetic: the weighted mean of silo updates, streamed chunk by chunk.
 
-Pure torch, no I/O. The streaming form exists so the aggregator can fold each verified
-chunk of an upload into the running sum the moment it lands, instead of waiting for every silo and then reading every inbox again.
+Pure torch, no I/O. The aggregator folds each verified chunk of an upload into the running
+sum the moment it lands, so no silo's update needs to stay in memory (`transport.slots`).
 
-Why float64 for the running sum: each silo adds `n_samples * x` for its float32 (or
-float16/bfloat16) values. With an integer `n_samples < 2**29` that product is exact in
-float64, and a sum of a few such products is exact or off by ~1e-16 relative, far below
-float32 resolution. So the order in which chunks land (which differs between transports
-and between runs) does not change the average once it is cast back to the tensor's dtype,
-and retracting a rejected silo (subtracting what it added) restores the sum of the others.
+The sum's precision, chosen per layout. An all-float32 model (the aggregator's usual case)
+sums in float32, in place, in the spare half of the double-buffered global: no memory beyond
+the two globals, where a float64 sum (or a Kahan compensation buffer) would add 2x (or 1x) the
+model, 950 MiB (475 MiB) for GPT-2 small, the largest allocation left once inboxes are
+bounded. Its cost: each of N silos' additions rounds once, so the mean is within N/2 float32
+ulps of the exact one (in practice ~sqrt(N) ulps, order-dependent in the last bit), far below
+the noise of a training step. Other layouts (float16, bfloat16) sum in float64, where
+`n_samples * x` is exact and the order chunks land in changes nothing.
+
+Taking a silo back out (rejected, or its claimed weight capped) subtracts what it added,
+which in a rounded sum is only exact when it added little next to what stays: a finite
+outlier of 1e6 or a weight of 2**29 would leave its rounding in everyone's mean. So a silo
+is subtracted only when `core.rules.subtractable` bounds the cost to SUBTRACT_ULPS; otherwise
+the sum is rebuilt from the accepted silos' bytes, read again.
 """
 
 from __future__ import annotations
@@ -17,54 +25,21 @@ import bisect
 import math
 import statistics
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from fedrdma.core.chunks import CHUNK_ALIGN
-from fedrdma.core.errors import FedRDMAError, LayoutError
-from fedrdma.core.folds import Scratch, digest, insert_disjoint, sq_norm
+from fedrdma.core.errors import AggregationError, LayoutError, NotEnoughSilos
+from fedrdma.core.folds import Scratch, delta_stats, digest, insert_disjoint
 from fedrdma.core.layout import FlatState, TensorSpec
-from fedrdma.core.rules import MAX_SAMPLES, MIN_SILOS, NORM_FACTOR, WEIGHT_FACTOR
+from fedrdma.core.rules import MAX_SAMPLES, MIN_SILOS, NORM_FACTOR, WEIGHT_FACTOR, subtractable
 
 ACCUMULATE_DTYPE = torch.float64
-"""Dtype of the running sum; see the module docstring for why float64."""
+"""Dtype of the running sum without an `accumulator`; see the module docstring."""
 
 _AVERAGEABLE = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
-
-
-class AggregationError(FedRDMAError, ValueError):
-    """A fold or a round close that breaks FedAvg's rules (double fold, unknown silo, ...)."""
-
-
-class NotEnoughSilos(AggregationError):
-    """Fewer silos than `min_silos` survived the update checks; the global state is left as it was."""
-
-
-def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """The reference FedAvg: `sum(w_i * x_i) / sum(w_i)`, computed in float64.
-
-    Returned in the dtype of `tensors[0]`. The streaming aggregator is tested against this.
-    """
-    if not tensors:
-        raise AggregationError("weighted_mean needs at least one tensor")
-    if len(tensors) != len(weights):
-        raise AggregationError(f"{len(tensors)} tensors but {len(weights)} weights; pass one weight per tensor")
-    shape = tensors[0].shape
-    for i, t in enumerate(tensors):
-        if t.shape != shape:
-            raise AggregationError(f"tensor {i} has shape {tuple(t.shape)}, tensor 0 has {tuple(shape)}")
-    for i, w in enumerate(weights):
-        if not math.isfinite(w) or w < 0:
-            raise AggregationError(f"weight {i} is {w}; weights must be finite and >= 0")
-    total = float(sum(weights))
-    if total <= 0:
-        raise AggregationError("the weights sum to 0; at least one weight must be positive")
-    acc = torch.zeros(shape, dtype=torch.float64)
-    for t, w in zip(tensors, weights):
-        acc.add_(t.to(torch.float64), alpha=float(w))
-    return (acc / total).to(tensors[0].dtype)
 
 
 @dataclass(frozen=True)
@@ -104,6 +79,8 @@ class _Silo:
     unfetchable: bool = False
     finite: bool = True
     sq_norm: float = 0.0
+    largest: float = 0.0
+    """The largest delta magnitude it added: what subtracting it again would cost."""
     rejected: str | None = None
 
     @property
@@ -111,10 +88,12 @@ class _Silo:
         return sum(end - start for start, end in self.covered)
 
 
-Source = Callable[[int, int], "torch.Tensor | None"]
-"""(offset, length) -> those bytes of a silo's update again, as a 1-D uint8 tensor, or None
-when they cannot be had (the silo left). What retraction reads when chunks were folded from
-a buffer that was reused: a staging slot, a frame."""
+Source = Callable[[], "Iterable[tuple[int, torch.Tensor]] | None"]
+"""A silo's whole update streamed again: (offset, chunk bytes as 1-D uint8) pairs in any
+order, or None when it cannot be had (the silo left). What retraction reads when chunks were
+folded from a buffer that was reused (a bounded inbox's slot): the silo keeps its update
+until the round closes and sends it again on request. A stream, not random access, because
+that is what a transfer is; a stream that ends early means the bytes are gone."""
 
 
 class RoundAggregate:
@@ -129,16 +108,11 @@ class RoundAggregate:
     reused (a bounded inbox's slot): the silo's `source` fetches them again if it has to be
     taken back out, and when they cannot be had any more the sum is rebuilt from the others.
 
-    Memory: one running sum of `accumulate_dtype` per element of the layout (float64: 8
-    bytes per element, twice a float32 model, 950 MiB for gpt2-small), plus two chunk-sized
-    scratch buffers reused by every fold; `sum_nbytes` reports the sum.
-    `accumulate_dtype=torch.float32` halves the sum at the price of order dependence in the
-    last bit (~1e-7 relative between transports). How fast folds run is in the README's
-    "Measurements behind the defaults". Rejected silos are retracted by subtracting their values again, read from
-    their update buffers. Each folded chunk is copied once (chunk-sized) and its xxh3 hash
-    kept (8 bytes per chunk), so a buffer rewritten after its chunks were folded is detected
-    rather than silently retracted wrong (see `finish`). Keeping a partial sum per silo
-    instead would cost the 8 bytes per element once per silo.
+    Memory: the running sum (a float64 one, or the `accumulator` state's own tensors; see
+    the module docstring) plus two chunk-sized scratch buffers reused by every fold. Each
+    folded chunk's xxh3 hash is kept (8 bytes per chunk), so bytes read again that differ
+    from what was folded are caught rather than subtracted wrong (see `finish`). How fast
+    folds run is in the README's "Measurements behind the defaults".
     """
 
     def __init__(
@@ -226,9 +200,10 @@ class RoundAggregate:
             self._fold(state, silo, offset, update.buffer[offset : offset + length])
 
     def fold_chunk(self, silo: str, offset: int, data: torch.Tensor) -> None:
-        """`fold` for bytes that will not stay where they are (a staging slot that is reused):
-        `data` is the chunk at `offset` itself, and the silo's `source` fetches it again if
-        the silo has to be taken back out."""
+        """`fold` for bytes that will not stay where they are (a slot that is reused): `data` is
+        the chunk at `offset` itself, and the silo's `source` streams it again if the silo has
+        to be taken back out. `data` must stay as it is until this returns (a slot that this
+        side's own receiver filled, which no peer can write), so it is read where it lies."""
         with self._lock:
             state = self._started(silo)
             if state.source is None:
@@ -236,7 +211,7 @@ class RoundAggregate:
                                        "fetch them again; pass source= to start_silo")
             if data.dtype != torch.uint8 or data.dim() != 1:
                 raise AggregationError(f"silo {silo!r} chunk must be 1-D uint8 bytes, got {data.dtype} {tuple(data.shape)}")
-            self._fold(state, silo, offset, data)
+            self._fold(state, silo, offset, data, private=True)
 
     def _started(self, silo: str) -> _Silo:
         self._check_open()
@@ -245,8 +220,8 @@ class RoundAggregate:
             raise AggregationError(f"chunk from silo {silo!r}, which was not started; call start_silo first")
         return state
 
-    def _fold(self, state: _Silo, silo: str, offset: int, data: torch.Tensor) -> None:
-        """Under `_lock`: check, hash and add one chunk's bytes."""
+    def _fold(self, state: _Silo, silo: str, offset: int, data: torch.Tensor, private: bool = False) -> None:
+        """Under `_lock`: check, hash and add one chunk's bytes (`private`: no one else can write them)."""
         length = data.numel()
         self._check_range(silo, offset, length)
         if not insert_disjoint(state.covered, offset, offset + length):
@@ -258,15 +233,17 @@ class RoundAggregate:
             return
         # One private copy of the chunk: the values checked, hashed and added are the same
         # even if the peer writes into its buffer meanwhile (a push-mode silo can).
-        raw = self._scratch.copy(data)
+        raw = data if private else self._scratch.copy(data)
         pieces = list(self._pieces(raw, offset))
-        squared = sum(sq_norm(x, g, self._scratch.floats(x.numel())) for _, _, x, g in pieces)
+        stats = [delta_stats(x, g, self._scratch.floats(x.numel())) for _, _, x, g in pieces]
+        squared = sum(q for q, _ in stats)
         # A NaN/Inf value makes the norm non-finite, so the exact check runs only then
         # (a finite but huge delta can also overflow it: that one is a norm outlier).
         if not math.isfinite(squared) and not all(bool(torch.isfinite(x).all()) for _, _, x, _ in pieces):
             state.finite = False
             return
         state.sq_norm += squared
+        state.largest = max([state.largest, *(m for _, m in stats)])
         self._add(raw, offset, state.weight)
         state.summed[(offset, offset + length)] = digest(raw)
 
@@ -332,9 +309,12 @@ class RoundAggregate:
             _check_quorum(accepted, rejected, min_silos)
             self._closed = True
             capped = _caps({n: self._silos[n] for n in accepted}, weight_factor)
-            retracted = [self._retract(self._silos[name]) for name in rejected]
-            reweighed = [self._reweigh(self._silos[name], weight) for name, weight in capped.items()]
-            if not all(retracted) or not all(reweighed):
+            taken = {**{n: self._silos[n].weight for n in rejected},
+                     **{n: self._silos[n].weight - w for n, w in capped.items()}}
+            exact = self._subtractable(taken, sum(capped.get(n, self._silos[n].weight) for n in accepted))
+            retracted = exact and all(self._retract(self._silos[name]) for name in rejected)
+            reweighed = retracted and all(self._reweigh(self._silos[name], w) for name, w in capped.items())
+            if not reweighed:
                 for name, weight in capped.items():
                     self._silos[name].weight = weight
                 self._rebuild(accepted, rejected)
@@ -392,19 +372,32 @@ class RoundAggregate:
                 yield spec, first, x, g
             i += 1
 
-    def _again(self, state: _Silo, start: int, end: int, folded: int) -> torch.Tensor | None:
-        """The bytes `state` folded at [start, end), read or fetched again; None if they are
-        gone or no longer what was folded (its buffer was rewritten)."""
+    def _again(self, state: _Silo) -> Iterator[tuple[int, torch.Tensor]]:
+        """The chunks `state` folded, read again from its buffer or streamed by its source
+        (then in any order, perhaps with chunks it never added, perhaps ending early)."""
         if state.source is None:
             assert state.update is not None
-            data: torch.Tensor | None = state.update.buffer[start:end]
-        else:
-            data = state.source(start, end - start)
-            if data is None or data.dtype != torch.uint8 or data.numel() != end - start:
+            yield from ((start, state.update.buffer[start:end]) for start, end in state.summed)
+            return
+        stream = state.source()
+        if stream is None:
+            state.unfetchable = True
+            return
+        for start, data in stream:
+            if data.dtype != torch.uint8 or data.dim() != 1:
                 state.unfetchable = True
-                return None
-        raw = self._scratch.copy(data)
-        return raw if digest(raw) == folded else None
+                return
+            yield start, data
+
+    def _subtractable(self, taken: dict[str, int], kept: int) -> bool:
+        """Whether subtracting `taken` weight of each silo's chunks again keeps the mean of the
+        `kept` weight exact to SUBTRACT_ULPS (`core.rules.subtractable`); else the sum is rebuilt."""
+        taken = {n: w for n, w in taken.items() if w and self._silos[n].summed}
+        if not taken:
+            return True
+        scale = max(float(v.abs().max()) if v.numel() else 0.0 for v in self.global_state.views.values())
+        eps = torch.finfo(next(iter(self._sum.values())).dtype).eps / 2  # finfo's eps is 2 units of roundoff
+        return all(subtractable(w, scale + self._silos[n].largest, kept, scale, eps) for n, w in taken.items())
 
     def _retract(self, state: _Silo) -> bool:
         """Subtract what `state` added, chunk by chunk; False if its bytes are gone or changed.
@@ -441,12 +434,28 @@ class RoundAggregate:
 
     def _readd(self, state: _Silo, sign: int, weight: int | None = None) -> bool:
         """Add `state`'s folded chunks again, times `sign` and its weight (or `weight`);
-        False at the first chunk whose bytes are gone or changed."""
-        for (start, end), folded in state.summed.items():
-            raw = self._again(state, start, end, folded)
-            if raw is None:
-                return False
-            self._add(raw, start, sign * (state.weight if weight is None else weight))
+        False at the first chunk whose bytes changed, or when some never came back."""
+        factor = sign * (state.weight if weight is None else weight)
+        if not state.summed:
+            return True  # nothing was added (its first chunk was not finite): nothing to read again
+        seen: set[tuple[int, int]] = set()
+        stream = self._again(state)
+        try:
+            for start, data in stream:
+                key = (start, start + data.numel())
+                folded = state.summed.get(key)
+                if folded is None or key in seen:  # a chunk it never added (after a NaN), or a repeat
+                    continue
+                raw = self._scratch.copy(data)
+                if digest(raw) != folded:
+                    return False
+                self._add(raw, start, factor)
+                seen.add(key)
+        finally:
+            stream.close()  # a source's transfer is told to stop, not left waiting
+        if len(seen) != len(state.summed):
+            state.unfetchable = True
+            return False
         if sign < 0:
             state.summed.clear()
         return True

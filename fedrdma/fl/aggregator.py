@@ -2,9 +2,12 @@
 
 Memory: the global state lives in two pools registered once (double buffering): round r
 broadcasts from one while the silos' updates are folded, chunk by chunk as they land,
-into the other, which becomes the global when the round closes. Each silo has an inbox
-pool of its own. Nothing else holds a copy of the state, so the aggregator's footprint is
-its pools plus the working set of evaluation.
+into the other, which becomes the global when the round closes. In tcp-e each silo's
+upload lands in a few chunk-sized slots (`transport.slots`), folded and reused, so memory
+does not grow with the silo count times the model; a silo that must be taken back out is
+read again (`fl.replay`). The other modes give each silo an inbox pool of its own. Nothing
+else holds a copy of the state, so the footprint is the pools, the slots and evaluation's
+working set.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +34,15 @@ from fedrdma.core.layout import FlatState
 from fedrdma.core.liveness import PEER_TIMEOUT_S
 from fedrdma.core.modes import Mode, Role
 from fedrdma.fl import checkpoint
-from fedrdma.fl.records import AggregatorRound, MemorySplit, SiloOutcome
+from fedrdma.fl.records import AggregatorRound, MemorySplit
+from fedrdma.fl.rounds import SiloRound, SiloState
 from fedrdma.fl.state import build_trainable
 from fedrdma.memory import compute_heap, pin_mmap_threshold
 from fedrdma.metrics import mark_runtime, memory_report, reset_peak
 from fedrdma.transport import fabric
 from fedrdma.transport.agent import Agent, Pool
 from fedrdma.transport.session import Session
-from fedrdma.transport.stats import TransferStats
+from fedrdma.transport.slots import SLOTS_PER_STREAM, SlotPool
 from fedrdma.transport.streams import DataListener
 from fedrdma.transport.tls import SERVER, Credentials
 
@@ -61,54 +64,6 @@ liveness bound: a longer silence fails the transfer anyway)."""
 
 WAIT_STEP_S = 0.2
 """How often the round's wait looks at its silos' progress."""
-
-
-@dataclass
-class SiloState:
-    """What the aggregator keeps per silo across rounds and rejoins."""
-
-    silo: str
-    inbox: FlatState
-    pool: Pool | None
-    link: SiloLink | None = None
-    broadcast: Session | None = None
-    upload: Session | None = None
-    busy: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass
-class SiloRound:
-    silo: str
-    ok: bool = False
-    reason: str = ""
-    n_samples: int = 0
-    train_loss: float = float("nan")
-    broadcast: TransferStats | None = None
-    upload: TransferStats | None = None
-    ready: m.Ready | None = None
-    finished_at: float = 0.0
-
-    def record(self) -> SiloOutcome:
-        out: dict[str, Any] = {"silo": self.silo, "ok": self.ok, "reason": self.reason}
-        if self.ready is not None:
-            out.update(
-                n_samples=self.ready.n_samples,
-                train_loss=self.ready.train_loss,
-                train_seconds=self.ready.train_seconds,
-                silo_broadcast_seconds=self.ready.broadcast_seconds,
-                silo_cpu_seconds=self.ready.cpu_seconds,
-                silo_memory=self.ready.memory,
-            )
-        for name, stats in (("broadcast", self.broadcast), ("upload", self.upload)):
-            if stats is not None:
-                out[f"{name}_seconds"] = stats.seconds
-                out[f"{name}_bytes"] = stats.nbytes
-                out[f"{name}_goodput_gb_s"] = stats.goodput_gb_s
-                out[f"{name}_resent_bytes"] = stats.bytes_resent
-        if self.ready is not None and self.broadcast is not None and self.upload is not None:
-            comm = self.broadcast.seconds + self.upload.seconds
-            out["comm_share"] = comm / (comm + self.ready.train_seconds)
-        return SiloOutcome.model_validate(out)
 
 
 class Aggregator:
@@ -133,6 +88,13 @@ class Aggregator:
         self.agent = Agent(f"aggregator-{id(self):x}") if self.mode.one_sided else None
         self.streams = (DataListener(split_host_port(cfg.listen)[0], cfg.data_port)
                         if Mode.TCP_E in (self.mode, self.mode.broadcast) else None)
+        self.bounded = cfg.inbox == "slots" and self.mode is Mode.TCP_E
+        """Uploads land in slots (tcp-e lands them in the receiver's own code; the others in its memory)."""
+        self._unwritten = FlatState.allocate(self.state.layout, fill=None) if self.bounded else None
+        """The layout a slotted upload session is made for; its bytes are never written, so never resident."""
+        self.slot_pool = (SlotPool(max(1, (cfg.inbox_mb << 20) // self.chunk_size), self.chunk_size)
+                          if self.bounded else None)
+        """The slots every silo's upload lands in, shared: memory follows the line, not the silo count."""
         self.pools: dict[int, Pool] = {}
         self._pool(self.state)
         self._pool(self.spare)
@@ -164,7 +126,9 @@ class Aggregator:
         self._event({"event": "security", "mode": self.mode, "tls": self.credentials is not None,
                      "fabric": self.fabric.describe(), "trusted_fabric": cfg.trusted_fabric})
         self._event({"event": "pools", "global": [p.region.digest() for p in self.pools.values()],
-                     "nbytes": self.state.nbytes, "listen": self.hub.address})
+                     "nbytes": self.state.nbytes, "listen": self.hub.address,
+                     "inbox": "slots" if self.bounded else "full",
+                     "inbox_bytes": self.slot_pool.nbytes if self.slot_pool else 0})
 
     # -- plumbing ----------------------------------------------------------------------
     def _pool(self, state: FlatState) -> Pool | None:
@@ -200,8 +164,14 @@ class Aggregator:
     def _silo(self, link: SiloLink) -> SiloState:
         st = self.silos.get(link.silo)
         if st is None:
-            inbox = FlatState.allocate(self.state.layout, fill=0)
-            st = SiloState(link.silo, inbox, self._pool(inbox))
+            if self.bounded:
+                assert self.slot_pool is not None
+                slots = self.slot_pool.share(self.cfg.data_streams * SLOTS_PER_STREAM,
+                                             lambda off, data, silo=link.silo: self._land(silo, off, data))
+                st = SiloState(link.silo, None, None, slots)
+            else:
+                inbox = FlatState.allocate(self.state.layout, fill=0)
+                st = SiloState(link.silo, inbox, self._pool(inbox))
             self.silos[link.silo] = st
         if st.link is not link:
             for session in (st.broadcast, st.upload):
@@ -214,10 +184,12 @@ class Aggregator:
                 self.agent, self.state, link.data["broadcast"], self.mode.broadcast, Role.SENDER,
                 self.chunk_size, self.cfg.window, pool=self._pool(self.state), **data,
             )
+            inbox = st.inbox if st.inbox is not None else self._unwritten
+            assert inbox is not None
             st.upload = Session(
-                self.agent, st.inbox, link.data["upload"], self.mode, Role.RECEIVER,
-                self.chunk_size, self.cfg.window, pool=st.pool,
-                on_chunk=lambda off, n, silo=link.silo, inbox=st.inbox: self._fold(silo, inbox, off, n), **data,
+                self.agent, inbox, link.data["upload"], self.mode, Role.RECEIVER,
+                self.chunk_size, self.cfg.window, pool=st.pool, slots=st.slots,
+                on_chunk=lambda off, n, silo=link.silo: self._fold(silo, inbox, off, n), **data,
             )
             st.broadcast.open()
             st.upload.open()
@@ -229,6 +201,17 @@ class Aggregator:
         with self._fold_lock:
             if self._aggregate is not None:
                 self._aggregate.fold(silo, inbox, offset, length)
+                self._progress[silo] = time.monotonic()
+
+    def _land(self, silo: str, offset: int, data: torch.Tensor) -> None:
+        """A verified chunk in one of the silo's slots: for a retraction reading it again, or to fold."""
+        replay = self.silos[silo].replay
+        if replay is not None and replay.active:
+            replay.land(offset, data)
+            return
+        with self._fold_lock:
+            if self._aggregate is not None:
+                self._aggregate.fold_chunk(silo, offset, data)
                 self._progress[silo] = time.monotonic()
 
     # -- one silo's round --------------------------------------------------------------
@@ -245,7 +228,8 @@ class Aggregator:
             with self._fold_lock:
                 assert self._aggregate is not None
                 agreed = self._agreed.get(link.silo)
-                self._aggregate.start_silo(link.silo, agreed or ready.n_samples, agreed=agreed is not None)
+                self._aggregate.start_silo(link.silo, agreed or ready.n_samples, agreed=agreed is not None,
+                                           source=st.replay_for(rnd) if st.slots is not None else None)
             out.n_samples = ready.n_samples
             out.upload = st.upload.receive()
             out.ok = True
@@ -317,8 +301,11 @@ class Aggregator:
         for r in results.values():
             if not r.ok and r.n_samples:  # started, so it may have folded chunks: retract them
                 aggregate.reject(r.silo, r.reason)
-        outcome = aggregate.finish(into=self.spare, min_silos=cfg.min_silos, norm_factor=cfg.norm_factor,
-                                   weight_factor=cfg.weight_factor)
+        try:
+            outcome = aggregate.finish(into=self.spare, min_silos=cfg.min_silos, norm_factor=cfg.norm_factor,
+                                       weight_factor=cfg.weight_factor)
+        finally:
+            self._replayed()
         for silo, weight in outcome.capped.items():
             log.warning("round %d: silo %s reported %d samples, more than %g x the others' median; it counts "
                         "as %d (agree its weight in `silos` if it really is that large)",
@@ -345,6 +332,15 @@ class Aggregator:
         record = self._round_record(rnd, results, outcome, aggregation_seconds, eval_loss, time.monotonic() - start)
         self._event(record.model_dump(mode="json"))
         return record
+
+    def _replayed(self) -> None:
+        """After the round's close: a silo whose resend broke has a spent upload session, so it rejoins."""
+        for st in self.silos.values():
+            replay, st.replay = st.replay, None
+            if replay is not None and replay.failed is not None and st.link is not None:
+                self._event({"event": "resend_failed", "silo": st.silo, "reason": replay.failed})
+                self.hub.forget(st.link)
+                st.link = None
 
     def _wait_for_silos(self, threads: list[threading.Thread], results: dict[str, SiloRound], start: float) -> None:
         """Until every silo is done, or the deadline: past it, only while an unfinished upload

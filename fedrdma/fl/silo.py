@@ -137,6 +137,9 @@ class Silo:
                     self._event({"event": "round_end", "round": msg.round, "included": msg.included,
                                  "reason": msg.reason})
                     continue
+                if isinstance(msg, m.Resend):
+                    self._resend(upload, msg.round)
+                    continue
                 if isinstance(msg, wire.Refuse):
                     raise JoinRefused(f"the aggregator refused: {msg.reason}")
                 if not isinstance(msg, m.RoundStart):
@@ -147,6 +150,14 @@ class Silo:
                 if session is not None:
                     session.abort()
             link.close()
+
+    def _resend(self, upload: Session, rnd: int) -> None:
+        """The update of the round still open, once more: the state holds it until the next broadcast."""
+        if not self.rounds_done or self.rounds_done[-1] != rnd:
+            log.warning("silo %s: asked to resend round %d, whose update it no longer holds", self.cfg.id, rnd)
+            return
+        sent = upload.send()
+        self._event({"event": "resent", "round": rnd, "seconds": sent.seconds})
 
     def train(self, rnd: int, upload: Session) -> tuple[int, float, float]:
         """Round `rnd`'s local training on the received global: (samples, loss, seconds).

@@ -5,9 +5,10 @@ is the production one, so the aggregator meets the fault exactly as it would mee
 broken or hostile silo.
 
 Faults: `exit-after-broadcast:R` (dies in round R once the global arrived), `stall-once:R:S`
-(round R's training takes S seconds longer, once per process), `nan` (a NaN in the update),
+(round R's training takes S seconds longer, once per process), `nan` (a NaN in the update's last value),
 `scale` (the update times 1000), `claim:N` (reports N training samples, whatever it holds),
-`stop:PHASE:R` (round R: the process stops itself with SIGSTOP, as a host that freezes, once
+`exit-mid-upload:R` (tcp-e: dies in round R once STOP_AFTER_CHUNKS chunks of its upload went
+out, so some are folded), `stop:PHASE:R` (round R: the process stops itself with SIGSTOP, as a host that freezes, once
 STOP_AFTER_CHUNKS chunks of its broadcast landed or of its upload went out, or as its training
 starts; PHASE is `broadcast`, `train` or `upload`, one-sided modes only), `record:DIR` (an honest silo that keeps a copy
 of every update it uploads as DIR/ID-RRRRR.safetensors, for a check that recomputes the mean).
@@ -53,6 +54,28 @@ class ExitAfterBroadcast(Silo):
         return super().train(rnd, upload)
 
 
+class ExitMidUpload(Silo):
+    """Dies in round `rnd` a few chunks into its tcp-e upload: folded chunks the aggregator
+    can no longer read again, so the round's sum must be rebuilt from the others."""
+
+    def __init__(self, cfg: SiloConfig, rnd: int) -> None:
+        super().__init__(cfg)
+        self.rnd = rnd
+
+    def train(self, rnd: int, upload: Session) -> tuple[int, float, float]:
+        if rnd == self.rnd:
+            report, sent = upload.mover._report, []  # type: ignore[attr-defined]
+
+            def counting(event: tuple) -> None:
+                report(event)
+                sent.append(event[0] == "sent")
+                if sum(sent) >= STOP_AFTER_CHUNKS:
+                    os._exit(EXIT_CODE)
+
+            upload.mover._report = counting  # type: ignore[attr-defined]
+        return super().train(rnd, upload)
+
+
 class StallOnce(Silo):
     """A slow round, once per process: a window in which a test can kill the aggregator."""
 
@@ -70,7 +93,8 @@ class StallOnce(Silo):
 class NanUpdate(Silo):
     def train(self, rnd: int, upload: Session) -> tuple[int, float, float]:
         result = super().train(rnd, upload)
-        next(iter(self.state.views.values())).view(-1)[0] = float("nan")
+        # In the last value: every chunk before it is folded first, and must be taken out again.
+        list(self.state.views.values())[-1].view(-1)[-1] = float("nan")
         return result
 
 
@@ -171,6 +195,8 @@ def faulty(cfg: SiloConfig, fault: str) -> Silo:
     args = rest.split(":") if rest else []
     if name == "exit-after-broadcast":
         return ExitAfterBroadcast(cfg, int(args[0]))
+    if name == "exit-mid-upload":
+        return ExitMidUpload(cfg, int(args[0]))
     if name == "stall-once":
         return StallOnce(cfg, int(args[0]), float(args[1]))
     if name == "nan":

@@ -24,6 +24,7 @@ from fedrdma.transport import fabric, wire
 from fedrdma.transport.agent import Agent, Pool
 from fedrdma.transport.channel import Channel
 from fedrdma.transport.movers import Context, mover_for
+from fedrdma.transport.slots import Slots
 from fedrdma.transport.stats import TransferStats
 from fedrdma.transport.streams import DEFAULT_STREAMS, DataListener
 
@@ -59,14 +60,19 @@ class Session:
         data_streams: int = DEFAULT_STREAMS,
         trusted_fabric: bool = False,
         follow_plan: bool = False,
+        slots: Slots | None = None,
     ) -> None:
         mode, role = Mode(mode), Role(role)
         if mode.one_sided and agent is None:
             raise ValueError(f"mode {mode} needs a NIXL agent")
+        if slots is not None and (mode is not Mode.TCP_E or role is not Role.RECEIVER or follow_plan
+                                  or slots.size < min(chunk_size, state.nbytes)):
+            raise TransferError(f"a bounded inbox lands only a tcp-e receiver's own chunks, each at most its "
+                                f"{slots.size}-byte slots ({mode} {role}, {chunk_size}-byte chunks)")
         self.ctx = Context(
             agent, state, channel, mode, role, ChunkPlan.build(state.nbytes, chunk_size), check_window(window),
             policy or RetryPolicy(), peer_timeout, on_chunk, pool, streams=streams, data_streams=data_streams,
-            follow_plan=follow_plan,
+            follow_plan=follow_plan, slots=slots,
         )
         self.trusted_fabric = trusted_fabric
         """The operator's statement that the peer may reach this whole process (see `transport.fabric`)."""

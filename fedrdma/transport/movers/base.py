@@ -26,6 +26,7 @@ from fedrdma.transport import wire
 from fedrdma.transport.agent import Agent, Pool
 from fedrdma.transport.channel import Blob, Channel
 from fedrdma.transport.pacing import IDLE_CAP_S, Pacer, recv_serving
+from fedrdma.transport.slots import Slot, Slots
 from fedrdma.transport.stats import TransferStats
 from fedrdma.transport.streams import DEFAULT_STREAMS, DataListener
 
@@ -72,9 +73,15 @@ class Context:
     """tcp-e, the listening side: how many data connections the peer opens."""
     follow_plan: bool = False
     """A receiver that takes the chunk size each Begin announces (a sweep), not only its own."""
+    slots: Slots | None = None
+    """tcp-e, the receiving side: land chunks in these slots (a bounded inbox), not in `state`."""
 
-    def verified(self, offset: int, length: int) -> None:
-        if self.on_chunk is not None:
+    def verified(self, offset: int, length: int, slot: Slot | None = None) -> None:
+        """A chunk is verified: fold it from its slot, or tell `on_chunk` where it lies in `state`."""
+        if slot is not None:
+            assert self.slots is not None
+            self.slots.fold(offset, slot, length)
+        elif self.on_chunk is not None:
             self.on_chunk(offset, length)
 
 

@@ -33,7 +33,17 @@ from fedrdma.transport import wire
 from fedrdma.transport.movers.base import Mover, Offered
 from fedrdma.transport.movers.land import send_status
 from fedrdma.transport.pacing import Pacer
-from fedrdma.transport.seal import HEADER_BYTES, PIECE_BYTES, TAG_BYTES, Header, Opener, Sealer, new_key
+from fedrdma.transport.seal import (
+    HEADER_BYTES,
+    PIECE_BYTES,
+    SEAL_PIECE_BYTES,
+    TAG_BYTES,
+    Header,
+    Opener,
+    Sealer,
+    new_key,
+)
+from fedrdma.transport.slots import Slot
 from fedrdma.transport.stats import TransferStats
 from fedrdma.transport.streams import MAX_STREAMS, close_all, dial, recv_exact, take
 
@@ -202,7 +212,7 @@ class TcpMover(Mover):
     def _write(self, sock: socket.socket, work: queue.Queue, transfer: int, key: bytes) -> None:
         """One connection's sender: seal each posted chunk from the state and stream it."""
         state = self.ctx.state
-        scratch = memoryview(bytearray(PIECE_BYTES))
+        scratch = memoryview(bytearray(SEAL_PIECE_BYTES))
         while (post := work.get()) is not None:
             chunk = post.chunk
             header = Header(transfer, post.generation, chunk.index, post.attempt, chunk.length)
@@ -210,8 +220,8 @@ class TcpMover(Mover):
                 sealer = Sealer(key, header)
                 sock.sendall(header.pack())
                 plain = state.memoryview(chunk.offset, chunk.length)
-                for piece in range(0, chunk.length, PIECE_BYTES):
-                    sock.sendall(sealer.seal_into(plain[piece : piece + PIECE_BYTES], scratch))
+                for piece in range(0, chunk.length, SEAL_PIECE_BYTES):
+                    sock.sendall(sealer.seal_into(plain[piece : piece + SEAL_PIECE_BYTES], scratch))
                 sock.sendall(sealer.tag())
             except OSError as exc:
                 self._report(("failed", chunk.index, post.generation, f"connection failed: {exc}"))
@@ -292,8 +302,11 @@ class TcpMover(Mover):
             if kind == "piece":
                 receiver.heard(now)
             elif kind == "checked":
-                _, _, transfer, generation, index, good = event
-                self._execute(receiver, receiver.checked(transfer, generation, index, good, now), now, pacer)
+                _, _, transfer, generation, index, good, slot = event
+                try:
+                    self._execute(receiver, receiver.checked(transfer, generation, index, good, now), now, pacer, slot)
+                finally:
+                    self._give(slot)
             elif kind == "refused" and epoch == self.links.epoch:
                 self.links.close()
                 raise TransferError(f"refused the sender's data: {event[2]}")
@@ -301,12 +314,14 @@ class TcpMover(Mover):
                 self.links.close()  # the sender sees it too, and resumes on new connections
                 receiver.heard(now)
 
-    def _execute(self, receiver: Receiver, actions: list[Action], now: float, pacer: Pacer) -> None:
+    def _execute(self, receiver: Receiver, actions: list[Action], now: float, pacer: Pacer,
+                 slot: Slot | None = None) -> None:
+        """Carry out the receiver's decisions; `slot` holds the chunk a Verified names, if it landed in one."""
         for action in actions:
             if isinstance(action, Verified):
                 chunk = receiver.plan.chunks[action.index]
                 pacer.moved(chunk.length, now)
-                self.ctx.verified(chunk.offset, chunk.length)
+                self.ctx.verified(chunk.offset, chunk.length, slot)
             elif isinstance(action, Status):
                 send_status(self, receiver, action)
             elif isinstance(action, Lost):
@@ -369,36 +384,51 @@ class TcpMover(Mover):
             reader.join(self.ctx.peer_timeout)
         self._readers = []
         while not self._events.empty():  # what the old connections said is void now
-            self._events.get_nowait()
+            event = self._events.get_nowait()
+            if event[0] == "checked":
+                self._give(event[-1])
+
+    def _give(self, slot: Slot | None) -> None:
+        if slot is not None:
+            assert self.ctx.slots is not None
+            self.ctx.slots.give(slot)
 
     def _read(self, sock: socket.socket, epoch: int) -> None:
-        """One connection's receiver: check each header against the plan, land the chunk in place, open it."""
-        state = self.ctx.state
+        """One connection's receiver: check each header against the plan, land the chunk in place
+        (or in a slot of a bounded inbox), open it."""
+        state, slots = self.ctx.state, self.ctx.slots
         raw = bytearray(HEADER_BYTES)
         tag = bytearray(TAG_BYTES)
-        drop = memoryview(bytearray(PIECE_BYTES))
+        drop: memoryview | None = None  # duplicates are read into it; made on the first (most see none)
         try:
             while True:
                 recv_exact(sock, memoryview(raw))
                 header = Header.unpack(bytes(raw))
                 where = self._where(header)
                 if where is None:  # a duplicate: read past it without touching the state
+                    drop = drop or memoryview(bytearray(PIECE_BYTES))
                     for piece in range(0, header.length, PIECE_BYTES):
                         recv_exact(sock, drop[: min(PIECE_BYTES, header.length - piece)])
                     recv_exact(sock, memoryview(tag))
                     continue
                 receiver, key = where
                 chunk = receiver.plan.chunks[header.index]
-                view = state.memoryview(chunk.offset, chunk.length)
-                opener = Opener(key, header)
-                for piece in range(0, chunk.length, PIECE_BYTES):
-                    part = view[piece : piece + PIECE_BYTES]
-                    recv_exact(sock, part)
-                    opener.open_in_place(part)
-                    self._report(("piece", epoch))
-                recv_exact(sock, memoryview(tag))
+                slot = slots.take(self.ctx.peer_timeout) if slots is not None else None
+                try:
+                    view = slot.view(chunk.length) if slot is not None else state.memoryview(chunk.offset, chunk.length)
+                    opener = Opener(key, header)
+                    for piece in range(0, chunk.length, PIECE_BYTES):
+                        part = view[piece : piece + PIECE_BYTES]
+                        recv_exact(sock, part)
+                        opener.open_in_place(part)
+                        self._report(("piece", epoch))
+                    recv_exact(sock, memoryview(tag))
+                except BaseException:
+                    if slot is not None:
+                        slots.give(slot)  # type: ignore[union-attr]
+                    raise
                 self._report(("checked", epoch, header.transfer, header.generation, header.index,
-                              opener.verify(bytes(tag))))
+                              opener.verify(bytes(tag)), slot))
         except ProtocolError as exc:
             self._report(("refused", epoch, str(exc)))
         except (OSError, PeerLost) as exc:
