@@ -233,6 +233,28 @@ def test_a_killed_silo_is_left_out_and_rejoins(tmp_path):
     assert sorted(rounds[1]["accepted"]) == sorted(DEMO_SILOS[:3])  # it rejoined the next round
 
 
+def test_a_silo_lost_while_the_others_are_awaited_is_waited_for_again(tmp_path):
+    """The first silo is ready, the second never comes, and while the aggregator gathers the
+    rest the first one dies: the round waits for it to rejoin instead of failing at once."""
+    port = free_port()
+    agg_cfg, silo_cfgs = write_configs(tmp_path, "tcp-e", 1, MODEL, False, DEMO_SILOS[:2], port)
+    agg = start("aggregator", agg_cfg, tmp_path / "agg.log", None,
+                "--min-silos", "1", "--gather-s", "3", "--join-timeout-s", "90")
+    first = start("silo", silo_cfgs[0], tmp_path / "first.log")
+    metrics = tmp_path / "aggregator" / "metrics.jsonl"
+    wait_for("the first silo to join", lambda: events(metrics, "joined"))
+    time.sleep(1.0)  # attached: ready, and the aggregator gathers the second one for 3 s
+    first.kill()
+    first.wait()
+    time.sleep(5.0)  # past the gather: no silo is ready when it ends
+    again = start("silo", silo_cfgs[0], tmp_path / "again.log")
+    assert wait(agg) == 0, (tmp_path / "agg.log").read_text()
+    wait(again)
+    (record,) = events(metrics, "round")[1:]
+    assert record["accepted"] == [DEMO_SILOS[0]]
+    assert len(events(metrics, "joined")) >= 2, "the silo that died mid-gather joined again"
+
+
 def process_state(pid: int) -> str:
     """The kernel's one-letter state of a process (T: stopped)."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

@@ -351,9 +351,11 @@ def test_bench_transfer_crosses_shaped_path() -> None:
 
 
 @needs_lab
-def test_an_upload_still_landing_chunks_at_the_deadline_is_waited_for(tmp_path, clean_slate) -> None:
-    """On a 2 Mbit/s path a round of gpt2-tiny (0.5 MiB each way) takes ~4.5 s; its 3 s
-    deadline passes mid-upload, and the silos, still verifying chunks, are accepted."""
+@pytest.mark.parametrize("deadline_s", [3.0, 1.5], ids=["mid-upload", "mid-broadcast"])
+def test_a_transfer_still_landing_chunks_at_the_deadline_is_waited_for(tmp_path, clean_slate, deadline_s) -> None:
+    """On a 2 Mbit/s path a round of gpt2-tiny (0.5 MiB each way) takes ~4.5 s; its deadline
+    passes mid-upload (3 s) or mid-broadcast (1.5 s), and the silos, still verifying chunks,
+    are accepted."""
     from fedrdma.bench.wan import federation_hosts
     from fedrdma.fl.demo import run_federation
     from fedrdma.fl.inputs import DEMO_SILOS
@@ -361,7 +363,10 @@ def test_an_upload_still_landing_chunks_at_the_deadline_is_waited_for(tmp_path, 
     with Lab.up(_config(silos=2, rate="2mbit", rtt="10ms")) as lab:
         records = run_federation(tmp_path, "tcp-e", 1, "gpt2-tiny", False, DEMO_SILOS[:2],
                                  hosts=federation_hosts(lab), local_steps=1,
-                                 aggregator_settings={"round_deadline_s": 3, "chunk_size": 65536, "eval_data": None})
+                                 aggregator_settings={"round_deadline_s": deadline_s, "chunk_size": 65536,
+                                                      "eval_data": None})
     (record,) = [r for r in records if r.round == 1]
     assert record.round_seconds > 3, "the path was meant to outlast the deadline"
+    if deadline_s < 3:
+        assert min(s.broadcast_seconds or 0 for s in record.silos) > deadline_s, "the broadcast outlasts it"
     assert sorted(record.accepted) == sorted(DEMO_SILOS[:2]), record.rejected

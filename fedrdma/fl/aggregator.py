@@ -59,8 +59,8 @@ DEADLINE_EXTENSION = 4.0
 the deadline in all: a slow line is not a dead silo, but a trickle must not hold a round for ever."""
 
 PROGRESS_WINDOW_S = PEER_TIMEOUT_S
-"""An upload that verified a chunk this recently is making progress (the data plane's own
-liveness bound: a longer silence fails the transfer anyway)."""
+"""A broadcast or upload that verified a chunk this recently is making progress (the data
+plane's own liveness bound: a longer silence fails the transfer anyway)."""
 
 WAIT_STEP_S = 0.2
 """How often the round's wait looks at its silos' progress."""
@@ -182,7 +182,8 @@ class Aggregator:
                     "trusted_fabric": self.cfg.trusted_fabric}
             st.broadcast = Session(
                 self.agent, self.state, link.data["broadcast"], self.mode.broadcast, Role.SENDER,
-                self.chunk_size, self.cfg.window, pool=self._pool(self.state), **data,
+                self.chunk_size, self.cfg.window, pool=self._pool(self.state),
+                on_moved=lambda n, silo=link.silo: self._progressed(silo), **data,
             )
             inbox = st.inbox if st.inbox is not None else self._unwritten
             assert inbox is not None
@@ -201,6 +202,12 @@ class Aggregator:
         with self._fold_lock:
             if self._aggregate is not None:
                 self._aggregate.fold(silo, inbox, offset, length)
+                self._progress[silo] = time.monotonic()
+
+    def _progressed(self, silo: str) -> None:
+        """The silo's broadcast moves: a slow line at the deadline, not a dead silo."""
+        with self._fold_lock:
+            if self._aggregate is not None:
                 self._progress[silo] = time.monotonic()
 
     def _land(self, silo: str, offset: int, data: torch.Tensor) -> None:
@@ -252,7 +259,7 @@ class Aggregator:
                        f"silo {link.silo} missed {MISSED_BEATS} heartbeats ({MISSED_BEATS * link.heartbeat_s:g} s)")
                 raise PeerLost(f"{why}, before reporting ready")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"silo {link.silo} did not finish training before the round deadline")
+                raise TimeoutError(f"silo {link.silo} did not finish training before the round's limit")
             try:
                 msg = link.inbox.get(timeout=READY_GRACE_S)
             except Exception:
@@ -265,18 +272,12 @@ class Aggregator:
     # -- rounds ----------------------------------------------------------------------------
     def run_round(self, rnd: int) -> AggregatorRound:
         cfg = self.cfg
-        links = self.hub.wait_for(cfg.min_silos, cfg.join_timeout_s)
-        if cfg.silos and len(links) < len(cfg.silos) and cfg.gather_s > 0:
-            links = self.hub.wait_for(len(cfg.silos), cfg.gather_s)
-        links = [link for link in links if not (link.silo in self.silos and self.silos[link.silo].busy.is_set())]
-        if len(links) < cfg.min_silos:
-            raise FedRDMAError(
-                f"round {rnd}: only {len(links)} silo(s) ready within {cfg.join_timeout_s:.0f} s, "
-                f"min_silos is {cfg.min_silos}; start more silos or lower min_silos"
-            )
+        links = self._gather(rnd)
         reset_peak()  # the memory figures are this round's peak, not start-up's
         start = time.monotonic()
-        deadline = start + cfg.round_deadline_s
+        # A silo's own wait for its Ready ends at the round's outer limit: whether it is still
+        # worth waiting for past the deadline (a slow broadcast) is `_wait_for_silos`' call.
+        deadline = start + cfg.round_deadline_s * DEADLINE_EXTENSION
         with self._fold_lock:
             self._aggregate = RoundAggregate(self.state, accumulator=self._accumulator())
             self._progress = {}
@@ -342,9 +343,34 @@ class Aggregator:
                 self.hub.forget(st.link)
                 st.link = None
 
+    def _gather(self, rnd: int) -> list[SiloLink]:
+        """The silos round `rnd` starts with: ready, and not still busy with the last round.
+
+        Waits up to `join_timeout_s` for `min_silos` of them, and `gather_s` more for the
+        rest. A silo can drop out while the others are awaited (killed, cut off), so the
+        count is taken again until it holds, rather than failing on a moment's shortfall.
+        """
+        cfg = self.cfg
+        deadline = time.monotonic() + cfg.join_timeout_s
+        while True:
+            links = self.hub.wait_for(cfg.min_silos, max(0.0, deadline - time.monotonic()))
+            if cfg.silos and len(links) < len(cfg.silos) and cfg.gather_s > 0:
+                links = self.hub.wait_for(len(cfg.silos), cfg.gather_s)
+            links = [link for link in links if not (link.silo in self.silos and self.silos[link.silo].busy.is_set())]
+            if len(links) >= cfg.min_silos:
+                return links
+            if time.monotonic() >= deadline:
+                raise FedRDMAError(
+                    f"round {rnd}: only {len(links)} silo(s) ready within {cfg.join_timeout_s:.0f} s, "
+                    f"min_silos is {cfg.min_silos}; start more silos or lower min_silos"
+                )
+            time.sleep(WAIT_STEP_S)  # a busy silo's last round is ending, or a silo is rejoining
+
     def _wait_for_silos(self, threads: list[threading.Thread], results: dict[str, SiloRound], start: float) -> None:
-        """Until every silo is done, or the deadline: past it, only while an unfinished upload
-        still verifies chunks (a slow path), and never past DEADLINE_EXTENSION times it."""
+        """Until every silo is done, or the deadline: past it, only while an unfinished silo's
+        broadcast or upload still verifies chunks (a slow path), and never past
+        DEADLINE_EXTENSION times it. A silo with no verified chunk for PROGRESS_WINDOW_S at
+        the deadline (training for long, or hung) is left out."""
         deadline = start + self.cfg.round_deadline_s
         limit = start + self.cfg.round_deadline_s * DEADLINE_EXTENSION
         while True:

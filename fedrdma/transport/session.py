@@ -61,6 +61,7 @@ class Session:
         trusted_fabric: bool = False,
         follow_plan: bool = False,
         slots: Slots | None = None,
+        on_moved: Callable[[int], None] | None = None,
     ) -> None:
         mode, role = Mode(mode), Role(role)
         if mode.one_sided and agent is None:
@@ -72,7 +73,7 @@ class Session:
         self.ctx = Context(
             agent, state, channel, mode, role, ChunkPlan.build(state.nbytes, chunk_size), check_window(window),
             policy or RetryPolicy(), peer_timeout, on_chunk, pool, streams=streams, data_streams=data_streams,
-            follow_plan=follow_plan, slots=slots,
+            follow_plan=follow_plan, slots=slots, on_moved=on_moved,
         )
         self.trusted_fabric = trusted_fabric
         """The operator's statement that the peer may reach this whole process (see `transport.fabric`)."""

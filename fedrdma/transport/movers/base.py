@@ -75,6 +75,14 @@ class Context:
     """A receiver that takes the chunk size each Begin announces (a sweep), not only its own."""
     slots: Slots | None = None
     """tcp-e, the receiving side: land chunks in these slots (a bounded inbox), not in `state`."""
+    on_moved: Callable[[int], None] | None = None
+    """The sending side: called with the bytes of each chunk that left (sent, WRITE done) or,
+    when the peer pulls, that it vouched for, so a wait on the whole transfer (the round's
+    deadline) can follow its progress."""
+
+    def moved(self, nbytes: int) -> None:
+        if nbytes and self.on_moved is not None:
+            self.on_moved(nbytes)
 
     def verified(self, offset: int, length: int, slot: Slot | None = None) -> None:
         """A chunk is verified: fold it from its slot, or tell `on_chunk` where it lies in `state`."""

@@ -85,6 +85,7 @@ def drive(mover: Mover, transfer: int, remote: RemotePeer, local: object, how: I
                 liveness.heard(now)
                 if state == "DONE":
                     pacer.moved(ctx.plan.chunks[index].length, now)
+                    ctx.moved(ctx.plan.chunks[index].length)
                     if sched.landed(index, generation):
                         how.on_landed(sched, index, now)
                 else:

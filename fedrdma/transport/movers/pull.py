@@ -137,7 +137,9 @@ class PullMover(Mover):
             liveness.heard(now)
             refused(msg)
             if isinstance(msg, wire.Status) and msg.transfer == transfer:
-                pacer.moved(sum(plan.chunks[i].length for i in msg.verified if 0 <= i < len(plan)), now)
+                vouched = sum(plan.chunks[i].length for i in msg.verified if 0 <= i < len(plan))
+                pacer.moved(vouched, now)
+                ctx.moved(vouched)
                 if msg.complete:
                     return self.stats(transfer, start, bytes_posted=msg.bytes_posted)
 

@@ -191,6 +191,7 @@ class TcpMover(Mover):
             liveness.heard(now)
             if kind == "sent":
                 pacer.moved(plan.chunks[index].length, now)
+                self.ctx.moved(plan.chunks[index].length)
                 sched.landed(index, generation)
             else:
                 sched.failed(index, generation, now, reason)
