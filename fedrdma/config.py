@@ -35,7 +35,7 @@ INBOXES: tuple[str, ...] = get_args(Inbox)
 INBOX_MB = 32
 """Memory all silos' tcp-e uploads share, in chunk-sized slots, whatever the silo count: 8
 slots of 4 MiB chunks, 67 of gpt2-tiny's whole-state one. On this host the fold drains a
-slot in a few ms (1.2-1.6 GB/s), faster than a line fills one; fewer slots than silos
+slot in about a ms (5.8-6.7 GB/s, `scripts/fold_rate.py`), faster than a line fills one; fewer slots than silos
 uploading at once serialized 64 gpt2-tiny silos (a round of 14 s instead of 1.2 s)."""
 
 KEEP_CHECKPOINTS = 3

@@ -75,7 +75,7 @@ class _Silo:
     update: FlatState | None = None
     """The buffer its chunks were folded from, when they stay there until the round closes."""
     source: Source | None = None
-    """Else: how to fetch a range of its update again (None back: it cannot be had)."""
+    """Else: how to stream its update again (see `Source`)."""
     unfetchable: bool = False
     finite: bool = True
     sq_norm: float = 0.0
@@ -383,11 +383,14 @@ class RoundAggregate:
         if stream is None:
             state.unfetchable = True
             return
-        for start, data in stream:
-            if data.dtype != torch.uint8 or data.dim() != 1:
-                state.unfetchable = True
-                return
-            yield start, data
+        try:
+            for start, data in stream:
+                if data.dtype != torch.uint8 or data.dim() != 1:
+                    state.unfetchable = True
+                    return
+                yield start, data
+        finally:
+            getattr(stream, "close", lambda: None)()  # the source's transfer is told to stop
 
     def _subtractable(self, taken: dict[str, int], kept: int) -> bool:
         """Whether subtracting `taken` weight of each silo's chunks again keeps the mean of the
@@ -452,7 +455,7 @@ class RoundAggregate:
                 self._add(raw, start, factor)
                 seen.add(key)
         finally:
-            stream.close()  # a source's transfer is told to stop, not left waiting
+            stream.close()  # and with it the source's stream, not left waiting
         if len(seen) != len(state.summed):
             state.unfetchable = True
             return False

@@ -190,7 +190,7 @@ class Aggregator:
             st.upload = Session(
                 self.agent, inbox, link.data["upload"], self.mode, Role.RECEIVER,
                 self.chunk_size, self.cfg.window, pool=st.pool, slots=st.slots,
-                on_chunk=lambda off, n, silo=link.silo: self._fold(silo, inbox, off, n), **data,
+                on_chunk=None if st.slots else lambda off, n, silo=link.silo: self._fold(silo, inbox, off, n), **data,
             )
             st.broadcast.open()
             st.upload.open()
