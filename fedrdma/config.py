@@ -269,6 +269,35 @@ class SiloConfig(RuntimeSettings):
         return self
 
 
+DEFAULT_NODE_LISTEN = f"{LOOPBACK_HOST}:7710"
+"""Where a serving node (the aggregator's site) takes peer nodes: loopback until an operator widens it."""
+
+
+class NodeConfig(SecuritySettings):
+    """`fedrdma node`: one site's data plane, for apps that attach over its Unix socket."""
+
+    site: str = Field(pattern=SILO_ID_PATTERN, description="this site's name, as its certificate says; apps "
+                      "attach as this site or are refused")
+    serve: bool = Field(False, description="take peer nodes' fetches and deliveries on --listen (the "
+                        "aggregator's site); without it the node only dials out")
+    listen: str = Field(DEFAULT_NODE_LISTEN, description="with --serve: HOST:PORT peer nodes dial; with --certs "
+                        "HOST must be a name in this site's certificate")
+    data_port: int = Field(0, ge=0, le=65535, description="with --serve: the port tcp-e data connections "
+                           "arrive on (0: any free one; fix it for a firewall)")
+    data_streams: int = Field(DEFAULT_STREAMS, ge=1, le=MAX_STREAMS, description="tcp-e: data connections per "
+                              "transfer")
+    chunk_size: int = Field(DEFAULT_CHUNK_SIZE, gt=0, multiple_of=CHUNK_ALIGN,
+                            description=f"bytes per chunk, a multiple of {CHUNK_ALIGN}")
+    window: int = Field(DEFAULT_WINDOW, ge=1, le=MAX_WINDOW)
+    runtime_dir: Path | None = Field(None, description="where the node's socket and token live (default "
+                                     "$XDG_RUNTIME_DIR/fedrdma, else /tmp/fedrdma-UID); only this user may enter it")
+
+    @model_validator(mode="after")
+    def _check(self) -> NodeConfig:
+        self._check_security(self.listen, "listen")
+        return self
+
+
 def _issues(err: ValidationError) -> list[Issue]:
     """Each error with its key; a rule across keys (loc empty) is stated on its own, without the input."""
     return [Issue(".".join(str(p) for p in e["loc"]), f"{e['msg']} (got {e.get('input')!r})") if e["loc"]

@@ -42,6 +42,12 @@ LOSS_SIGMAS = 5.0
 PROBE_S = 2.0
 """Counted seconds per TCP transfer: enough for a stable rate, keeps the file well under 4 minutes."""
 
+PROBE_TRIES = 3
+"""Transfers a shaped rate gets to reach its line. On a shared 2-core host the delay element
+is a userspace process, and other tenants' load only ever lowers what one transfer sees (a
+1 Gbit/s line measured 790 Mbit/s once in CI): the best of a few is the shaper's rate, while
+every transfer is held to the ceiling, so a shaper that lets too much through still fails."""
+
 
 # --- pure: parsing and validation ------------------------------------------------------------
 
@@ -223,8 +229,13 @@ def test_shaped_rate_and_rtt_match_settings(clean_slate: dict[str, object]) -> N
             lab = Lab.up(_config(rate=rate))
             line = parse_rate(rate)
             assert line is not None
-            got = probe.tcp_transfer(lab.paths[0].links, PROBE_S).bits_per_second
-            assert abs(got - line) <= RATE_TOLERANCE * line, f"{format_rate(got)} on a {rate} line"
+            seen: list[float] = []
+            while len(seen) < PROBE_TRIES and (not seen or max(seen) < (1 - RATE_TOLERANCE) * line):
+                got = probe.tcp_transfer(lab.paths[0].links, PROBE_S).bits_per_second
+                assert got <= (1 + RATE_TOLERANCE) * line, f"{format_rate(got)} through a {rate} shaper"
+                seen.append(got)
+            assert max(seen) >= (1 - RATE_TOLERANCE) * line, (
+                f"best of {', '.join(format_rate(r) for r in seen)} on a {rate} line")
     finally:
         lab.down()
 

@@ -68,3 +68,60 @@ def test_a_federation_in_three_commands_runs_as_written(tmp_path: Path) -> None:
               if e["event"] == "round" and e["round"] > 0]
     assert [r["round"] for r in rounds] == [1]
     assert rounds[0]["accepted"] == ["bank", "hospital"] and rounds[0]["rejected"] == {}
+
+
+def test_the_node_commands_run_as_written(tmp_path: Path) -> None:
+    """The README's two nodes, started as written but for the aggregator's host (loopback
+    here: the certificate and the listen address name it) and the runtime directory (a
+    test's own, through XDG_RUNTIME_DIR as a login manager sets it); then its app snippet's
+    fetch and delivery between them."""
+    import secrets
+
+    import torch
+
+    from fedrdma.core.layout import Layout
+    from fedrdma.node.client import NodeClient
+    from fedrdma.node.process import READY_PREFIX
+
+    certs = tmp_path / "certs"
+    commands = [[a.replace("agg.example.org:7710", f"127.0.0.1:{free_port()}").replace("agg.example.org", "127.0.0.1")
+                 for a in [c[0], *_moved(c[1:], certs)]] for c in readme_commands("## A node per site (`fedrdma node`)")]
+    assert [c[1:3] for c in commands] == [["certs", "init"], ["certs", "issue"], ["certs", "issue"], ["node", "--site"],
+                                          ["node", "--site"]]
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    for _, *args in commands[:3]:
+        made = subprocess.run([sys.executable, "-m", "fedrdma.cli", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=60)
+        assert made.returncode == 0, made.stderr
+    procs = [subprocess.Popen([sys.executable, "-m", "fedrdma.cli", *args], cwd=REPO, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _, *args in commands[3:]]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            said = []
+            while not said or not said[-1].startswith(READY_PREFIX):
+                said.append(proc.stdout.readline())  # the node prints a few lines, then this one
+                assert said[-1], "".join(said)  # or it exited
+        os.environ["XDG_RUNTIME_DIR"], before = env["XDG_RUNTIME_DIR"], os.environ.get("XDG_RUNTIME_DIR")
+        try:
+            layout = Layout.from_shapes([("w", torch.float32, (1000, 300))])
+            token = secrets.token_hex(16)
+            with NodeClient.attach("agg") as server, NodeClient.attach("hospital") as site:
+                glob = server.pool("global", layout)
+                glob.buffer.random_(0, 256)
+                offer, upload = server.publish("global", 1, token), server.collect(1, layout.layout_id, token, sites=2)
+                local = site.pool("global", layout)
+                site.fetch("global", offer)
+                assert torch.equal(local.buffer, glob.buffer)
+                local.buffer.add_(1)
+                site.deliver("global", upload)
+                assert torch.equal(server.take(1, layout)["hospital"].buffer, local.buffer)
+        finally:
+            if before is None:
+                del os.environ["XDG_RUNTIME_DIR"]
+            else:
+                os.environ["XDG_RUNTIME_DIR"] = before
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)

@@ -32,6 +32,14 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
+MAX_TENSORS = 1 << 16
+"""Tensors an announced layout may hold: a 70B model with LoRA on every projection has a few thousand."""
+
+MAX_DIM = 1 << 40
+"""Largest extent of one dimension an announced layout may give: far beyond any model, small
+enough that a product of a few stays an exact integer."""
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     for name, value in _DTYPES.items():
         if value == dtype:
@@ -96,6 +104,30 @@ class Layout:
             separators=(",", ":"),
         )
         return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_json(cls, doc: object, max_tensors: int = MAX_TENSORS) -> Layout:
+        """The layout another process announced (`to_json`), rebuilt here and held to it.
+
+        Offsets and sizes are recomputed, never taken: an announced manifest whose offsets
+        disagree with the rebuilt one describes other bytes, and is refused.
+        """
+        if not isinstance(doc, list) or not 0 < len(doc) <= max_tensors:
+            raise LayoutError(f"a layout is a list of 1 to {max_tensors} tensors")
+        items = []
+        for k, entry in enumerate(doc):
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) \
+                    or entry.get("dtype") not in _DTYPES or not isinstance(entry.get("shape"), list) \
+                    or not all(isinstance(d, int) and 0 <= d < MAX_DIM for d in entry["shape"]):
+                raise LayoutError(f"tensor {k} of the layout needs a name, a dtype of {', '.join(_DTYPES)} "
+                                  f"and a shape of integers below {MAX_DIM}")
+            items.append((entry["name"], _DTYPES[entry["dtype"]], tuple(entry["shape"])))
+        layout = cls.from_shapes(items)
+        for spec, entry in zip(layout.specs, doc):
+            if entry.get("offset", spec.offset) != spec.offset or entry.get("nbytes", spec.nbytes) != spec.nbytes:
+                raise LayoutError(f"tensor {spec.name!r} is announced at offset {entry.get('offset')} with "
+                                  f"{entry.get('nbytes')} bytes; its layout puts it at {spec.offset} ({spec.nbytes})")
+        return layout
 
     def to_json(self) -> list[dict[str, object]]:
         return [

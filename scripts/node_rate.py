@@ -1,0 +1,80 @@
+"""How fast two `fedrdma node` processes move a GPT-2-small-sized state, and what they hold.
+
+`python scripts/node_rate.py [--repeat N] [--mb MB]` starts a serving node and a dialing one on
+loopback (mutual TLS with a CA made for the run), maps a pool in this process as an app
+would, and times fetches (server to client) and deliveries (client to server) as the app
+sees them: from its request to the node's answer. It prints GB/s per transfer and each
+node's peak RSS above the pools it holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fedrdma.bench.states import synthetic_layout
+from fedrdma.control.certs import init_ca, issue
+from fedrdma.node.client import NodeClient
+from fedrdma.node.process import start_node
+from fedrdma.transport.tls import CLIENT, SERVER
+
+GPT2_SMALL_BYTES = 497_759_232
+"""GPT-2 small's float32 state, as the runtime moves it."""
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--mb", type=float, default=GPT2_SMALL_BYTES / 2**20)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fedrdma-node-rate-"))
+    init_ca(work / "certs")
+    issue(work / "certs", "agg", SERVER, hosts=["127.0.0.1"])
+    issue(work / "certs", "hospital", CLIENT)
+    server = start_node("agg", work / "agg", work / "certs", serve=True)
+    client = start_node("hospital", work / "hospital", work / "certs")
+    layout = synthetic_layout(int(args.mb * 2**20) // 4 * 4)
+    try:
+        with NodeClient.attach("agg", server.runtime_dir) as s, NodeClient.attach("hospital", client.runtime_dir) as c:
+            glob = s.pool("global", layout)
+            glob.buffer.copy_(torch.randint(0, 256, (layout.nbytes,), dtype=torch.uint8))
+            local = c.pool("model", layout)
+            rates: dict[str, list[float]] = {"fetch": [], "deliver": []}
+            for rnd in range(1, args.repeat + 1):
+                t = secrets.token_hex(16)
+                offer, upload = s.publish("global", rnd, t), s.collect(rnd, layout.layout_id, t, sites=1)
+                for kind, call, desc in (("fetch", c.fetch, offer), ("deliver", c.deliver, upload)):
+                    started = time.perf_counter()
+                    call("model", desc)
+                    rates[kind].append(layout.nbytes / (time.perf_counter() - started) / 1e9)
+                assert torch.equal(local.buffer, glob.buffer), "the fetched pool differs from the global"
+                inbox = s.take(rnd, layout)["hospital"]
+                assert torch.equal(inbox.buffer, glob.buffer), "the delivery differs from what was fetched"
+                del inbox
+            pools_mb = layout.nbytes / 2**20
+            print(f"state {layout.nbytes / 1e6:.0f} MB, {args.repeat} rounds, loopback, tcp-e between node processes")
+            for kind, r in rates.items():
+                print(f"  {kind:8} {', '.join(f'{x:.2f}' for x in r)} GB/s (median {statistics.median(r):.2f})")
+            print(f"  serving node peak RSS {peak_rss_mb(server.pid):.0f} MiB "
+                  f"(pools: global + one inbox = {2 * pools_mb:.0f} MiB)")
+            print(f"  dialing node peak RSS {peak_rss_mb(client.pid):.0f} MiB (pool: {pools_mb:.0f} MiB)")
+    finally:
+        server.stop()
+        client.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""`fedrdma node`: real node processes, real Unix sockets and shared memory, real tcp-e between nodes.
+
+The test process is the app: it attaches over the node's socket as a Flower app would, maps
+the pools and asks for transfers. Attacks are made from the attacker's side: another user's
+process, a raw socket that lies about its site, a peer whose certificate names another site.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedrdma.control.certs import init_ca, issue
+from fedrdma.core.errors import LayoutError
+from fedrdma.core.layout import FlatState, Layout
+from fedrdma.node import messages as m
+from fedrdma.node import process, unix
+from fedrdma.node.client import NodeClient, NodeRefused
+from fedrdma.node.paths import NodePaths, NodeUnavailable
+from fedrdma.node.process import NodeProcess
+from fedrdma.transport import wire
+from fedrdma.transport.channel import dial
+from fedrdma.transport.tls import CLIENT, SERVER, Credentials
+from tests.conftest import needs_root
+
+CHUNK = 1 << 20
+LAYOUT = Layout.from_shapes([("wte", torch.float32, (512, 1024)), ("ln.bias", torch.float32, (1000,)),
+                             ("head", torch.bfloat16, (700, 513))])
+"""About 2.8 MB: several 1 MiB chunks, odd tensor sizes, two dtypes."""
+
+OTHER = Layout.from_shapes([("wte", torch.float32, (512, 1000))])
+
+SITES = ("agg", "hospital", "bank")
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("certs")
+    init_ca(directory)
+    issue(directory, "agg", SERVER, hosts=["127.0.0.1"])
+    for site in SITES[1:]:
+        issue(directory, site, CLIENT)
+    return directory
+
+
+def start_node(site: str, runtime: Path, certs: Path | None, serve: bool = False) -> NodeProcess:
+    return process.start_node(site, runtime, certs, serve, extra=["--chunk-size", str(CHUNK)])
+
+
+@pytest.fixture(scope="module")
+def nodes(certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodeProcess]]:
+    made = {site: start_node(site, tmp_path_factory.mktemp(site), certs, serve=site == "agg") for site in SITES}
+    yield made
+    for node in made.values():
+        node.stop()
+
+
+def filled(state: FlatState, seed: int) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    state.buffer.copy_(torch.randint(0, 256, (state.nbytes,), dtype=torch.uint8, generator=g))
+    return bytes(state.memoryview())
+
+
+def token() -> str:
+    return secrets.token_hex(16)
+
+
+def test_a_published_pool_is_fetched_and_deliveries_land_byte_for_byte(nodes: dict[str, NodeProcess]) -> None:
+    rnd, t = 1, token()
+    with NodeClient.attach("agg", nodes["agg"].runtime_dir) as server, \
+            NodeClient.attach("hospital", nodes["hospital"].runtime_dir) as hospital, \
+            NodeClient.attach("bank", nodes["bank"].runtime_dir) as bank:
+        sent = filled(server.pool("global", LAYOUT), seed=1)
+        offer = server.publish("global", rnd, t)
+        assert (offer.address, offer.round, offer.layout_id) == (nodes["agg"].address, rnd, LAYOUT.layout_id)
+        upload = server.collect(rnd, LAYOUT.layout_id, t, sites=2)
+        updates = {}
+        for seed, (name, app) in enumerate((("hospital", hospital), ("bank", bank)), start=2):
+            local = app.pool("global", LAYOUT)
+            done = app.fetch("global", offer)
+            assert done.nbytes == LAYOUT.nbytes
+            assert bytes(local.memoryview()) == sent, f"{name} mapped other bytes than the global"
+            # The app writes its update in its own mapping; the node delivers those very pages.
+            updates[name] = filled(local, seed)
+            assert app.deliver("global", upload).nbytes == LAYOUT.nbytes
+        taken = server.take(rnd, LAYOUT)
+        assert sorted(taken) == ["bank", "hospital"]
+        for name, state in taken.items():
+            assert bytes(state.memoryview()) == updates[name], f"{name}'s delivery landed other bytes"
+        with pytest.raises(NodeRefused, match=f"round {rnd} is not being collected"):
+            server.take(rnd, LAYOUT)
+
+
+def test_stale_tokens_other_rounds_layouts_and_second_deliveries_are_refused_by_name(
+        nodes: dict[str, NodeProcess]) -> None:
+    old, new = token(), token()
+    with NodeClient.attach("agg", nodes["agg"].runtime_dir) as server, \
+            NodeClient.attach("hospital", nodes["hospital"].runtime_dir) as hospital:
+        sent = filled(server.pool("global", LAYOUT), seed=7)
+        first = server.publish("global", 5, old)
+        second = server.publish("global", 6, new)  # replaces round 5's offer
+        local = hospital.pool("global", LAYOUT)
+        local.buffer.zero_()
+        with pytest.raises(NodeRefused, match="round 5 of layout .* is not offered here .offered rounds: 6"):
+            hospital.fetch("global", first)
+        with pytest.raises(NodeRefused, match="round 6: the token does not match"):
+            hospital.fetch("global", second.model_copy(update={"token": old}))
+        hospital.pool("other", OTHER)
+        with pytest.raises(NodeRefused, match=f"the descriptor is for layout {LAYOUT.layout_id}"):
+            hospital.fetch("other", second)
+        with pytest.raises(NodeRefused, match="is not offered here"):
+            hospital.fetch("other", second.model_copy(update={"layout_id": OTHER.layout_id}))
+        assert not any(local.memoryview()), "a refused fetch wrote into the pool"
+        hospital.fetch("global", second)
+        assert bytes(local.memoryview()) == sent
+
+        upload = server.collect(6, LAYOUT.layout_id, new, sites=1)
+        with pytest.raises(NodeRefused, match="round 6: the token does not match"):
+            hospital.deliver("global", upload.model_copy(update={"token": old}))
+        with pytest.raises(NodeRefused, match="round 7 takes no deliveries here .collecting: 6"):
+            hospital.deliver("global", upload.model_copy(update={"round": 7}))
+        hospital.deliver("global", upload)
+        with pytest.raises(NodeRefused, match="site 'hospital' delivered round 6 already"):
+            hospital.deliver("global", upload)
+        assert sorted(server.take(6, LAYOUT)) == ["hospital"]
+
+
+def test_a_pool_name_holds_one_layout(nodes: dict[str, NodeProcess]) -> None:
+    with NodeClient.attach("bank", nodes["bank"].runtime_dir) as bank:
+        bank.pool("model", LAYOUT)
+    with NodeClient.attach("bank", nodes["bank"].runtime_dir) as bank:  # another app, the same pool
+        with pytest.raises(NodeRefused, match=f"pool 'model' holds layout {LAYOUT.layout_id}"):
+            bank.pool("model", OTHER)
+        with pytest.raises(NodeRefused, match="this node serves no peers: start it with .* --serve"):
+            bank.publish("model", 1, token())
+
+
+def test_a_node_that_is_not_running_is_named_with_its_socket(tmp_path: Path) -> None:
+    with pytest.raises(NodeUnavailable) as err:
+        NodeClient.attach("hospital", tmp_path)
+    text = str(err.value)
+    assert "fedrdma node --site hospital" in text and str(tmp_path / "hospital.sock") in text
+
+
+def _raw_attach(paths: NodePaths, site: str, given: str) -> wire.Message:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(paths.socket))
+    try:
+        unix.send(sock, m.Attach(site=site, token=given))
+        return unix.recv(sock, 10.0)[0]
+    finally:
+        sock.close()
+
+
+def test_an_app_that_attaches_as_another_site_or_without_the_token_is_refused(nodes: dict[str, NodeProcess]) -> None:
+    paths = NodePaths.of("hospital", nodes["hospital"].runtime_dir)
+    reply = _raw_attach(paths, "bank", paths.read_token())  # hospital's own token, claiming to be bank
+    assert isinstance(reply, m.Failed) and "serves site 'hospital', not 'bank'" in reply.reason
+    reply = _raw_attach(paths, "hospital", "0" * 64)
+    assert isinstance(reply, m.Failed) and "wrong token" in reply.reason
+
+
+def test_an_oversized_frame_is_refused_without_being_read(nodes: dict[str, NodeProcess]) -> None:
+    paths = NodePaths.of("bank", nodes["bank"].runtime_dir)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(paths.socket))
+    try:
+        unix.send(sock, m.Attach(site="bank", token=paths.read_token()))
+        assert isinstance(unix.recv(sock, 10.0)[0], m.Attached)
+        sock.sendall(b"\xff\xff\xff\xf0")  # announces a 4 GiB message
+        reply = unix.recv(sock, 10.0)[0]
+        assert isinstance(reply, m.Failed) and f"at most {unix.MAX_FRAME_BYTES}" in reply.reason
+    finally:
+        sock.close()
+    with NodeClient.attach("bank", nodes["bank"].runtime_dir) as bank:  # the node is still there
+        assert bank.site == "bank"
+
+
+OTHER_USER = 65534
+"""nobody: a user of this host that is not the site's."""
+
+_INTRUDER = textwrap.dedent("""
+    import os, socket, sys
+    from fedrdma.node import messages as m, unix
+    os.setgid({uid}); os.setuid({uid})
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(sys.argv[1])
+    except OSError as exc:
+        print("connect refused:", type(exc).__name__); sys.exit(0)
+    unix.send(sock, m.Attach(site=sys.argv[2], token=sys.argv[3]))
+    print("reply:", unix.recv(sock, 10.0)[0].model_dump_json())
+""").format(uid=OTHER_USER)
+
+
+@needs_root
+def test_another_user_of_the_host_cannot_reach_the_node(certs: Path) -> None:
+    """Even given the token, and with the node's files opened up by mistake, another uid is refused."""
+    runtime = Path(tempfile.mkdtemp(prefix="fedrdma-node-test-"))  # in /tmp, which every user may traverse
+    node = start_node("bank", runtime, certs)
+    try:
+        _intrusions(NodePaths.of("bank", runtime))
+    finally:
+        node.stop()
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _intrusions(paths: NodePaths) -> None:
+
+    def intrude() -> str:
+        out = subprocess.run([sys.executable, "-c", _INTRUDER, str(paths.socket), "bank", paths.read_token()],
+                             capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": "/"})
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert intrude().startswith("connect refused: PermissionError")  # the private directory stops it
+    os.chmod(paths.directory, 0o755)
+    os.chmod(paths.socket, 0o666)
+    try:
+        said = intrude()
+    finally:
+        os.chmod(paths.directory, 0o700)
+        os.chmod(paths.socket, 0o600)
+    assert said.startswith("reply:") and f"uid {OTHER_USER} is not this site's user" in said, said
+
+
+def test_a_peer_cannot_deliver_as_another_site(nodes: dict[str, NodeProcess], certs: Path) -> None:
+    """bank's own certificate, on a stream of its own, claiming to be hospital."""
+    t = token()
+    with NodeClient.attach("agg", nodes["agg"].runtime_dir) as server:
+        server.pool("global", LAYOUT)
+        server.collect(9, LAYOUT.layout_id, t, sites=2)
+        channel = dial(nodes["agg"].address, 30.0, Credentials.load(certs, "bank"))
+        try:
+            channel.send(m.Want(kind="deliver", site="hospital", round=9, layout_id=LAYOUT.layout_id, token=t))
+            reply = channel.recv(10.0)
+        finally:
+            channel.close()
+        assert isinstance(reply, wire.Refuse) and "certificate names site 'bank', not 'hospital'" in reply.reason
+        assert server.take(9, LAYOUT) == {}
+
+
+def test_a_second_node_for_a_site_is_refused(nodes: dict[str, NodeProcess], certs: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "fedrdma.cli", "node", "--site", "bank", "--certs", str(certs),
+                          "--runtime-dir", str(nodes["bank"].runtime_dir)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "a node already serves site 'bank'" in out.stdout + out.stderr
+
+
+def test_a_runtime_dir_others_may_enter_is_refused(tmp_path: Path) -> None:
+    tmp_path.chmod(0o777)
+    with pytest.raises(NodeUnavailable, match="mode 777; a node's directory must be this user's .* alone"):
+        NodePaths.of("bank", tmp_path).make_private()
+
+
+def test_an_insecure_node_works_on_loopback_and_refuses_other_hosts(tmp_path: Path) -> None:
+    server = start_node("agg", tmp_path / "agg", None, serve=True)
+    client = start_node("hospital", tmp_path / "hospital", None)
+    try:
+        with NodeClient.attach("agg", tmp_path / "agg") as s, NodeClient.attach("hospital", tmp_path / "hospital") as c:
+            sent = filled(s.pool("global", LAYOUT), seed=3)
+            offer = s.publish("global", 1, token())
+            c.pool("global", LAYOUT)
+            c.fetch("global", offer)
+            assert bytes(c.pools["global"].state.memoryview()) == sent
+            with pytest.raises(NodeRefused, match="dials loopback only, not 198.18.0.1:7710"):
+                c.fetch("global", offer.model_copy(update={"address": "198.18.0.1:7710"}))
+    finally:
+        server.stop()
+        client.stop()
+
+
+# -- the layout an app announces (pure) ------------------------------------------------------
+def test_an_announced_layout_is_rebuilt_not_trusted() -> None:
+    assert Layout.from_json(LAYOUT.to_json()) == LAYOUT
+    doc = LAYOUT.to_json()
+    doc[1] = {**doc[1], "offset": 0}
+    with pytest.raises(LayoutError, match="'ln.bias' is announced at offset 0"):
+        Layout.from_json(doc)
+    with pytest.raises(LayoutError, match="tensor 0 of the layout needs"):
+        Layout.from_json([{"name": "x", "dtype": "complex64", "shape": [2]}])
+    with pytest.raises(LayoutError, match="a list of 1 to 2 tensors"):
+        Layout.from_json(LAYOUT.to_json(), max_tensors=2)
