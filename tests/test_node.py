@@ -292,3 +292,39 @@ def test_an_announced_layout_is_rebuilt_not_trusted() -> None:
         Layout.from_json([{"name": "x", "dtype": "complex64", "shape": [2]}])
     with pytest.raises(LayoutError, match="a list of 1 to 2 tensors"):
         Layout.from_json(LAYOUT.to_json(), max_tensors=2)
+
+
+def test_a_round_is_averaged_in_the_node_with_the_aggregators_checks(nodes: dict[str, NodeProcess]) -> None:
+    """Weights as the apps report them; a NaN update is rejected by name, a missing one too, and the
+    mean of the rest lands in the target pool; a round that keeps too few leaves the global alone."""
+    layout = Layout.from_shapes([("w", torch.float32, (300, 1000)), ("b", torch.float32, (1000,))])
+    t = token()
+    with NodeClient.attach("agg", nodes["agg"].runtime_dir) as server, \
+            NodeClient.attach("hospital", nodes["hospital"].runtime_dir) as hospital, \
+            NodeClient.attach("bank", nodes["bank"].runtime_dir) as bank:
+        glob, into = server.pool("avg-global", layout), server.pool("avg-next", layout)
+        glob.buffer.view(torch.float32).normal_()
+        offer = server.publish("avg-global", 11, t)
+        upload = server.collect(11, layout.layout_id, t, sites=2)
+        updates = {}
+        for app, delta in ((hospital, 0.01), (bank, -0.03)):
+            local = app.pool("avg", layout)
+            app.fetch("avg", offer)
+            for view in local.views.values():
+                view.add_(delta)
+            updates[app.site] = {name: view.clone() for name, view in local.views.items()}
+            app.deliver("avg", upload)
+        result = server.aggregate(11, "avg-global", "avg-next", {"hospital": 100, "bank": 300, "clinic": 50})
+        assert result.accepted == ["bank", "hospital"]
+        assert result.rejected == {"clinic": "no delivery of round 11 landed from site 'clinic'"}
+        for name, view in into.views.items():
+            expected = (100 * updates["hospital"][name] + 300 * updates["bank"][name]) / 400
+            assert torch.allclose(view, expected, atol=1e-6), name
+
+        before = bytes(glob.memoryview())
+        upload = server.collect(12, layout.layout_id, t, sites=2)
+        bank.pools["avg"].state.views["b"][7] = float("nan")
+        bank.deliver("avg", upload)
+        with pytest.raises(NodeRefused, match="update contains NaN or Inf"):
+            server.aggregate(12, "avg-global", "avg-next", {"bank": 300}, min_sites=1)
+        assert bytes(glob.memoryview()) == before, "a refused round touched the global"

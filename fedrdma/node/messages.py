@@ -9,9 +9,9 @@ reaches, and it is a whole pool or nothing.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from fedrdma.config import SILO_ID_PATTERN as SITE
 from fedrdma.transport import wire
@@ -27,6 +27,9 @@ TOKEN = r"^[0-9a-f]{32,128}$"
 
 MAX_ROUND = 2**31 - 1
 """Rounds are counted, not named: any federation ends long before this."""
+
+MAX_SITES = 1024
+"""Sites one round aggregates: far above the 64 the aggregator is measured with."""
 
 FETCH, DELIVER = "fetch", "deliver"
 """What a node asks a peer node for: the peer's published pool, or to take this node's pool."""
@@ -103,7 +106,30 @@ class Take(wire._Msg):
     round: int = Field(ge=0, le=MAX_ROUND)
 
 
+class Aggregate(wire._Msg):
+    """FedAvg of round `round`'s deliveries from the sites in `weights` (global `glob`) into pool `into`."""
+
+    type: Literal["node-aggregate"] = "node-aggregate"
+    round: int = Field(ge=0, le=MAX_ROUND)
+    glob: str = Field(pattern=POOL_NAME)
+    into: str = Field(pattern=POOL_NAME)
+    weights: dict[Annotated[str, StringConstraints(pattern=SITE)], int] = Field(min_length=1, max_length=MAX_SITES)
+    """Each site's FedAvg weight (its sample count, or the consortium's agreed figure)."""
+    min_sites: int = Field(default=1, ge=1)
+
+
 # -- node to app ---------------------------------------------------------------------------
+class Aggregated(wire._Msg):
+    """What the round's FedAvg decided (`core.fedavg.RoundResult`)."""
+
+    type: Literal["node-aggregated"] = "node-aggregated"
+    accepted: list[str]
+    rejected: dict[str, str]
+    weights: dict[str, float]
+    """Each accepted site's share of the mean."""
+    capped: dict[str, int] = Field(default_factory=dict)
+
+
 class Attached(wire._Msg):
     type: Literal["node-attached"] = "node-attached"
     site: str
@@ -172,5 +198,5 @@ class Want(wire._Msg):
     token: str = Field(pattern=TOKEN)
 
 
-wire.register(Attach, OpenPool, Publish, Collect, Fetch, Deliver, Take,
-              Attached, PoolOpened, Done, Working, Taken, Failed, Want)
+wire.register(Attach, OpenPool, Publish, Collect, Fetch, Deliver, Take, Aggregate,
+              Aggregated, Attached, PoolOpened, Done, Working, Taken, Failed, Want)

@@ -1,0 +1,150 @@
+"""A node's other door: peer nodes, over mutual TLS, and this node dialing them.
+
+A peer's site is the name in its certificate; its first message (`Want`) says what it wants,
+and `Holdings` decides whether it may have it. Then a `tcp-e` session moves one whole pool,
+and its waits are the session's own, which follow progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from fedrdma.config import NodeConfig
+from fedrdma.core.addresses import is_loopback, split_host_port
+from fedrdma.core.errors import FedRDMAError, PeerLost, ProtocolError
+from fedrdma.core.modes import Mode, Role
+from fedrdma.node import messages as m
+from fedrdma.node.holdings import Holdings, NodeError
+from fedrdma.node.shm import SharedPool
+from fedrdma.transport import wire
+from fedrdma.transport.channel import Channel, Listener, dial
+from fedrdma.transport.session import REFUSE_LINGER_S, Session
+from fedrdma.transport.streams import DataListener
+from fedrdma.transport.tls import Credentials
+
+log = logging.getLogger(__name__)
+
+MAX_PEERS = 128
+"""Peer streams served at once: a fetch or a delivery per site of a 64-site federation."""
+
+WANT_TIMEOUT_S = 10.0
+"""A peer node's stream must say what it wants within this."""
+
+CONNECT_TIMEOUT_S = 30.0
+"""Dialing a peer node: a WAN path and its TLS handshake, with room."""
+
+ACCEPT_POLL_S = 0.5
+"""How often the accept loop looks up to see whether the node is stopping."""
+
+
+class Peers:
+    def __init__(self, cfg: NodeConfig, credentials: Credentials | None, holdings: Holdings) -> None:
+        self.cfg = cfg
+        self.credentials = credentials
+        self.holdings = holdings
+        self.listener: Listener | None = None
+        self.streams: DataListener | None = None
+        self.address = ""
+
+    def listen(self, stop: threading.Event) -> threading.Thread:
+        self.listener = Listener(self.cfg.listen, self.credentials, max_streams=MAX_PEERS)
+        self.streams = DataListener(split_host_port(self.cfg.listen)[0], self.cfg.data_port)
+        self.address = self.listener.address
+        t = threading.Thread(target=self._accept, args=(stop,), daemon=True, name="node-peers")
+        t.start()
+        return t
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        if self.streams is not None:
+            self.streams.close()
+
+    # -- this node dials ------------------------------------------------------------------
+    def move(self, msg: m.Fetch | m.Deliver) -> m.Done:
+        d = msg.descriptor
+        pool = self.holdings.pool(msg.pool)
+        if pool.layout.layout_id != d.layout_id:
+            raise NodeError(f"the descriptor is for layout {d.layout_id}; pool {msg.pool!r} holds "
+                            f"{pool.layout.layout_id}")
+        if self.credentials is None and not is_loopback(split_host_port(d.address)[0]):
+            raise NodeError(f"this node runs without certificates and dials loopback only, not {d.address}: "
+                            "start it with --certs DIR")
+        fetch = isinstance(msg, m.Fetch)
+        channel = dial(d.address, CONNECT_TIMEOUT_S, self.credentials)
+        channel.send(m.Want(kind=m.FETCH if fetch else m.DELIVER, site=self.cfg.site, round=d.round,
+                            layout_id=d.layout_id, token=d.token))
+        return _run(self._session(pool, channel, Role.RECEIVER if fetch else Role.SENDER, None), fetch)
+
+    def _session(self, pool: SharedPool, channel: Channel, role: Role, streams: DataListener | None) -> Session:
+        cfg = self.cfg
+        chunk_size = min(cfg.chunk_size, pool.layout.nbytes)  # a state smaller than a chunk is one chunk
+        return Session(None, pool.state, channel, Mode.TCP_E, role, chunk_size, cfg.window,
+                       streams=streams, data_streams=cfg.data_streams)
+
+    # -- peers dial this node -------------------------------------------------------------
+    def _accept(self, stop: threading.Event) -> None:
+        assert self.listener is not None
+        while not stop.is_set():
+            try:
+                channel = self.listener.accept(ACCEPT_POLL_S)
+            except PeerLost:
+                continue
+            threading.Thread(target=self._serve, args=(channel,), daemon=True, name="node-peer").start()
+
+    def _serve(self, channel: Channel) -> None:
+        try:
+            want = channel.recv(WANT_TIMEOUT_S)
+            if not isinstance(want, m.Want):
+                raise NodeError(f"a peer node says what it wants first, not {type(want).__name__}")
+            if channel.identity is not None and channel.identity != want.site:
+                raise NodeError(f"the peer's certificate names site {channel.identity!r}, not {want.site!r}")
+            if want.kind == m.FETCH:
+                _run(self._session(self.holdings.offered(want), channel, Role.SENDER, self.streams), False)
+            else:
+                self._land(want, channel)
+        except (FedRDMAError, TimeoutError, ValueError) as exc:
+            log.info("peer %s: %s", channel.identity or channel.peer, exc)
+            if not channel.closed.is_set() and isinstance(exc, NodeError):
+                _refuse(channel, str(exc))
+        finally:
+            channel.close()
+
+    def _land(self, want: m.Want, channel: Channel) -> None:
+        collection, inbox = self.holdings.inbox_for(want)
+        kept = None
+        try:
+            started = time.monotonic()
+            _run(self._session(inbox, channel, Role.RECEIVER, self.streams), True)
+            log.info("round %d: %s delivered %d bytes in %.2f s", want.round, want.site, inbox.layout.nbytes,
+                     time.monotonic() - started)
+            kept = inbox
+        finally:
+            if kept is None:
+                inbox.close()
+            self.holdings.landed(collection, want.site, kept)
+
+
+def _run(session: Session, receive: bool) -> m.Done:
+    try:
+        session.open()
+        stats = session.receive() if receive else session.send()
+    except BaseException:
+        session.abort()
+        raise
+    session.close()
+    return m.Done(nbytes=stats.nbytes, seconds=stats.seconds)
+
+
+def _refuse(channel: Channel, reason: str) -> None:
+    """Refuse, then read until the peer hangs up: its hello is already on the way, and closing
+    before it read the refusal could lose it."""
+    deadline = time.monotonic() + REFUSE_LINGER_S
+    try:
+        channel.send(wire.Refuse(reason=reason))
+        while time.monotonic() < deadline:
+            channel.recv(max(0.0, deadline - time.monotonic()))
+    except (PeerLost, TimeoutError, ProtocolError):
+        pass
