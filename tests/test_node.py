@@ -328,3 +328,23 @@ def test_a_round_is_averaged_in_the_node_with_the_aggregators_checks(nodes: dict
         with pytest.raises(NodeRefused, match="update contains NaN or Inf"):
             server.aggregate(12, "avg-global", "avg-next", {"bank": 300}, min_sites=1)
         assert bytes(glob.memoryview()) == before, "a refused round touched the global"
+
+
+def test_a_delivery_whose_reply_never_came_is_not_counted(nodes: dict[str, NodeProcess]) -> None:
+    """Both sites deliver; only hospital's app replied (bank's was killed after delivering)."""
+    layout = Layout.from_shapes([("w", torch.float32, (100, 300))])
+    t = token()
+    with NodeClient.attach("agg", nodes["agg"].runtime_dir) as server, \
+            NodeClient.attach("hospital", nodes["hospital"].runtime_dir) as hospital, \
+            NodeClient.attach("bank", nodes["bank"].runtime_dir) as bank:
+        server.pool("late-global", layout).views["w"].fill_(1.0)
+        into = server.pool("late-next", layout)
+        offer, upload = server.publish("late-global", 21, t), server.collect(21, layout.layout_id, t, sites=2)
+        for app, value in ((hospital, 2.0), (bank, 50.0)):
+            local = app.pool("late", layout)
+            app.fetch("late", offer)
+            local.views["w"].fill_(value)
+            app.deliver("late", upload)
+        result = server.aggregate(21, "late-global", "late-next", {"hospital": 10})
+        assert result.accepted == ["hospital"] and result.rejected == {}
+        assert bool((into.views["w"] == 2.0).all()), "bank's delivery was counted without its reply"

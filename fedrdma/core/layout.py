@@ -47,6 +47,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise LayoutError(f"dtype {dtype} cannot travel in a FlatState; supported: {', '.join(_DTYPES)}")
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The dtype a FlatState spells `name` (numpy's spelling too: "float32")."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise LayoutError(f"dtype {name!r} cannot travel in a FlatState; supported: {', '.join(_DTYPES)}") from None
+
+
 def _align(value: int) -> int:
     return (value + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 

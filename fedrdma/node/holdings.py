@@ -81,6 +81,8 @@ class Holdings:
         self._serving()
         with self.lock:
             pool = self.pool(name)
+            for other in [n for n in self.offers if self.pools[n].layout.layout_id == pool.layout.layout_id]:
+                del self.offers[other]  # one current version of a model: a double buffer's other half is scratch
             self.offers[name] = Offer(rnd, token)
             return pool.layout
 

@@ -65,7 +65,7 @@ class OpenPool(wire._Msg):
 
 
 class Publish(wire._Msg):
-    """Let peers that present `token` fetch pool `pool` for `round`; replaces the pool's earlier offer."""
+    """Let peers that present `token` fetch pool `pool` for `round`; withdraws every earlier offer of its layout."""
 
     type: Literal["node-publish"] = "node-publish"
     pool: str = Field(pattern=POOL_NAME)

@@ -1,0 +1,51 @@
+"""Flower's ArrayRecord and a node's pool: one layout, the arrays written in and read out.
+
+An `Array` holds its values as `.npy` bytes; they are written into the pool straight from
+those bytes (the header parsed, the values viewed where they lie), so the one copy is the
+one into shared memory. Reading a pool back into an ArrayRecord copies once, into the
+bytes Flower's records are made of.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from fedrdma.core.errors import LayoutError
+from fedrdma.core.layout import FlatState, Layout, torch_dtype
+
+
+def layout_of(arrays: ArrayRecord) -> Layout:
+    """The layout of an ArrayRecord's arrays, in its order: what both sides' pools hold."""
+    return Layout.from_shapes((name, torch_dtype(a.dtype), tuple(a.shape)) for name, a in arrays.items())
+
+
+def _values(array: Array) -> np.ndarray:
+    """The array's values as a read-only view into its `.npy` bytes."""
+    data = array.data
+    stream = io.BytesIO(data)
+    fmt = np.lib.format
+    reader = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(fmt.read_magic(stream))
+    if reader is None:
+        return array.numpy()
+    shape, fortran, dtype = reader(stream)
+    if fortran or dtype.hasobject:
+        return array.numpy()
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell()).reshape(shape)
+
+
+def write(arrays: ArrayRecord, state: FlatState) -> None:
+    if layout_of(arrays).layout_id != state.layout_id:
+        raise LayoutError(f"these arrays have layout {layout_of(arrays).layout_id}; the pool holds {state.layout_id}")
+    for name, array in arrays.items():
+        values, view = _values(array), state.views[name].numpy()
+        if values.shape != view.shape:  # the Array's own header against what it announced
+            raise LayoutError(f"array {name!r} holds shape {values.shape}, it announced {view.shape}")
+        np.copyto(view, values)
+
+
+def read(state: FlatState) -> ArrayRecord:
+    return ArrayRecord({name: Array(view.numpy()) for name, view in state.views.items()})

@@ -1,0 +1,174 @@
+"""fedrdma inside Flower: a real SuperLink, real SuperNodes, real `flwr run`, real fedrdma nodes.
+
+The same app runs both ways in one federation: its arrays moved by Flower, then by fedrdma
+(the `fedrdma` run-config key). Both must end on the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
+
+from fedrdma.core.layout import Layout
+from fedrdma.flower.deploy import Federation
+from fedrdma.flower.descriptor import RECORD, Offer
+from fedrdma.flower.mod import RUNTIME_KEY, SITE_KEY, fedrdma_mod
+from fedrdma.node.client import NodeClient
+from fedrdma.node.process import NodeProcess, start_node
+
+APP = Path(__file__).parent / "flower_app"
+RUN_TIMEOUT_S = 240.0
+"""Two rounds take about 30 s (Flower polls every 3 s); this bounds a hang."""
+
+SITES = ("hospital", "bank")
+
+LAYOUT = Layout.from_shapes([("w", torch.float32, (64, 100)), ("b", torch.float32, (100,))])
+OTHER = Layout.from_shapes([("w", torch.float32, (64, 99))])
+
+
+@pytest.fixture(scope="module")
+def federations(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[bool, Federation],
+                                                                           dict[str, NodeProcess]]]:
+    """One federation per way, so both runs go at once: Flower's own polling (3 s a step) is most of a run."""
+    root = tmp_path_factory.mktemp("flower")
+    nodes = {"agg": start_node("agg", root / "node-agg", None, serve=True)}
+    feds = {way: Federation(root / f"flwr-home-{way}") for way in (False, True)}
+    try:
+        for site in SITES:
+            nodes[site] = start_node(site, root / f"node-{site}", None)
+        for fed in feds.values():
+            fed.start_link()
+            for k, site in enumerate(SITES):
+                fed.start_node(f"{site}", {"partition-id": k, SITE_KEY: site, RUNTIME_KEY: str(root / f"node-{site}")})
+        yield feds, nodes
+    finally:
+        for fed in feds.values():
+            fed.stop()
+        for node in nodes.values():
+            node.stop()
+
+
+def test_both_ways_end_on_the_same_model(federations: tuple[dict[bool, Federation], dict[str, NodeProcess]],
+                                         tmp_path: Path) -> None:
+    feds, nodes = federations
+    outs = {way: tmp_path / f"final-{way}.npz" for way in feds}
+    runs = {way: fed.submit(APP, {"fedrdma": way, "fedrdma-runtime-dir": str(nodes["agg"].runtime_dir),
+                                  "out-path": str(outs[way])}) for way, fed in feds.items()}
+    finals = {}
+    for way, fed in feds.items():
+        assert fed.wait(runs[way], RUN_TIMEOUT_S) == "finished:completed", fed.run_log()
+        with np.load(outs[way]) as saved:
+            finals[way] = {k: saved[k] for k in saved.files}
+    assert sorted(finals[True]) == ["b", "w"]
+    start = np.random.default_rng(0).standard_normal((512, 600)).astype(np.float32)
+    assert np.abs(finals[True]["w"] - start).max() > 0.01, "fedrdma's run did not train"
+    for name in finals[False]:
+        assert np.abs(finals[True][name] - finals[False][name]).max() <= 1e-5, name
+
+
+# -- the mod against real node processes, refusing from the ClientApp's side ------------------
+@pytest.fixture(scope="module")
+def site_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodeProcess]]:
+    root = tmp_path_factory.mktemp("mod")
+    nodes = {"agg": start_node("agg", root / "agg", None, serve=True)}
+    try:
+        nodes["hospital"] = start_node("hospital", root / "hospital", None)
+        yield nodes
+    finally:
+        for node in nodes.values():
+            node.stop()
+
+
+def _message(offer: Offer, server_round: int) -> Message:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1  # what the runtime sets in a ClientApp
+    return Message(RecordDict({RECORD: offer.to_record(), "config": ConfigRecord({"server-round": server_round})}),
+                   dst_node_id=1, message_type="train")
+
+
+def _through_mod(msg: Message, site: str, runtime: Path) -> tuple[Message, list[Message]]:
+    called: list[Message] = []
+
+    def app(inner: Message, context: Context) -> Message:
+        called.append(inner)
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=inner)
+
+    context = Context(run_id=1, node_id=1, node_config={SITE_KEY: site, RUNTIME_KEY: str(runtime)},
+                      state=RecordDict(), run_config={})
+    return fedrdma_mod(msg, context, app), called
+
+
+def _offer(site_nodes: dict[str, NodeProcess], rnd: int, seq: int, token: str, layout: Layout = LAYOUT) -> Offer:
+    with NodeClient.attach("agg", site_nodes["agg"].runtime_dir) as server:
+        server.pool("mod-global", LAYOUT).buffer.fill_(7)
+        fetch = server.publish("mod-global", seq, token)
+    return Offer(round=rnd, arrays_key="arrays", layout=json.dumps(layout.to_json()), fetch=fetch)
+
+
+def test_the_mod_hands_the_app_the_published_arrays(site_nodes: dict[str, NodeProcess]) -> None:
+    reply, called = _through_mod(_message(_offer(site_nodes, 3, 30, secrets.token_hex(16)), 3), "hospital",
+                                 site_nodes["hospital"].runtime_dir)
+    assert not reply.has_error(), reply.error
+    got = called[0].content["arrays"]
+    assert sorted(got) == ["b", "w"] and RECORD not in called[0].content
+    assert (got["w"].numpy().view(np.uint8) == 7).all() and got["w"].numpy().shape == (64, 100)
+
+
+@pytest.mark.parametrize("case", ["another round", "stale token", "withdrawn offer", "another layout"])
+def test_the_mod_refuses_a_descriptor_by_name_and_the_reply_says_so(site_nodes: dict[str, NodeProcess],
+                                                                    case: str) -> None:
+    old, new = secrets.token_hex(16), secrets.token_hex(16)
+    first = _offer(site_nodes, 4, 40, old)
+    current = _offer(site_nodes, 4, 41, new)  # withdraws seq 40
+    msg, reason = {
+        "another round": (_message(current, 5), "the descriptor is for round 4, the message's config for round 5"),
+        "stale token": (_message(current.model_copy(update={"fetch": current.fetch.model_copy(
+            update={"token": old})}), 4), "round 41: the token does not match"),
+        "withdrawn offer": (_message(first, 4), "round 40 of layout .* is not offered here"),
+        "another layout": (_message(current.model_copy(update={"layout": json.dumps(OTHER.to_json())}), 4),
+                           f"the offer's layout is {OTHER.layout_id}, its descriptor names {LAYOUT.layout_id}"),
+    }[case]
+    reply, called = _through_mod(msg, "hospital", site_nodes["hospital"].runtime_dir)
+    assert reply.has_error() and not called
+    assert reply.error.code == ErrorCode.MOD_FAILED_PRECONDITION
+    assert re.search(reason, reply.error.reason), reply.error.reason
+
+
+def test_a_site_without_a_running_node_is_told_how_to_start_one(site_nodes: dict[str, NodeProcess],
+                                                                 tmp_path: Path) -> None:
+    reply, called = _through_mod(_message(_offer(site_nodes, 6, 60, secrets.token_hex(16)), 6), "clinic", tmp_path)
+    assert reply.has_error() and not called
+    assert "fedrdma node --site clinic" in reply.error.reason and str(tmp_path / "clinic.sock") in reply.error.reason
+
+
+# -- ArrayRecords and pools (pure) -----------------------------------------------------------
+def test_arrays_go_into_a_pool_and_come_back_equal() -> None:
+    from flwr.app import Array, ArrayRecord
+
+    from fedrdma.core.errors import LayoutError
+    from fedrdma.core.layout import FlatState
+    from fedrdma.flower import records
+
+    rng = np.random.default_rng(1)
+    given = {"w": rng.standard_normal((64, 100)).astype(np.float32), "b": np.asfortranarray(
+        rng.standard_normal((100,)).astype(np.float32))}
+    record = ArrayRecord({k: Array(v) for k, v in given.items()})
+    state = FlatState.allocate(records.layout_of(record))
+    records.write(record, state)
+    back = records.read(state)
+    assert list(back) == ["w", "b"]
+    for name, values in given.items():
+        assert np.array_equal(back[name].numpy(), values), name
+    lying = Array(dtype="float32", shape=(64, 100), stype=record["w"].stype, data=Array(given["w"][:32]).data)
+    with pytest.raises(LayoutError, match=r"array 'w' holds shape \(32, 100\), it announced \(64, 100\)"):
+        records.write(ArrayRecord({"w": lying, "b": record["b"]}), state)
