@@ -18,61 +18,34 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
+from fedrdma.bench.flower import run_flower_bench
+from fedrdma.bench.records import FlowerResult
 from fedrdma.core.layout import Layout
-from fedrdma.flower.deploy import Federation
 from fedrdma.flower.descriptor import RECORD, Offer
 from fedrdma.flower.mod import RUNTIME_KEY, SITE_KEY, fedrdma_mod
 from fedrdma.node.client import NodeClient
 from fedrdma.node.process import NodeProcess, start_node
 
 APP = Path(__file__).parent / "flower_app"
-RUN_TIMEOUT_S = 240.0
-"""Two rounds take about 30 s (Flower polls every 3 s); this bounds a hang."""
-
-SITES = ("hospital", "bank")
 
 LAYOUT = Layout.from_shapes([("w", torch.float32, (64, 100)), ("b", torch.float32, (100,))])
 OTHER = Layout.from_shapes([("w", torch.float32, (64, 99))])
 
 
-@pytest.fixture(scope="module")
-def federations(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[bool, Federation],
-                                                                           dict[str, NodeProcess]]]:
-    """One federation per way, so both runs go at once: Flower's own polling (3 s a step) is most of a run."""
-    root = tmp_path_factory.mktemp("flower")
-    nodes = {"agg": start_node("agg", root / "node-agg", None, serve=True)}
-    feds = {way: Federation(root / f"flwr-home-{way}") for way in (False, True)}
-    try:
-        for site in SITES:
-            nodes[site] = start_node(site, root / f"node-{site}", None)
-        for fed in feds.values():
-            fed.start_link()
-            for k, site in enumerate(SITES):
-                fed.start_node(f"{site}", {"partition-id": k, SITE_KEY: site, RUNTIME_KEY: str(root / f"node-{site}")})
-        yield feds, nodes
-    finally:
-        for fed in feds.values():
-            fed.stop()
-        for node in nodes.values():
-            node.stop()
-
-
-def test_both_ways_end_on_the_same_model(federations: tuple[dict[bool, Federation], dict[str, NodeProcess]],
-                                         tmp_path: Path) -> None:
-    feds, nodes = federations
-    outs = {way: tmp_path / f"final-{way}.npz" for way in feds}
-    runs = {way: fed.submit(APP, {"fedrdma": way, "fedrdma-runtime-dir": str(nodes["agg"].runtime_dir),
-                                  "out-path": str(outs[way])}) for way, fed in feds.items()}
-    finals = {}
-    for way, fed in feds.items():
-        assert fed.wait(runs[way], RUN_TIMEOUT_S) == "finished:completed", fed.run_log()
-        with np.load(outs[way]) as saved:
-            finals[way] = {k: saved[k] for k in saved.files}
-    assert sorted(finals[True]) == ["b", "w"]
-    start = np.random.default_rng(0).standard_normal((512, 600)).astype(np.float32)
-    assert np.abs(finals[True]["w"] - start).max() > 0.01, "fedrdma's run did not train"
-    for name in finals[False]:
-        assert np.abs(finals[True][name] - finals[False][name]).max() <= 1e-5, name
+def test_both_ways_end_on_the_same_model_and_the_bench_says_how_long_each_took(tmp_path: Path) -> None:
+    """`bench flower`'s own run on the test app, both ways at once (Flower's 3 s polling is most of a run)."""
+    result = run_flower_bench(APP, "numpy", 2, tmp_path, parallel=True)
+    for way in (result.flower, result.fedrdma):
+        assert [r.round for r in way.rounds] == [1, 2] and all(r.replies == 2 for r in way.rounds)
+        assert all(0 < r.comm_seconds <= r.seconds for r in way.rounds)
+        assert {"serverapp", "clientapp", "superlink", "supernode"} <= set(way.peak_rss_mb), way.peak_rss_mb
+    assert all(r.node_seconds is None for r in result.flower.rounds)
+    assert all(r.node_seconds is not None and r.node_seconds > 0 for r in result.fedrdma.rounds)
+    assert result.max_abs_diff <= 1e-5
+    with np.load(tmp_path / "final-fedrdma.npz") as saved:
+        start = np.random.default_rng(0).standard_normal((512, 600)).astype(np.float32)
+        assert np.abs(saved["w"] - start).max() > 0.01, "fedrdma's run did not train"
+    assert FlowerResult.model_validate_json(result.model_dump_json()) == result
 
 
 # -- the mod against real node processes, refusing from the ClientApp's side ------------------

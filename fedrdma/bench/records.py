@@ -346,3 +346,38 @@ class SoakResult(Record):
     double_counted: list[int] = Field(description="rounds recorded again after the aggregator resumed past them")
     unexpected_exits: list[str] = Field(description="silos that left without being told to (restarted)")
     leaks: SoakLeaks
+
+
+# --- bench flower ---------------------------------------------------------------------------
+
+
+class FlowerRound(Record):
+    round: int
+    seconds: float = Field(description="the training step, from the ServerApp's configure to its aggregate's end")
+    comm_seconds: float = Field(description="the step less the slowest ClientApp's own work (app_seconds)")
+    app_seconds: float = Field(description="the slowest ClientApp's seconds inside its train function")
+    node_seconds: float | None = Field(None, description="fedrdma only: the slowest site's fetch plus delivery, "
+                                                         "as its node timed them")
+    replies: int = Field(description="replies that were not errors")
+
+
+class FlowerWay(Record):
+    """One run of the app, its arrays moved by Flower or by fedrdma."""
+
+    rounds: list[FlowerRound]
+    peak_rss_mb: dict[str, float] = Field(description="per role (serverapp, clientapp, superlink, supernode, "
+                                                      "node-SITE): the largest RSS sampled")
+    seconds: float = Field(description="the whole run, submitted to finished")
+
+
+class FlowerResult(Record):
+    """`fedrdma bench flower --json`: the same Flower app both ways, in one run."""
+
+    app: str
+    model: str
+    rounds_asked: int
+    state_mb: float
+    flower: FlowerWay
+    fedrdma: FlowerWay
+    max_abs_diff: float = Field(description="largest difference between the two ways' final models")
+    time: float

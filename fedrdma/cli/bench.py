@@ -1,4 +1,4 @@
-"""`fedrdma bench transfer|paper|compare|heap|scale|soak`: benchmarks that print ratios measured in one run."""
+"""`fedrdma bench transfer|paper|compare|heap|scale|soak|flower`: benchmarks that print ratios measured in one run."""
 
 from __future__ import annotations
 
@@ -365,3 +365,36 @@ def bench_soak(
     if not clean:
         out.print("[red]the soak found rounds or resources that are wrong: see the table[/]")
         raise typer.Exit(1)
+
+
+EXAMPLE_APP = Path(__file__).resolve().parents[2] / "examples" / "flower-gpt2"
+"""The Flower app `bench flower` runs by default: the repository's GPT-2 example."""
+
+
+@app.command("flower")
+def bench_flower(
+    model: str = typer.Option("gpt2-small", help="The example's model (gpt2-tiny, gpt2-small, ...)."),
+    rounds: int = typer.Option(3, min=1, help="Federated rounds per way."),
+    app_dir: Path = typer.Option(EXAMPLE_APP, "--app", help="The Flower app to run both ways (it must take the "
+                                 "example's run-config keys: fedrdma, timings-path, out-path, ...)."),
+    out_dir: Path = typer.Option(Path("runs/bench-flower"), help="Flower's homes, the nodes' directories, logs."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the results here as JSON."),
+) -> None:
+    """The same Flower app twice, its arrays moved by Flower and by fedrdma nodes: seconds, comm, RSS."""
+    from fedrdma.bench.flower import run_flower_bench
+    from fedrdma.cli.tables import flower_table
+
+    out = console()
+    if not (app_dir / "pyproject.toml").is_file():
+        out.print(f"[red]bench flower:[/] --app {app_dir} holds no Flower app (no pyproject.toml)")
+        raise typer.Exit(1)
+    single(model, "--model", model_name)
+    try:
+        result = run_flower_bench(app_dir, model, rounds, out_dir, say=lambda text: out.print(f"  {text}"))
+    except RunError as exc:
+        out.print(f"[red]bench flower failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    out.print(flower_table(result))
+    out.print(f"max |difference| between the two ways' final models: {result.max_abs_diff:.2e}")
+    if json_path:
+        write_record(out, result, json_path)

@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from pydantic import BaseModel
 
-from fedrdma.bench.records import HeapResult, PaperResult, ScaleResult, SoakResult, TransferResult
+from fedrdma.bench.records import FlowerResult, HeapResult, PaperResult, ScaleResult, SoakResult, TransferResult
 from fedrdma.cli.console import console
 from fedrdma.fl.records import AggregatorRound, DemoResult, SiloRoundRecord
 
@@ -33,6 +33,7 @@ RECORDS: dict[str, tuple[type[BaseModel], str]] = {
     "bench-heap": (HeapResult, "`fedrdma bench heap --json PATH`"),
     "bench-scale": (ScaleResult, "`fedrdma bench scale --json PATH`"),
     "bench-soak": (SoakResult, "`fedrdma bench soak --json PATH`"),
+    "bench-flower": (FlowerResult, "`fedrdma bench flower --json PATH`"),
 }
 """Each record's file name (without SUFFIX), its model, and what writes it."""
 

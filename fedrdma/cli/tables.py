@@ -22,7 +22,7 @@ from fedrdma.sim.tcp_buffers import BUFFER_BDP_FACTOR
 if TYPE_CHECKING:
     from fedrdma.bench.compare import Comparison
     from fedrdma.bench.probe import ProbeResult
-    from fedrdma.bench.records import HeapResult, ModeSummary, ScaleResult, SoakResult, TransferResult
+    from fedrdma.bench.records import FlowerResult, HeapResult, ModeSummary, ScaleResult, SoakResult, TransferResult
     from fedrdma.fl.records import AggregatorRound, DemoResult
     from fedrdma.lab.config import LabConfig
     from fedrdma.lab.lab import PathStatus
@@ -113,6 +113,23 @@ def scale_table(result: ScaleResult) -> Table:
                       f"{last.aggregation_seconds:.3f}", f"{100 * last.aggregation_seconds / last.seconds:.1f}",
                       f"{run.aggregator_cpu_seconds:.1f}", f"{run.aggregator_peak_rss_mb:.0f}",
                       f"{run.aggregator_rss_above_globals_mb:.0f}")
+    return table
+
+
+def flower_table(result: FlowerResult) -> Table:
+    table = _table(f"{result.app.rsplit('/', 1)[-1]} ({result.model}, {result.state_mb:.1f} MiB state), 2 sites on "
+                   "loopback: the same Flower app, its arrays moved by Flower and by fedrdma",
+                   ["round", "flower s", "flower comm s", "fedrdma s", "fedrdma comm s", "of which nodes s",
+                    "comm ratio"])
+    for a, b in zip(result.flower.rounds, result.fedrdma.rounds):
+        ratio = b.comm_seconds / a.comm_seconds if a.comm_seconds > 0 else float("nan")
+        table.add_row(str(a.round), f"{a.seconds:.1f}", f"{a.comm_seconds:.1f}", f"{b.seconds:.1f}",
+                      f"{b.comm_seconds:.1f}", "" if b.node_seconds is None else f"{b.node_seconds:.2f}",
+                      f"{ratio:.3f}")
+    table.add_section()
+    for role in sorted({*result.flower.peak_rss_mb, *result.fedrdma.peak_rss_mb}):
+        table.add_row(f"peak RSS {role}", f"{result.flower.peak_rss_mb.get(role, 0):.0f} MiB", "",
+                      f"{result.fedrdma.peak_rss_mb.get(role, 0):.0f} MiB", "", "", "")
     return table
 
 

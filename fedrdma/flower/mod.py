@@ -20,6 +20,7 @@ from flwr.common.constant import ErrorCode
 from fedrdma.core.errors import FedRDMAError
 from fedrdma.flower import records
 from fedrdma.flower.descriptor import RECORD, DescriptorError, Offer, Receipt
+from fedrdma.flower.timing import NODE_SECONDS
 from fedrdma.node.client import NodeClient
 
 SITE_KEY = "fedrdma-site"
@@ -52,7 +53,7 @@ def _through_node(msg: Message, context: Context, call_next: ClientAppCallable, 
     with NodeClient.attach(site, str(runtime) if runtime else None) as node:
         name = f"flower-{layout.layout_id}"
         pool = node.pool(name, layout)
-        node.fetch(name, offer.fetch)
+        moved = node.fetch(name, offer.fetch).seconds
         del msg.content[RECORD]
         msg.content[offer.arrays_key] = records.read(pool)
         reply = call_next(msg, context)
@@ -62,7 +63,9 @@ def _through_node(msg: Message, context: Context, call_next: ClientAppCallable, 
         if len(arrays) != 1:
             raise DescriptorError(f"the ClientApp replied with {len(arrays)} ArrayRecords; fedrdma moves exactly one")
         records.write(arrays[0][1], pool)
-        node.deliver(name, offer.deliver)
+        moved += node.deliver(name, offer.deliver).seconds
         del reply.content[arrays[0][0]]
+        for metrics in reply.content.metric_records.values():
+            metrics[NODE_SECONDS] = moved
         reply.content[RECORD] = Receipt(site=site, seq=offer.deliver.round).to_record()
         return reply

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -13,13 +15,16 @@ app = ClientApp(mods=[fedrdma_mod])
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     rc = context.run_config
     module = task.model(rc)
     task.load(module, task.arrays_of(msg.content))
     server_round = int(msg.content["config"]["server-round"])
     examples, loss, seconds = task.train(module, rc, int(context.node_config["partition-id"]), server_round)
-    metrics = MetricRecord({"train-loss": loss, "train-seconds": seconds, "num-examples": examples})
-    return Message(RecordDict({"arrays": task.arrays(module), "metrics": metrics}), reply_to=msg)
+    reply = RecordDict({"arrays": task.arrays(module)})
+    reply["metrics"] = MetricRecord({"train-loss": loss, "train-seconds": seconds, "num-examples": examples,
+                                     "app-seconds": time.perf_counter() - started})
+    return Message(reply, reply_to=msg)
 
 
 @app.evaluate()

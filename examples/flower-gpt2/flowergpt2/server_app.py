@@ -23,6 +23,10 @@ def main(grid: Grid, context: Context) -> None:
         from fedrdma.flower.strategy import FedRDMA
 
         strategy = FedRDMA(strategy, site=str(rc["fedrdma-site"]), runtime_dir=str(rc["fedrdma-runtime-dir"]) or None)
+    if rc["timings-path"]:
+        from fedrdma.flower.timing import Timed
+
+        strategy = Timed(strategy, str(rc["timings-path"]))
     module = task.model(rc)
     started = time.perf_counter()
     result = strategy.start(grid=grid, initial_arrays=task.arrays(module), num_rounds=int(rc["num-server-rounds"]),

@@ -19,7 +19,8 @@ def train(msg: Message, context: Context) -> Message:
     arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     step = np.float32(0.05 * (part + 1))
     new = {k: (0.9 * v + step * np.sin(v)).astype(np.float32) for k, v in arrays.items()}
-    metrics = MetricRecord({"train-loss": float(np.abs(new["w"]).mean()), "num-examples": 10 * (part + 1)})
+    metrics = MetricRecord({"train-loss": float(np.abs(new["w"]).mean()), "num-examples": 10 * (part + 1),
+                            "app-seconds": 0.0})
     return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in new.items()}), "metrics": metrics}),
                    reply_to=msg)
 

@@ -18,6 +18,10 @@ def main(grid: Grid, context: Context) -> None:
         from fedrdma.flower.strategy import FedRDMA
 
         strategy = FedRDMA(strategy, site=str(rc["fedrdma-site"]), runtime_dir=str(rc["fedrdma-runtime-dir"]) or None)
+    if rc["timings-path"]:
+        from fedrdma.flower.timing import Timed
+
+        strategy = Timed(strategy, str(rc["timings-path"]))
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in init.items()}),
                             num_rounds=int(rc["num-server-rounds"]), timeout=float(rc["round-timeout"]))
     np.savez(str(rc["out-path"]), **{k: v.numpy() for k, v in result.arrays.items()})

@@ -1,0 +1,137 @@
+"""`fedrdma bench flower`: one Flower app run twice in one go, its arrays moved by Flower and by fedrdma.
+
+Real processes throughout: a SuperLink and a SuperNode per site (`flower.deploy`), a
+`fedrdma node` per site, the app submitted with `flwr run`. The ServerApp writes each
+training step's timing (`flower.timing.Timed`); a sampler reads every process's RSS from
+/proc, by role, while a run goes. The two ways run one after the other, so neither slows
+the other's figures (`parallel` is for tests, which check values, not times).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from fedrdma.bench.records import FlowerResult, FlowerRound, FlowerWay
+from fedrdma.core.errors import RunError
+from fedrdma.flower.deploy import Federation
+from fedrdma.flower.mod import RUNTIME_KEY, SITE_KEY
+from fedrdma.node.process import NodeProcess, start_node
+
+SITES = ("hospital", "bank")
+"""The example's two sites: partitions 0 and 1 of the shipped corpus."""
+
+SERVER_SITE = "agg"
+
+SAMPLE_S = 0.2
+"""How often RSS is sampled: a ClientApp lives for seconds, a peak for less."""
+
+RUN_TIMEOUT_S = 3600.0
+"""A GPT-2-small run of a few rounds takes minutes; this bounds a hang."""
+
+ROLES = (("flwr-serverapp", "serverapp"), ("flwr-clientapp", "clientapp"), ("flower-superlink", "superlink"),
+         ("flower-supernode", "supernode"), ("fedrdma.cli node", "node"))
+"""Which process is which, by its command line."""
+
+
+def _role(cmdline: str) -> str | None:
+    for needle, role in ROLES:
+        if needle in cmdline:
+            if role == "node":
+                return "node-" + cmdline.split("--site", 1)[1].split()[0]
+            return role
+    return None
+
+
+class RssSampler:
+    """The largest RSS of every process under the given roots, by role, until stopped."""
+
+    def __init__(self, roots: list[int]) -> None:
+        self.roots = roots
+        self.peak: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_S):
+            for root in self.roots:
+                try:
+                    procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+                except psutil.NoSuchProcess:
+                    continue
+                for proc in procs:
+                    try:
+                        role = _role(" ".join(proc.cmdline()))
+                        rss = proc.memory_info().rss / 2**20
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        continue
+                    if role is not None:
+                        self.peak[role] = max(self.peak.get(role, 0.0), rss)
+
+
+def run_flower_bench(app: Path, model: str, rounds: int, out_dir: Path | None = None, parallel: bool = False,
+                     say: Callable[[str], None] = lambda _: None,
+                     extra: dict[str, object] | None = None) -> FlowerResult:
+    started = time.time()
+    root = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="fedrdma-bench-flower-"))
+    root.mkdir(parents=True, exist_ok=True)
+    nodes: dict[str, NodeProcess] = {}
+    feds = {way: Federation(root / f"flwr-home-{'fedrdma' if way else 'flower'}") for way in (False, True)}
+    try:
+        nodes[SERVER_SITE] = start_node(SERVER_SITE, root / f"node-{SERVER_SITE}", None, serve=True)
+        for site in SITES:
+            nodes[site] = start_node(site, root / f"node-{site}", None)
+        for fed in feds.values():
+            fed.start_link()
+            for k, site in enumerate(SITES):
+                fed.start_node(site, {"partition-id": k, SITE_KEY: site, RUNTIME_KEY: str(root / f"node-{site}")})
+        config = {"model": model, "num-server-rounds": rounds, "min-nodes": len(SITES), **(extra or {})}
+        ways: dict[bool, FlowerWay] = {}
+        outs = {way: root / f"final-{'fedrdma' if way else 'flower'}.npz" for way in feds}
+        timings = {way: root / f"timings-{'fedrdma' if way else 'flower'}.jsonl" for way in feds}
+        order = [[False, True]] if parallel else [[False], [True]]
+        for batch in order:
+            roots = [p.pid for way in batch for p in feds[way].procs.values()] + [n.pid for n in nodes.values()]
+            with RssSampler(roots) as sampler:
+                t0 = time.perf_counter()
+                runs = {}
+                for way in batch:
+                    timings[way].unlink(missing_ok=True)
+                    say(f"{'fedrdma' if way else 'flower'}: {rounds} round(s) of {app.name} ({model})")
+                    runs[way] = feds[way].submit(app, {**config, "fedrdma": way, "out-path": str(outs[way]),
+                                                       "timings-path": str(timings[way]),
+                                                       "fedrdma-runtime-dir": str(root / f"node-{SERVER_SITE}")})
+                for way in batch:
+                    status = feds[way].wait(runs[way], RUN_TIMEOUT_S)
+                    if status != "finished:completed":
+                        raise RunError(f"the {'fedrdma' if way else 'flower'} run ended {status}:\n"
+                                       f"{feds[way].run_log()}")
+                seconds = time.perf_counter() - t0
+            for way in batch:
+                rows = [FlowerRound(**json.loads(line)) for line in timings[way].read_text().splitlines()]
+                ways[way] = FlowerWay(rounds=rows, peak_rss_mb=dict(sorted(sampler.peak.items())), seconds=seconds)
+        with np.load(outs[False]) as a, np.load(outs[True]) as b:
+            diff = max(float(np.abs(a[k] - b[k]).max()) for k in a.files)
+            state_mb = sum(a[k].nbytes for k in a.files) / 2**20
+        return FlowerResult(app=str(app), model=model, rounds_asked=rounds, state_mb=state_mb, flower=ways[False],
+                            fedrdma=ways[True], max_abs_diff=diff, time=started)
+    finally:
+        for fed in feds.values():
+            fed.stop()
+        for node in nodes.values():
+            node.stop()
