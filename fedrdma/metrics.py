@@ -15,20 +15,22 @@ _RESET_HWM = "5"
 """Writing this to clear_refs resets VmHWM to the current RSS (Linux >= 4.0)."""
 
 
-def _status_kib(field: str) -> int:
-    with open(_PROC_STATUS) as fh:
+def _status_kib(field: str, pid: int | None = None) -> int:
+    path = _PROC_STATUS if pid is None else f"/proc/{pid}/status"
+    with open(path) as fh:
         for line in fh:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from {_PROC_STATUS}")
+    raise RuntimeError(f"{field} missing from {path}")
 
 
 def rss_bytes() -> int:
     return _status_kib("VmRSS") * 1024
 
 
-def peak_rss_bytes() -> int:
-    return _status_kib("VmHWM") * 1024
+def peak_rss_bytes(pid: int | None = None) -> int:
+    """This process's peak RSS, or process `pid`'s (while it lives: the kernel forgets it at exit)."""
+    return _status_kib("VmHWM", pid) * 1024
 
 
 def reset_peak() -> bool:

@@ -20,6 +20,7 @@ import torch
 
 from fedrdma.bench.states import synthetic_layout
 from fedrdma.control.certs import init_ca, issue
+from fedrdma.metrics import peak_rss_bytes
 from fedrdma.node.client import NodeClient
 from fedrdma.node.process import start_node
 from fedrdma.transport.tls import CLIENT, SERVER
@@ -29,10 +30,7 @@ GPT2_SMALL_BYTES = 497_759_232
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return peak_rss_bytes(pid) / 2**20
 
 
 def main() -> None:

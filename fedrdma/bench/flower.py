@@ -23,6 +23,7 @@ from fedrdma.bench.records import FlowerResult, FlowerRound, FlowerWay
 from fedrdma.core.errors import RunError
 from fedrdma.flower.deploy import Federation
 from fedrdma.flower.mod import RUNTIME_KEY, SITE_KEY
+from fedrdma.metrics import peak_rss_bytes
 from fedrdma.node.process import NodeProcess, start_node
 
 SITES = ("hospital", "bank")
@@ -50,8 +51,15 @@ def _role(cmdline: str) -> str | None:
     return None
 
 
+def _label(way: bool) -> str:
+    return "fedrdma" if way else "flower"
+
+
 class RssSampler:
-    """The largest RSS of every process under the given roots, by role, until stopped."""
+    """The largest peak RSS of every process under the given roots, by role, until stopped.
+
+    Each sample reads the kernel's high-water mark (`metrics.peak_rss_bytes`), so a spike
+    between samples is not missed; a process that lives less than a sample is."""
 
     def __init__(self, roots: list[int]) -> None:
         self.roots = roots
@@ -71,14 +79,15 @@ class RssSampler:
         while not self._stop.wait(SAMPLE_S):
             for root in self.roots:
                 try:
-                    procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+                    parent = psutil.Process(root)
+                    procs = [parent, *parent.children(recursive=True)]
                 except psutil.NoSuchProcess:
                     continue
                 for proc in procs:
                     try:
                         role = _role(" ".join(proc.cmdline()))
-                        rss = proc.memory_info().rss / 2**20
-                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        rss = peak_rss_bytes(proc.pid) / 2**20
+                    except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
                         continue
                     if role is not None:
                         self.peak[role] = max(self.peak.get(role, 0.0), rss)
@@ -91,7 +100,7 @@ def run_flower_bench(app: Path, model: str, rounds: int, out_dir: Path | None = 
     root = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="fedrdma-bench-flower-"))
     root.mkdir(parents=True, exist_ok=True)
     nodes: dict[str, NodeProcess] = {}
-    feds = {way: Federation(root / f"flwr-home-{'fedrdma' if way else 'flower'}") for way in (False, True)}
+    feds = {way: Federation(root / f"flwr-home-{_label(way)}") for way in (False, True)}
     try:
         nodes[SERVER_SITE] = start_node(SERVER_SITE, root / f"node-{SERVER_SITE}", None, serve=True)
         for site in SITES:
@@ -102,8 +111,8 @@ def run_flower_bench(app: Path, model: str, rounds: int, out_dir: Path | None = 
                 fed.start_node(site, {"partition-id": k, SITE_KEY: site, RUNTIME_KEY: str(root / f"node-{site}")})
         config = {"model": model, "num-server-rounds": rounds, "min-nodes": len(SITES), **(extra or {})}
         ways: dict[bool, FlowerWay] = {}
-        outs = {way: root / f"final-{'fedrdma' if way else 'flower'}.npz" for way in feds}
-        timings = {way: root / f"timings-{'fedrdma' if way else 'flower'}.jsonl" for way in feds}
+        outs = {way: root / f"final-{_label(way)}.npz" for way in feds}
+        timings = {way: root / f"timings-{_label(way)}.jsonl" for way in feds}
         order = [[False, True]] if parallel else [[False], [True]]
         for batch in order:
             roots = [p.pid for way in batch for p in feds[way].procs.values()] + [n.pid for n in nodes.values()]
@@ -112,14 +121,14 @@ def run_flower_bench(app: Path, model: str, rounds: int, out_dir: Path | None = 
                 runs = {}
                 for way in batch:
                     timings[way].unlink(missing_ok=True)
-                    say(f"{'fedrdma' if way else 'flower'}: {rounds} round(s) of {app.name} ({model})")
+                    say(f"{_label(way)}: {rounds} round(s) of {app.name} ({model})")
                     runs[way] = feds[way].submit(app, {**config, "fedrdma": way, "out-path": str(outs[way]),
                                                        "timings-path": str(timings[way]),
                                                        "fedrdma-runtime-dir": str(root / f"node-{SERVER_SITE}")})
                 for way in batch:
                     status = feds[way].wait(runs[way], RUN_TIMEOUT_S)
                     if status != "finished:completed":
-                        raise RunError(f"the {'fedrdma' if way else 'flower'} run ended {status}:\n"
+                        raise RunError(f"the {_label(way)} run ended {status}:\n"
                                        f"{feds[way].run_log()}")
                 seconds = time.perf_counter() - t0
             for way in batch:

@@ -366,7 +366,7 @@ class FlowerWay(Record):
 
     rounds: list[FlowerRound]
     peak_rss_mb: dict[str, float] = Field(description="per role (serverapp, clientapp, superlink, supernode, "
-                                                      "node-SITE): the largest RSS sampled")
+                                                      "node-SITE): the largest high-water mark sampled")
     seconds: float = Field(description="the whole run, submitted to finished")
 
 

@@ -21,7 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedrdma.core.addresses import LOOPBACK_HOST
 from fedrdma.core.errors import RunError
+from fedrdma.fl.demo import free_port
 
 LINK_TIMEOUT_S = 60.0
 """The SuperLink answers on its port within a few seconds of starting."""
@@ -38,12 +40,6 @@ QUIET_ENV = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0", "P
 
 def _tool(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def toml_value(value: object) -> str:
@@ -75,14 +71,14 @@ class Federation:
         self.home.mkdir(parents=True, exist_ok=True)
         self.link_port = free_port()
         (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.link_port}"\n'
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{LOOPBACK_HOST}:{self.link_port}"\n'
             "insecure = true\n")
         self._spawn("superlink", [_tool("flower-superlink"), "--insecure", "--port", str(self.link_port),
                                   "--disable-runtime-dependency-installation"])
         deadline = time.monotonic() + LINK_TIMEOUT_S
         while time.monotonic() < deadline:
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.link_port)) == 0:
+                if s.connect_ex((LOOPBACK_HOST, self.link_port)) == 0:
                     return
             if self.procs["superlink"].poll() is not None:
                 break
@@ -91,7 +87,7 @@ class Federation:
 
     def start_node(self, name: str, node_config: Mapping[str, object]) -> None:
         config = " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())
-        self._spawn(name, [_tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.link_port}",
+        self._spawn(name, [_tool("flower-supernode"), "--insecure", "--superlink", f"{LOOPBACK_HOST}:{self.link_port}",
                            "--port", str(free_port()), "--node-config", config])
 
     def _spawn(self, name: str, args: list[str]) -> None:

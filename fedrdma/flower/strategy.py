@@ -68,7 +68,7 @@ class FedRDMA(Strategy):
                         grid: Grid) -> Iterable[Message]:
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         if messages:
-            offer = self._offer(server_round, arrays, sites=len(messages), upload=True)
+            offer = self._offer(server_round, arrays, upload_sites=len(messages))
             self._train_seq = offer.fetch.round
             self._swap(messages, offer)
         return messages
@@ -77,7 +77,7 @@ class FedRDMA(Strategy):
                            grid: Grid) -> Iterable[Message]:
         messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
         if messages:
-            self._swap(messages, self._offer(server_round, arrays, sites=0, upload=False))
+            self._swap(messages, self._offer(server_round, arrays))
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -129,7 +129,8 @@ class FedRDMA(Strategy):
         assert self._layout is not None, "configure_train runs before aggregate_train"
         return self._layout
 
-    def _offer(self, server_round: int, arrays: ArrayRecord, sites: int, upload: bool) -> Offer:
+    def _offer(self, server_round: int, arrays: ArrayRecord, upload_sites: int = 0) -> Offer:
+        """Publish `arrays` for this step; with `upload_sites`, collect that many sites' updates too."""
         node = self._attach()
         if self._layout is None:
             self._layout = records.layout_of(arrays)
@@ -142,7 +143,7 @@ class FedRDMA(Strategy):
         self._seq += 1
         token = secrets.token_hex(TOKEN_BYTES)
         fetch = node.publish(glob, self._seq, token)
-        deliver = node.collect(self._seq, self._layout.layout_id, token, sites) if upload else None
+        deliver = node.collect(self._seq, self._layout.layout_id, token, upload_sites) if upload_sites else None
         return Offer(round=server_round, arrays_key=self.inner.arrayrecord_key,
                      layout=json.dumps(self._layout.to_json()), fetch=fetch, deliver=deliver)
 
