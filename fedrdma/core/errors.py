@@ -42,3 +42,8 @@ class AggregationError(FedRDMAError, ValueError):
 
 class NotEnoughSilos(AggregationError):
     """Fewer silos than `min_silos` survived the update checks; the global state is left as it was."""
+
+
+class EncodingError(FedRDMAError, ValueError):
+    """An update that cannot be encoded (NaN or Inf in its delta) or encoded bytes that do not
+    decode (a block scale of 0, Inf or NaN; a layout a wire format cannot carry)."""
