@@ -284,9 +284,11 @@ def test_a_decoded_inf_is_rejected_as_not_finite():
     assert result.accepted == ("a",) and result.rejected["b"] == "update contains NaN or Inf"
 
 
-def test_an_encoded_chunk_outside_the_state_is_an_error_not_a_rejection():
+def test_an_encoded_chunk_outside_the_state_or_splitting_a_record_is_an_error_not_a_rejection():
     codec = Codec.of(Wire.INT8, LAYOUT)
     fold = DecodingFold(RoundAggregate(flat(values(1))), codec)
     fold.start_silo("a", 1, source=lambda: None)
     with pytest.raises(AggregationError, match="outside the encoded state"):
         fold.fold_chunk("a", codec.nbytes, torch.zeros(RECORD_BYTES, dtype=torch.uint8))
+    with pytest.raises(AggregationError, match="split a 2048-byte int8 record"):
+        fold.fold_chunk("a", 0, torch.zeros(RECORD_BYTES + 8, dtype=torch.uint8))

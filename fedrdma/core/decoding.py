@@ -17,6 +17,7 @@ import torch
 
 from fedrdma.core.errors import AggregationError, EncodingError
 from fedrdma.core.fedavg import RoundAggregate, Source
+from fedrdma.core.folds import Scratch
 from fedrdma.core.formats import FLOAT32, Codec
 
 
@@ -25,7 +26,7 @@ class DecodingFold:
 
     Offsets and sources are in the encoded state's bytes; the aggregate sees the state's.
     Folds may come from many threads at once (one receiver per silo), so each thread
-    decodes into its own buffer, reused from chunk to chunk.
+    decodes into its own `Scratch`, reused from chunk to chunk.
     """
 
     def __init__(self, aggregate: RoundAggregate, codec: Codec) -> None:
@@ -43,24 +44,27 @@ class DecodingFold:
     def fold_chunk(self, silo: str, offset: int, data: torch.Tensor) -> None:
         """Fold one verified encoded chunk at `offset`. A chunk that does not decode (a scale
         of 0, Inf or NaN) rejects the silo, naming the record; the round goes on without it.
-        A chunk outside the encoded state is refused like one outside the state."""
-        buffer = getattr(self._local, "buffer", None)
-        if buffer is None:
-            buffer = self._local.buffer = _Buffer()
+        A chunk outside the encoded state, or splitting a record, is refused like a chunk
+        outside the state or splitting an element."""
         try:
-            start, values = self.values(offset, data, buffer)
+            self.codec.values(offset, data.numel())
+        except EncodingError as exc:  # the caller's plan is wrong, not the silo's bytes
+            raise AggregationError(f"silo {silo!r}: {exc}") from None
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = Scratch()
+        try:
+            start, values = self.values(offset, data, scratch)
         except EncodingError as exc:
-            if offset < 0 or offset + data.numel() > self.codec.nbytes or offset % self.codec.unit:
-                raise AggregationError(f"silo {silo!r}: {exc}") from None
             self.aggregate.reject(silo, f"its update does not decode: {exc}")
             return
         self.aggregate.fold_chunk(silo, start, values)
 
-    def values(self, offset: int, data: torch.Tensor, buffer: _Buffer) -> tuple[int, torch.Tensor]:
+    def values(self, offset: int, data: torch.Tensor, scratch: Scratch) -> tuple[int, torch.Tensor]:
         """(state byte offset, the state's bytes) that encoded `data` at `offset` stands for,
-        in `buffer`: the round's global plus the decoded delta."""
+        in `scratch`'s floats: the round's global plus the decoded delta."""
         first, count = self.codec.values(offset, data.numel())
-        out = self.codec.decode(data, offset, buffer.floats(count))
+        out = self.codec.decode(data, offset, scratch.floats(count))
         out.add_(self._global[first : first + count])
         return first * FLOAT32, out.view(torch.uint8)
 
@@ -71,24 +75,13 @@ class DecodingFold:
         return again
 
     def _stream(self, stream: Iterable[tuple[int, torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor]]:
-        buffer = _Buffer()  # its own: folds on other threads use theirs meanwhile
+        scratch = Scratch()  # its own: folds on other threads use theirs meanwhile
         try:
             for offset, data in stream:
                 try:
-                    yield self.values(offset, data, buffer)
+                    yield self.values(offset, data, scratch)
                 except EncodingError:
                     return  # a stream that ends early: the aggregate takes the bytes as gone
         finally:
             getattr(stream, "close", lambda: None)()
 
-
-class _Buffer:
-    """Chunk-sized float32 room, grown on demand and reused (see `core.folds.Scratch`)."""
-
-    def __init__(self) -> None:
-        self._floats = torch.empty(0, dtype=torch.float32)
-
-    def floats(self, count: int) -> torch.Tensor:
-        if self._floats.numel() < count:
-            self._floats = torch.empty(count, dtype=torch.float32)
-        return self._floats[:count]

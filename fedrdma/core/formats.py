@@ -51,6 +51,7 @@ WORK_VALUES = 512 * BLOCK_VALUES
 and are reused, where whole-state temporaries would add the model's size again."""
 
 FLOAT32 = 4
+"""Bytes per value of the states a codec carries: a value's index times this is its byte offset."""
 
 
 class Wire(enum.StrEnum):
@@ -64,10 +65,6 @@ class Wire(enum.StrEnum):
     def compressed(self) -> bool:
         """Travels deltas through a `Codec`; fp32 travels the state's own bytes."""
         return self is not Wire.FP32
-
-
-def choices() -> str:
-    return ", ".join(w.value for w in Wire)
 
 
 @dataclass(frozen=True)
@@ -164,7 +161,7 @@ class Codec:
                 raise EncodingError(f"the update's delta holds {float(piece[bad - start])} at {self._where(bad)}; "
                                     "the update is not sent: a silo must not send a diverged update")
 
-    def _encode_bf16(self, piece: torch.Tensor, out: torch.Tensor, work: torch.Tensor, leave_error: bool) -> None:
+    def _encode_bf16(self, piece: torch.Tensor, out: torch.Tensor, work: torch.Tensor, leave_error: bool) -> bool:
         """False if `piece` is not all finite (a NaN or Inf makes the sum so; an overflowing
         sum of finite values is checked element-wise)."""
         if not math.isfinite(float(piece.sum())) and not bool(torch.isfinite(piece).all()):
