@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedrdma.core.addresses import LOOPBACK_HOST, is_loopback, split_host_port
 from fedrdma.core.chunks import CHUNK_ALIGN, DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, MAX_WINDOW
 from fedrdma.core.errors import FedRDMAError
-from fedrdma.core.modes import Mode, choices
+from fedrdma.core.modes import Mode, Wire, choices
 from fedrdma.core.rules import MAX_SAMPLES, MIN_SILOS, NORM_FACTOR, WEIGHT_FACTOR
 from fedrdma.transport.fabric import AUTO
 from fedrdma.transport.streams import DEFAULT_STREAMS, MAX_STREAMS
@@ -198,6 +198,9 @@ class RuntimeSettings(ModelSettings, SecuritySettings):
 
     seq_len: int = Field(DEFAULT_SEQ_LEN, ge=8)
     heartbeat_s: float = Field(DEFAULT_HEARTBEAT_S, gt=0)
+    wire: Wire = Field(Wire.FP32, description="what updates travel as, the same for the whole federation: fp32 "
+                       "(the state's bytes), bf16 (deltas from the global, 0.5 of the bytes) or int8 (deltas "
+                       "quantized in blocks, 0.25); float32 models only")
 
 
 class AggregatorConfig(RuntimeSettings, TransportSettings):

@@ -13,7 +13,7 @@ from fedrdma.control.certs import init_ca, issue
 from fedrdma.control.hub import AUTH_TIMEOUT_S, MAX_STRANGERS_PER_PEER, Hub
 from fedrdma.control.link import AggregatorLink, JoinRefused
 from fedrdma.core.errors import PeerLost
-from fedrdma.core.modes import Mode
+from fedrdma.core.modes import Mode, Wire
 from fedrdma.transport import wire
 from fedrdma.transport.channel import HandshakeRefused, dial
 from fedrdma.transport.tls import CLIENT, SERVER, Credentials
@@ -193,3 +193,18 @@ def test_a_hundred_silent_streams_do_not_keep_a_real_silo_out(hub, certs):
     finally:
         for s in strangers:
             s.close()
+
+
+def test_a_join_in_another_wire_format_is_refused_with_both_formats_named(certs):
+    h = Hub("127.0.0.1:0", ["hospital"], LAYOUT, NBYTES, welcome, credentials=creds(certs[0], "aggregator"),
+            wire_format=Wire.INT8)
+    try:
+        with pytest.raises(JoinRefused, match="wire format mismatch: the silo encodes its updates as bf16, the "
+                                              "federation moves int8; set wire = \"int8\""):
+            AggregatorLink(h.address, "hospital", LAYOUT, NBYTES, creds(certs[0], "hospital"), Wire.BF16)
+        assert h.links == {}
+        link = AggregatorLink(h.address, "hospital", LAYOUT, NBYTES, creds(certs[0], "hospital"), Wire.INT8)
+        assert link.welcome.silo == "hospital"
+        link.close()
+    finally:
+        h.close()

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from fedrdma.control import messages as m
 from fedrdma.control.beats import MISSED_BEATS, beat
 from fedrdma.core.errors import PeerLost, ProtocolError
+from fedrdma.core.modes import Wire
 from fedrdma.transport import wire
 from fedrdma.transport.channel import DATA_FRAME_BYTES, PRE_AUTH_FRAME_BYTES, Channel, Listener
 from fedrdma.transport.tls import Credentials
@@ -117,10 +118,12 @@ class Hub:
         welcome: Callable[[str, int], m.Welcome],
         on_event: Callable[[dict[str, object]], None] = lambda e: None,
         credentials: Credentials | None = None,
+        wire_format: Wire = Wire.FP32,
     ) -> None:
         self.allowed = frozenset(silos)
         self.layout_id = layout_id
         self.nbytes = nbytes
+        self.wire = wire_format
         self._welcome = welcome
         self._on_event = on_event
         self._lock = threading.Lock()
@@ -215,6 +218,9 @@ class Hub:
                 f"layout mismatch: the silo holds layout {join.layout_id} ({join.nbytes} bytes), the aggregator "
                 f"holds {self.layout_id} ({self.nbytes} bytes); configure the same model and LoRA settings"
             )
+        if not problem and join.wire != self.wire:
+            problem = (f"wire format mismatch: the silo encodes its updates as {join.wire}, the federation "
+                       f"moves {self.wire}; set wire = \"{self.wire}\" (--wire {self.wire}) on the silo")
         retry = 0.0
         with self._lock:
             old = self.links.get(join.silo)

@@ -13,6 +13,7 @@ import time
 from fedrdma.control import messages as m
 from fedrdma.control.beats import MISSED_BEATS, beat
 from fedrdma.core.errors import FedRDMAError, PeerLost, ProtocolError
+from fedrdma.core.modes import Wire
 from fedrdma.transport import wire
 from fedrdma.transport.channel import Channel, HandshakeRefused, dial
 from fedrdma.transport.tls import Credentials
@@ -36,12 +37,12 @@ class AggregatorLink:
     """
 
     def __init__(self, address: str, silo: str, layout_id: str, nbytes: int,
-                 credentials: Credentials | None = None) -> None:
+                 credentials: Credentials | None = None, wire_format: Wire = Wire.FP32) -> None:
         self.address = address
         self.silo = silo
         self._credentials = credentials
         self.control = self._dial()
-        self.control.send(m.Join(silo=silo, layout_id=layout_id, nbytes=nbytes))
+        self.control.send(m.Join(silo=silo, layout_id=layout_id, nbytes=nbytes, wire=wire_format))
         try:
             reply = self.control.recv(CONNECT_TIMEOUT_S * 3)
         except TimeoutError:

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from fedrdma.config import SILO_ID_PATTERN as SILO_ID
-from fedrdma.core.modes import Mode
+from fedrdma.core.modes import Mode, Wire
 from fedrdma.transport import wire
 
 
@@ -25,6 +25,8 @@ class Join(wire._Msg):
     """With TLS it must be the name in the silo's certificate; without, it is taken on trust (loopback only)."""
     layout_id: str = Field(max_length=64)
     nbytes: int = Field(gt=0)
+    wire: Wire = Wire.FP32
+    """The format this silo encodes its updates in: it must be the federation's."""
 
 
 class Welcome(wire._Msg):
@@ -37,6 +39,7 @@ class Welcome(wire._Msg):
     broadcast_mode: Mode
     upload_mode: Mode
     chunk_size: int = Field(gt=0)
+    """Of the state; an encoded upload's chunks are `core.formats.Codec.chunk_size` of it."""
     window: int = Field(gt=0)
     heartbeat_s: float = Field(gt=0)
 

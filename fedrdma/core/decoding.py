@@ -47,9 +47,11 @@ class DecodingFold:
         A chunk outside the encoded state, or splitting a record, is refused like a chunk
         outside the state or splitting an element."""
         try:
-            self.codec.values(offset, data.numel())
+            _, count = self.codec.values(offset, data.numel())
         except EncodingError as exc:  # the caller's plan is wrong, not the silo's bytes
             raise AggregationError(f"silo {silo!r}: {exc}") from None
+        if not count:
+            return  # the encoded state's padding: no value lies there
         scratch = getattr(self._local, "scratch", None)
         if scratch is None:
             scratch = self._local.scratch = Scratch()

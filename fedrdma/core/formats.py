@@ -21,7 +21,6 @@ is paid back in the next instead of adding up.
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass
 
@@ -29,7 +28,10 @@ import torch
 
 from fedrdma.core.chunks import CHUNK_ALIGN
 from fedrdma.core.errors import EncodingError
-from fedrdma.core.layout import Layout
+from fedrdma.core.layout import ALIGNMENT, Layout
+from fedrdma.core.modes import Wire
+
+__all__ = ["Codec", "ErrorFeedback", "Wire"]
 
 RECORD_BYTES = 2048
 """One int8 block on the wire. A power of two, so every power-of-two chunk size (the 4 MiB
@@ -52,19 +54,6 @@ and are reused, where whole-state temporaries would add the model's size again."
 
 FLOAT32 = 4
 """Bytes per value of the states a codec carries: a value's index times this is its byte offset."""
-
-
-class Wire(enum.StrEnum):
-    """A federation's wire format: one word in config, CLI, JSON and docs."""
-
-    FP32 = "fp32"
-    BF16 = "bf16"
-    INT8 = "int8"
-
-    @property
-    def compressed(self) -> bool:
-        """Travels deltas through a `Codec`; fp32 travels the state's own bytes."""
-        return self is not Wire.FP32
 
 
 @dataclass(frozen=True)
@@ -111,17 +100,25 @@ class Codec:
 
     @property
     def nbytes(self) -> int:
-        """The encoded state's bytes."""
-        return self.records * self.unit
+        """The encoded state's bytes: its records, then zeros up to ALIGNMENT, so the encoded
+        state is a FlatState of its own, whose buffers are padded so."""
+        return -(-self.records * self.unit // ALIGNMENT) * ALIGNMENT
 
     @property
     def state_nbytes(self) -> int:
         return self.numel * FLOAT32
 
     def chunk_size(self, requested: int) -> int:
-        """The largest chunk size up to `requested` made of whole records (at least one)."""
+        """The largest chunk size up to `requested` made of whole records (at least one), and
+        at most the encoded state: what both sides plan an encoded transfer with."""
         step = math.lcm(self.unit, CHUNK_ALIGN)
-        return max(step, requested // step * step)
+        return min(self.nbytes, max(step, requested // step * step))
+
+    @property
+    def encoded_layout(self) -> Layout:
+        """The encoded state as a layout of its own, so sessions and pools carry it like any
+        state; named by its format, so peers of two formats fail at hello, not at decoding."""
+        return Layout.from_shapes([(f"update.{self.wire}", torch.uint8, (self.nbytes,))])
 
     def values(self, offset: int, length: int) -> tuple[int, int]:
         """(first value, count) that encoded bytes `[offset, offset+length)` decode to."""
@@ -132,7 +129,7 @@ class Codec:
             raise EncodingError(f"encoded bytes [{offset}, {end}) split a {self.unit}-byte {self.wire} record; "
                                 f"plan chunks with Codec.chunk_size")
         first = offset // self.unit * self.unit_values
-        return first, min(self.numel, end // self.unit * self.unit_values) - first
+        return first, max(0, min(self.numel, end // self.unit * self.unit_values) - first)  # 0: padding only
 
     # -- encoding --------------------------------------------------------------------
 
@@ -160,6 +157,7 @@ class Codec:
                 bad = start + int((~torch.isfinite(piece)).nonzero()[0])
                 raise EncodingError(f"the update's delta holds {float(piece[bad - start])} at {self._where(bad)}; "
                                     "the update is not sent: a silo must not send a diverged update")
+        out[self.records * self.unit :].zero_()  # the padding: no stale bytes on the line
 
     def _encode_bf16(self, piece: torch.Tensor, out: torch.Tensor, work: torch.Tensor, leave_error: bool) -> bool:
         """False if `piece` is not all finite (a NaN or Inf makes the sum so; an overflowing
@@ -220,7 +218,7 @@ class Codec:
             raise EncodingError(f"decoding {count} values needs a float32 buffer of as many, got {out.dtype} {out.numel()}")
         out = out[:count]
         if self.wire is Wire.BF16:
-            return out.copy_(data.view(torch.bfloat16))
+            return out.copy_(data[: count * 2].view(torch.bfloat16))
         records = data.view(-1, RECORD_BYTES)
         scale = records[:, :4].view(torch.float32)
         good = torch.isfinite(scale) & (scale > 0)

@@ -1,4 +1,4 @@
-"""The words for how a transfer moves: one `Mode` and one `Role` for config, wire, CLI and bench.
+"""The words for how a transfer moves: one `Mode`, `Role` and `Wire` for config, wire, CLI and bench.
 
 A mode names how the bytes of one transfer travel between two peers; its properties say
 what the mode needs (an agent, a pool registered once) and which side posts the one-sided
@@ -85,3 +85,17 @@ class Mode(enum.StrEnum):
 def choices() -> str:
     """Every mode's name, as help texts and errors list them."""
     return ", ".join(mode.value for mode in Mode)
+
+
+class Wire(enum.StrEnum):
+    """A federation's wire format, what each value of an update travels as (`core.formats`):
+    one word in config, CLI, JSON and docs. Here rather than there, so settings need no torch."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    INT8 = "int8"
+
+    @property
+    def compressed(self) -> bool:
+        """Travels deltas through a `Codec`; fp32 travels the state's own bytes."""
+        return self is not Wire.FP32

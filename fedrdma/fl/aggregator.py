@@ -37,6 +37,7 @@ from fedrdma.fl import checkpoint
 from fedrdma.fl.records import AggregatorRound, MemorySplit
 from fedrdma.fl.rounds import SiloRound, SiloState
 from fedrdma.fl.state import build_trainable
+from fedrdma.fl.uploads import RoundUploads, Uploads
 from fedrdma.memory import compute_heap, pin_mmap_threshold
 from fedrdma.metrics import mark_runtime, memory_report, reset_peak
 from fedrdma.transport import fabric
@@ -85,14 +86,16 @@ class Aggregator:
         self.chunk_size = min(cfg.chunk_size, self.state.nbytes)
         """A chunk larger than the state is the state: small (LoRA) states travel whole."""
         ChunkPlan.build(self.state.nbytes, self.chunk_size)  # a chunk size no plan can use stops us here, once
+        self.uploads = Uploads(cfg.wire, self.state.layout, self.chunk_size)
+        """What uploads travel as (`cfg.wire`): inboxes, slots and upload sessions hold its bytes."""
         self.agent = Agent(f"aggregator-{id(self):x}") if self.mode.one_sided else None
         self.streams = (DataListener(split_host_port(cfg.listen)[0], cfg.data_port)
                         if Mode.TCP_E in (self.mode, self.mode.broadcast) else None)
         self.bounded = cfg.inbox == "slots" and self.mode is Mode.TCP_E
         """Uploads land in slots (tcp-e lands them in the receiver's own code; the others in its memory)."""
-        self._unwritten = FlatState.allocate(self.state.layout, fill=None) if self.bounded else None
+        self._unwritten = FlatState.allocate(self.uploads.layout, fill=None) if self.bounded else None
         """The layout a slotted upload session is made for; its bytes are never written, so never resident."""
-        self.slot_pool = (SlotPool(max(1, (cfg.inbox_mb << 20) // self.chunk_size), self.chunk_size)
+        self.slot_pool = (SlotPool(max(1, (cfg.inbox_mb << 20) // self.uploads.chunk_size), self.uploads.chunk_size)
                           if self.bounded else None)
         """The slots every silo's upload lands in, shared: memory follows the line, not the silo count."""
         self.pools: dict[int, Pool] = {}
@@ -113,20 +116,23 @@ class Aggregator:
         self.silos: dict[str, SiloState] = {}
         self._fold_lock = threading.Lock()
         self._aggregate: RoundAggregate | None = None
+        self._folds: RoundUploads | None = None
+        """The round's way into `_aggregate` from upload bytes; set and cleared with it."""
         self._progress: dict[str, float] = {}
         """When each silo's upload last verified a chunk this round (the deadline's progress)."""
         self._agreed = {s.id: s.weight for s in cfg.silos if s.weight is not None}
         """FedAvg weights from the configuration: these silos' reported counts are ignored."""
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.hub = Hub(cfg.listen, [s.id for s in cfg.silos], self.state.layout_id, self.state.nbytes,
-                       self._welcome, self._event, self.credentials)
+                       self._welcome, self._event, self.credentials, cfg.wire)
         if self._resumed is not None:
             self._event({"event": "resumed", "run_id": self.run_id, "from_round": self._resumed.round,
                          "skipped": list(self._resumed.skipped)})
         self._event({"event": "security", "mode": self.mode, "tls": self.credentials is not None,
                      "fabric": self.fabric.describe(), "trusted_fabric": cfg.trusted_fabric})
         self._event({"event": "pools", "global": [p.region.digest() for p in self.pools.values()],
-                     "nbytes": self.state.nbytes, "listen": self.hub.address,
+                     "nbytes": self.state.nbytes, "listen": self.hub.address, "wire": cfg.wire,
+                     "upload_nbytes": self.uploads.layout.nbytes,
                      "inbox": "slots" if self.bounded else "full",
                      "inbox_bytes": self.slot_pool.nbytes if self.slot_pool else 0})
 
@@ -170,7 +176,7 @@ class Aggregator:
                                              lambda off, data, silo=link.silo: self._land(silo, off, data))
                 st = SiloState(link.silo, None, None, slots)
             else:
-                inbox = FlatState.allocate(self.state.layout, fill=0)
+                inbox = FlatState.allocate(self.uploads.layout, fill=0)
                 st = SiloState(link.silo, inbox, self._pool(inbox))
             self.silos[link.silo] = st
         if st.link is not link:
@@ -189,7 +195,7 @@ class Aggregator:
             assert inbox is not None
             st.upload = Session(
                 self.agent, inbox, link.data["upload"], self.mode, Role.RECEIVER,
-                self.chunk_size, self.cfg.window, pool=st.pool, slots=st.slots,
+                self.uploads.chunk_size, self.cfg.window, pool=st.pool, slots=st.slots,
                 on_chunk=None if st.slots else lambda off, n, silo=link.silo: self._fold(silo, inbox, off, n), **data,
             )
             st.broadcast.open()
@@ -200,8 +206,8 @@ class Aggregator:
 
     def _fold(self, silo: str, inbox: FlatState, offset: int, length: int) -> None:
         with self._fold_lock:
-            if self._aggregate is not None:
-                self._aggregate.fold(silo, inbox, offset, length)
+            if self._folds is not None:
+                self._folds.fold(silo, inbox, offset, length)
                 self._progress[silo] = time.monotonic()
 
     def _progressed(self, silo: str) -> None:
@@ -217,8 +223,8 @@ class Aggregator:
             replay.land(offset, data)
             return
         with self._fold_lock:
-            if self._aggregate is not None:
-                self._aggregate.fold_chunk(silo, offset, data)
+            if self._folds is not None:
+                self._folds.fold_chunk(silo, offset, data)
                 self._progress[silo] = time.monotonic()
 
     # -- one silo's round --------------------------------------------------------------
@@ -233,10 +239,10 @@ class Aggregator:
             ready = self._await_ready(link, rnd, deadline)
             out.ready = ready
             with self._fold_lock:
-                assert self._aggregate is not None
+                assert self._folds is not None
                 agreed = self._agreed.get(link.silo)
-                self._aggregate.start_silo(link.silo, agreed or ready.n_samples, agreed=agreed is not None,
-                                           source=st.replay_for(rnd) if st.slots is not None else None)
+                self._folds.start_silo(link.silo, agreed or ready.n_samples, agreed=agreed is not None,
+                                       source=st.replay_for(rnd) if st.slots is not None else None, inbox=st.inbox)
             out.n_samples = ready.n_samples
             out.upload = st.upload.receive()
             out.ok = True
@@ -280,6 +286,7 @@ class Aggregator:
         deadline = start + cfg.round_deadline_s * DEADLINE_EXTENSION
         with self._fold_lock:
             self._aggregate = RoundAggregate(self.state, accumulator=self._accumulator())
+            self._folds = self.uploads.round(self._aggregate)
             self._progress = {}
         results = {link.silo: SiloRound(link.silo) for link in links}
         threads = [
@@ -296,7 +303,7 @@ class Aggregator:
             if st is not None and st.link is not None:
                 self.hub.forget(st.link)
         with self._fold_lock:
-            aggregate, self._aggregate = self._aggregate, None
+            aggregate, self._aggregate, self._folds = self._aggregate, None, None
         assert aggregate is not None
         agg_start = time.monotonic()
         for r in results.values():
@@ -398,6 +405,7 @@ class Aggregator:
             time=time.time(),
             round=rnd,
             mode=self.mode,
+            wire=self.cfg.wire,
             accepted=sorted(outcome.accepted),
             rejected=outcome.rejected,
             eval_loss=eval_loss,
@@ -429,8 +437,8 @@ class Aggregator:
         records: list[AggregatorRound] = []
         initial = self._evaluate() if self.round == 0 else None
         if initial is not None:
-            records.append(AggregatorRound(time=time.time(), round=0, mode=self.mode, eval_loss=initial,
-                                           state_bytes=self.state.nbytes))
+            records.append(AggregatorRound(time=time.time(), round=0, mode=self.mode, wire=self.cfg.wire,
+                                           eval_loss=initial, state_bytes=self.state.nbytes))
             self._event(records[-1].model_dump(mode="json"))
             on_round(records[-1])
         failures = 0

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from fedrdma.control.certs import DEFAULT_HOSTS, init_ca, issue
 from fedrdma.core.addresses import LOOPBACK_HOST
 from fedrdma.core.errors import RunError
-from fedrdma.core.modes import Mode
+from fedrdma.core.modes import Mode, Wire
 from fedrdma.fl import checkpoint
 from fedrdma.fl.inputs import CERTS_DIR, DEMO_EVAL, DEMO_MODES, DEMO_SILOS, demo_corpus
 from fedrdma.fl.records import AggregatorRound, DemoMode, DemoResult
@@ -109,13 +109,15 @@ def write_configs(
     root: Path, mode: Mode, rounds: int, model: str, lora: bool, silos: Sequence[str], port: int,
     hosts: Hosts = LOCAL, local_steps: int = DEMO_LOCAL_STEPS,
     aggregator_settings: Mapping[str, Any] | None = None, silo_settings: Mapping[str, Any] | None = None,
+    wire: Wire = Wire.FP32,
 ) -> tuple[Path, list[Path]]:
     """The run's certificates and configs. `aggregator_settings` and `silo_settings` override
     the demo's values; a None value leaves the setting out (to its default)."""
     root.mkdir(parents=True, exist_ok=True)
     certs = make_certs(root / CERTS_DIR, silos, hosts)
     # The demo's and the lab's processes are all its own: one-sided modes may touch any of them.
-    common = {"model": model, "lora": lora, "seed": 0, "certs": str(certs), "trusted_fabric": Mode(mode).one_sided}
+    common = {"model": model, "lora": lora, "seed": 0, "certs": str(certs), "trusted_fabric": Mode(mode).one_sided,
+              "wire": wire}
     agg = {
         **common,
         "listen": f"{hosts.listen_host}:{port}",
@@ -169,11 +171,11 @@ def run_federation(
     root: Path, mode: Mode, rounds: int, model: str, lora: bool, silos: Sequence[str],
     on_round: Callable[[AggregatorRound], None] = lambda r: None,
     hosts: Hosts = LOCAL, local_steps: int = DEMO_LOCAL_STEPS,
-    aggregator_settings: Mapping[str, Any] | None = None,
+    aggregator_settings: Mapping[str, Any] | None = None, wire: Wire = Wire.FP32,
 ) -> list[AggregatorRound]:
     """One aggregator and its silos as processes; returns the aggregator's round records."""
     agg_path, silo_paths = write_configs(
-        root, mode, rounds, model, lora, silos, free_port(), hosts, local_steps, aggregator_settings
+        root, mode, rounds, model, lora, silos, free_port(), hosts, local_steps, aggregator_settings, wire=wire
     )
     metrics = root / "aggregator" / "metrics.jsonl"
     metrics.unlink(missing_ok=True)

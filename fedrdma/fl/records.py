@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from fedrdma.core.modes import Mode
+from fedrdma.core.modes import Mode, Wire
 
 
 class Record(BaseModel):
@@ -74,6 +74,7 @@ class AggregatorRound(Record):
     round: int = Field(ge=0)
     mode: Mode | None = Field(None, validation_alias=AliasChoices("mode", "transport"),
                               description="how updates moved (`transport` in older rows); absent in older demo results")
+    wire: Wire = Field(Wire.FP32, description="what updates travelled as (fp32 in older rows)")
     accepted: list[str] = Field(default_factory=list, description="silos whose updates made the new global model")
     rejected: dict[str, str] = Field(default_factory=dict, description="silo -> why its update was left out")
     eval_loss: float | None = Field(None, description="held-out loss of the global model after the round")
@@ -104,6 +105,7 @@ class SiloRoundRecord(Record):
     train_seconds: float
     broadcast_seconds: float = Field(description="the broadcast as this silo received it")
     upload_seconds: float
+    encode_seconds: float = Field(0.0, description="turning the update into its wire format (0 with fp32)")
     memory: MemorySplit
 
 

@@ -3,6 +3,12 @@
 The silo's pool is its model's own parameters (a FlatState the model trains in): the
 aggregator's WRITE lands in the weights, training updates them in place, and the upload
 reads them from the same memory. No second copy exists for sending.
+
+With a compressed wire format (`wire = "bf16" | "int8"`) the upload is the delta from the
+round's global, encoded into a pool of its own (`core.formats`): the silo keeps the global
+it received (the delta's reference) and the rounding error it owes the next round, two
+float32 states next to the model, and a diverged update is refused here, before a byte of
+it leaves.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import xxhash
 from fedrdma.config import SiloConfig
 from fedrdma.control import messages as m
 from fedrdma.control.link import AggregatorLink, JoinRefused
-from fedrdma.core.errors import PeerLost
+from fedrdma.core.errors import EncodingError, PeerLost
+from fedrdma.core.formats import Codec, ErrorFeedback
+from fedrdma.core.layout import FlatState
 from fedrdma.core.modes import Role
 from fedrdma.fl.data import load_silo_data, load_tokenizer
 from fedrdma.fl.records import MemorySplit, SiloRoundRecord
@@ -67,6 +75,14 @@ class Silo:
         self.credentials = Credentials.of_process(cfg.certs, cfg.id, CLIENT, "for one host only")
         self.agent: Agent | None = None
         self.pool: Pool | None = None
+        self.codec = Codec.of(cfg.wire, self.state.layout) if cfg.wire.compressed else None
+        """None with wire fp32: the upload is the state itself."""
+        self.encoded = FlatState.allocate(self.codec.encoded_layout, fill=0) if self.codec else self.state
+        """What the upload session sends (zero-filled: no page faults while encoding)."""
+        self.feedback = ErrorFeedback(self.codec) if self.codec else None
+        self.reference = torch.zeros(self.codec.numel) if self.codec else None
+        """The round's global as received: what the encoded delta is taken from."""
+        self.upload_pool: Pool | None = None
         self.rounds_done: list[int] = []
         self.metrics_path = self.out_dir / f"{cfg.id}.jsonl"
 
@@ -96,7 +112,8 @@ class Silo:
 
     def _session(self) -> bool:
         cfg = self.cfg
-        link = AggregatorLink(cfg.aggregator, cfg.id, self.state.layout_id, self.state.nbytes, self.credentials)
+        link = AggregatorLink(cfg.aggregator, cfg.id, self.state.layout_id, self.state.nbytes, self.credentials,
+                              cfg.wire)
         welcome = link.welcome
         self._event({"event": "joined", "generation": welcome.generation, "tls": self.credentials is not None})
         mode = welcome.broadcast_mode
@@ -115,6 +132,15 @@ class Silo:
             assert self.agent is not None
             self.pool = self.agent.register(self.state.buffer)
         pool = self.pool if mode.registers_pool else None
+        upload_pool = pool
+        if self.codec is not None and welcome.upload_mode.registers_pool:
+            if self.upload_pool is None:
+                assert self.agent is not None
+                self.upload_pool = self.agent.register(self.encoded.buffer)
+            upload_pool = self.upload_pool
+        if self.feedback is not None:
+            self.feedback.reset()  # a new join starts from a whole broadcast: no error is owed
+        upload_chunk = self.codec.chunk_size(welcome.chunk_size) if self.codec else welcome.chunk_size
         broadcast = upload = None
         try:
             broadcast = Session(
@@ -122,8 +148,8 @@ class Silo:
                 welcome.chunk_size, welcome.window, pool=pool, trusted_fabric=cfg.trusted_fabric,
             )
             upload = Session(
-                self.agent, self.state, link.attach("upload"), welcome.upload_mode, Role.SENDER,
-                welcome.chunk_size, welcome.window, pool=pool, trusted_fabric=cfg.trusted_fabric,
+                self.agent, self.encoded, link.attach("upload"), welcome.upload_mode, Role.SENDER,
+                upload_chunk, welcome.window, pool=upload_pool, trusted_fabric=cfg.trusted_fabric,
             )
             broadcast.open()
             upload.open()
@@ -136,6 +162,8 @@ class Silo:
                 if isinstance(msg, m.RoundEnd):
                     self._event({"event": "round_end", "round": msg.round, "included": msg.included,
                                  "reason": msg.reason})
+                    if not msg.included and self.feedback is not None:
+                        self.feedback.reset()  # an update left out owes no rounding error
                     continue
                 if isinstance(msg, m.Resend):
                     self._resend(upload, msg.round)
@@ -179,12 +207,15 @@ class Silo:
         cpu0 = time.process_time()
         reset_peak()  # the memory figures are this round's peak, not start-up's
         got = broadcast.receive()
+        if self.reference is not None:
+            self.reference.copy_(self.state.buffer.view(torch.float32))
         n_samples, loss, train_seconds = self.train(rnd, upload)
         pool_bytes = self.pool.region.length if self.pool else 0
         memory = memory_report(self.model, None, pool_bytes, pool_is_model=self.pool is not None)
         memory["optimizer"] = ADAM_MOMENTS * self.state.nbytes if self.trainer is not None else 0
         memory["rest"] = max(0, memory["rest"] - memory["optimizer"])
         self.state.touch()  # training changed the bytes
+        encode_seconds = self._encode(link, rnd)
         link.control.send(
             m.Ready(
                 round=rnd, n_samples=n_samples, train_loss=loss, train_seconds=train_seconds,
@@ -195,9 +226,27 @@ class Silo:
         self.rounds_done.append(rnd)
         row = SiloRoundRecord(time=time.time(), silo=self.cfg.id, round=rnd, train_loss=loss,
                               train_seconds=train_seconds, broadcast_seconds=got.seconds, upload_seconds=sent.seconds,
-                              memory=MemorySplit.model_validate(memory))
+                              encode_seconds=encode_seconds, memory=MemorySplit.model_validate(memory))
         self._event(row.model_dump(mode="json"))
 
+
+    def _encode(self, link: AggregatorLink, rnd: int) -> float:
+        """The round's update into the encoded pool: its seconds. A delta that is not finite is
+        not sent: the silo leaves the round, takes the global back, and rejoins."""
+        if self.feedback is None:
+            return 0.0
+        assert self.reference is not None
+        start = time.perf_counter()
+        try:
+            self.feedback.encode(self.state.buffer.view(torch.float32), self.reference, self.encoded.buffer)
+        except EncodingError as exc:
+            self.state.buffer.view(torch.float32).copy_(self.reference)
+            self.state.touch()
+            self._event({"event": "update_refused", "round": rnd, "reason": str(exc)})
+            link.control.send(m.Leave(reason=f"round {rnd}: its update was refused before encoding: {exc}"))
+            raise PeerLost(f"left round {rnd}: {exc}") from None
+        self.encoded.touch()
+        return time.perf_counter() - start
 
 
 def perturb(views: Mapping[str, torch.Tensor], seed: int, silo: str, rnd: int) -> None:

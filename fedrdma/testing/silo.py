@@ -5,7 +5,9 @@ is the production one, so the aggregator meets the fault exactly as it would mee
 broken or hostile silo.
 
 Faults: `exit-after-broadcast:R` (dies in round R once the global arrived), `stall-once:R:S`
-(round R's training takes S seconds longer, once per process), `nan` (a NaN in the update's last value),
+(round R's training takes S seconds longer, once per process), `nan` (a NaN in the update's last value;
+`nan:R` in round R's only), `poison-encoded:X` (with wire bf16 or int8: the first encoded value, or
+the first int8 record's scale, set to X after encoding, as no honest encoder would),
 `scale` (the update times 1000), `claim:N` (reports N training samples, whatever it holds),
 `exit-mid-upload:R` (tcp-e: dies in round R once STOP_AFTER_CHUNKS chunks of its upload went
 out, so some are folded), `stop:PHASE:R` (round R: the process stops itself with SIGSTOP, as a host that freezes, once
@@ -91,11 +93,34 @@ class StallOnce(Silo):
 
 
 class NanUpdate(Silo):
+    """A NaN in every round's update, or only in round `rnd`'s."""
+
+    def __init__(self, cfg: SiloConfig, rnd: int | None = None) -> None:
+        super().__init__(cfg)
+        self.rnd = rnd
+
     def train(self, rnd: int, upload: Session) -> tuple[int, float, float]:
         result = super().train(rnd, upload)
-        # In the last value: every chunk before it is folded first, and must be taken out again.
-        list(self.state.views.values())[-1].view(-1)[-1] = float("nan")
+        if self.rnd is None or rnd == self.rnd:
+            # In the last value: every chunk before it is folded first, and must be taken out again.
+            list(self.state.views.values())[-1].view(-1)[-1] = float("nan")
         return result
+
+
+class PoisonedEncoding(Silo):
+    """Encodes honestly, then breaks what it sends in a way its own encoder never would: the
+    first int8 record's scale set to `value`, or the first bf16 value set to it."""
+
+    def __init__(self, cfg: SiloConfig, value: float) -> None:
+        super().__init__(cfg)
+        self.value = value
+
+    def _encode(self, link, rnd: int) -> float:  # type: ignore[no-untyped-def]
+        seconds = super()._encode(link, rnd)
+        dtype = torch.bfloat16 if self.cfg.wire == "bf16" else torch.float32
+        self.encoded.buffer[: dtype.itemsize].view(dtype)[0] = self.value
+        self.encoded.touch()
+        return seconds
 
 
 class ScaledUpdate(Silo):
@@ -200,7 +225,9 @@ def faulty(cfg: SiloConfig, fault: str) -> Silo:
     if name == "stall-once":
         return StallOnce(cfg, int(args[0]), float(args[1]))
     if name == "nan":
-        return NanUpdate(cfg)
+        return NanUpdate(cfg, int(args[0]) if args else None)
+    if name == "poison-encoded":
+        return PoisonedEncoding(cfg, float(args[0]))
     if name == "scale":
         return ScaledUpdate(cfg)
     if name == "claim":
