@@ -299,3 +299,23 @@ def test_an_encoded_chunk_outside_the_state_or_splitting_a_record_is_an_error_no
         fold.fold_chunk("a", codec.nbytes, torch.zeros(RECORD_BYTES, dtype=torch.uint8))
     with pytest.raises(AggregationError, match="split a 2048-byte int8 record"):
         fold.fold_chunk("a", 0, torch.zeros(RECORD_BYTES + 8, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("wire", [Wire.INT8, Wire.BF16])
+def test_advance_keeps_both_copies_alike_bit_for_bit_and_pays_its_error_back_next_time(wire):
+    codec = Codec.of(wire, LAYOUT)
+    held = values(40)
+    silo = held.clone()
+    target = held + values(41, 1e-3)
+    out = torch.full((codec.nbytes,), 0xEE, dtype=torch.uint8)
+    gaps = []
+    for _ in range(3):  # the same target again: only the rounding of the last time is left to send
+        codec.advance(target, held, out)
+        silo.add_(decode_all(codec, out, 1 << 16))  # what a silo does with the broadcast
+        assert torch.equal(silo, held)
+        gaps.append(float((target - held).abs().max()))
+    assert gaps[0] < (1e-3 * 6 / LEVELS if wire is Wire.INT8 else 1e-5) and gaps[2] < gaps[0] / 50, gaps
+    assert not out[codec.records * codec.unit :].any()  # the padding is zeros, not what was there
+    target[5] = float("nan")
+    with pytest.raises(EncodingError, match="broadcast's delta is not finite"):
+        codec.advance(target, held, out)

@@ -124,6 +124,8 @@ class Hub:
         self.layout_id = layout_id
         self.nbytes = nbytes
         self.wire = wire_format
+        self.purposes = frozenset({"broadcast", "upload"} | ({"delta"} if wire_format.compressed else set()))
+        """The data streams each silo attaches before it is ready."""
         self._welcome = welcome
         self._on_event = on_event
         self._lock = threading.Lock()
@@ -251,19 +253,21 @@ class Hub:
             link = self.links.get(attach.silo)
             if not problem and (link is None or link.generation != attach.generation):
                 problem = f"no current join of generation {attach.generation} for silo {attach.silo!r}; join first"
+            if not problem and attach.purpose not in self.purposes:
+                problem = f"this federation's wire format is {self.wire}: it has no {attach.purpose} stream"
             if not problem and attach.purpose in link.data:  # type: ignore[union-attr]
                 problem = f"silo {attach.silo!r} already attached its {attach.purpose} stream"
             if not problem:
                 channel.authenticated(DATA_FRAME_BYTES)
                 link.data[attach.purpose] = channel  # type: ignore[union-attr]
-                if len(link.data) == 2:  # type: ignore[union-attr]
+                if set(link.data) == self.purposes:  # type: ignore[union-attr]
                     link.attached.set()  # type: ignore[union-attr]
                     self.changed.notify_all()
         if problem:
             self._refuse(channel, attach.silo, problem)
 
     def ready_links(self) -> list[SiloLink]:
-        """Silos joined, alive and with both data streams attached."""
+        """Silos joined, alive and with every data stream attached."""
         with self._lock:
             return [link for link in self.links.values() if link.attached.is_set() and link.alive()]
 

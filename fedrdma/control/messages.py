@@ -50,12 +50,16 @@ class Attach(wire._Msg):
     type: Literal["attach"] = "attach"
     silo: str = Field(pattern=SILO_ID)
     generation: int = Field(ge=0)
-    purpose: Literal["broadcast", "upload"]
+    purpose: Literal["broadcast", "delta", "upload"]
+    """`delta` only in a federation with a compressed wire format: the encoded broadcasts."""
 
 
 class RoundStart(wire._Msg):
     type: Literal["round_start"] = "round_start"
     round: int = Field(ge=1)
+    delta: bool = False
+    """The broadcast comes on the `delta` stream, encoded, as the change from what this silo
+    took from the last one (`fl.broadcasts`); otherwise whole, in fp32."""
 
 
 class Ready(wire._Msg):

@@ -159,6 +159,34 @@ class Codec:
                                     "the update is not sent: a silo must not send a diverged update")
         out[self.records * self.unit :].zero_()  # the padding: no stale bytes on the line
 
+    def advance(self, target: torch.Tensor, held: torch.Tensor, out: torch.Tensor) -> None:
+        """Encode `target - held` into `out`, and move `held` by what `out` decodes to.
+
+        The aggregator's broadcast as a delta from what the silos hold: each silo adds the
+        decoded delta to its copy of `held` and this adds the very same float32 values, so
+        both copies stay bit for bit alike. What rounding lost stays in `target - held`, and
+        the next round's delta carries it (error feedback without a state of its own).
+        """
+        self._check(target, torch.float32, self.numel, "target")
+        self._check(held, torch.float32, self.numel, "held")
+        self._check(out, torch.uint8, self.nbytes, "encoded buffer")
+        size = min(WORK_VALUES, self.numel)
+        piece_buffer, work, decoded = (torch.empty(size, dtype=torch.float32) for _ in range(3))
+        for start in range(0, self.numel, WORK_VALUES):
+            end = min(self.numel, start + WORK_VALUES)
+            piece = torch.sub(target[start:end], held[start:end], out=piece_buffer[: end - start])
+            if self.wire is Wire.BF16:
+                lo, hi = start * 2, end * 2
+                finite = self._encode_bf16(piece, out[lo:hi], work, False)
+            else:
+                lo, hi = start // BLOCK_VALUES * RECORD_BYTES, -(-end // BLOCK_VALUES) * RECORD_BYTES
+                finite = self._encode_int8(piece, out[lo:], work, False)
+            if not finite:
+                raise EncodingError(f"the broadcast's delta is not finite at {self._where(start)}...; "
+                                    "the global must be finite before it is broadcast")
+            held[start:end].add_(self.decode(out[lo:hi], lo, decoded))
+        out[self.records * self.unit :].zero_()
+
     def _encode_bf16(self, piece: torch.Tensor, out: torch.Tensor, work: torch.Tensor, leave_error: bool) -> bool:
         """False if `piece` is not all finite (a NaN or Inf makes the sum so; an overflowing
         sum of finite values is checked element-wise)."""

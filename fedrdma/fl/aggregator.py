@@ -34,6 +34,7 @@ from fedrdma.core.layout import FlatState
 from fedrdma.core.liveness import PEER_TIMEOUT_S
 from fedrdma.core.modes import Mode, Role
 from fedrdma.fl import checkpoint
+from fedrdma.fl.broadcasts import Broadcasts
 from fedrdma.fl.records import AggregatorRound, MemorySplit
 from fedrdma.fl.rounds import SiloRound, SiloState
 from fedrdma.fl.state import build_trainable
@@ -101,6 +102,11 @@ class Aggregator:
         self.pools: dict[int, Pool] = {}
         self._pool(self.state)
         self._pool(self.spare)
+        self.broadcasts = Broadcasts(cfg.wire, self.state)
+        """What the silos hold; with a compressed wire format, broadcasts after the first are deltas."""
+        for extra in (self.broadcasts.held, self.broadcasts.delta):
+            if extra is not None:
+                self._pool(extra)
         self.evaluate = evaluate
         self.round = 0
         self.run_id = checkpoint.begin_run(self.out_dir, self.state.layout_id, cfg.resume)
@@ -180,15 +186,20 @@ class Aggregator:
                 st = SiloState(link.silo, inbox, self._pool(inbox))
             self.silos[link.silo] = st
         if st.link is not link:
-            for session in (st.broadcast, st.upload):
-                if session is not None:
-                    session.abort()
-            st.link = link
+            st.abort()
+            st.link, st.holds = link, 0
             data = {"streams": self.streams, "data_streams": self.cfg.data_streams,
                     "trusted_fabric": self.cfg.trusted_fabric}
+            whole = self.broadcasts.whole(self.state)
             st.broadcast = Session(
-                self.agent, self.state, link.data["broadcast"], self.mode.broadcast, Role.SENDER,
-                self.chunk_size, self.cfg.window, pool=self._pool(self.state),
+                self.agent, whole, link.data["broadcast"], self.mode.broadcast, Role.SENDER,
+                self.chunk_size, self.cfg.window, pool=self._pool(whole),
+                on_moved=lambda n, silo=link.silo: self._progressed(silo), **data,
+            )
+            delta = self.broadcasts.delta
+            st.delta = None if delta is None else Session(
+                self.agent, delta, link.data["delta"], self.mode.broadcast, Role.SENDER,
+                self.uploads.chunk_size, self.cfg.window, pool=self._pool(delta),
                 on_moved=lambda n, silo=link.silo: self._progressed(silo), **data,
             )
             inbox = st.inbox if st.inbox is not None else self._unwritten
@@ -198,8 +209,9 @@ class Aggregator:
                 self.uploads.chunk_size, self.cfg.window, pool=st.pool, slots=st.slots,
                 on_chunk=None if st.slots else lambda off, n, silo=link.silo: self._fold(silo, inbox, off, n), **data,
             )
-            st.broadcast.open()
-            st.upload.open()
+            for session in (st.broadcast, st.delta, st.upload):
+                if session is not None:
+                    session.open()
             self._event({"event": "sessions", "silo": link.silo,
                          "inbox": st.pool.region.digest() if st.pool else ""})
         return st
@@ -228,14 +240,17 @@ class Aggregator:
                 self._progress[silo] = time.monotonic()
 
     # -- one silo's round --------------------------------------------------------------
-    def _silo_round(self, link: SiloLink, rnd: int, deadline: float, out: SiloRound) -> None:
+    def _silo_round(self, link: SiloLink, rnd: int, since: int, deadline: float, out: SiloRound) -> None:
+        """`since`: a silo that holds that round's broadcast gets this one as a delta (0: none does)."""
         st: SiloState | None = None
         try:
             st = self._silo(link)
             st.busy.set()
             assert st.broadcast is not None and st.upload is not None
-            link.control.send(m.RoundStart(round=rnd))
-            out.broadcast = st.broadcast.send()
+            delta = bool(since) and st.holds == since and st.delta is not None
+            link.control.send(m.RoundStart(round=rnd, delta=delta))
+            out.broadcast = (st.delta if delta and st.delta is not None else st.broadcast).send()
+            st.holds = rnd
             ready = self._await_ready(link, rnd, deadline)
             out.ready = ready
             with self._fold_lock:
@@ -289,8 +304,10 @@ class Aggregator:
             self._folds = self.uploads.round(self._aggregate)
             self._progress = {}
         results = {link.silo: SiloRound(link.silo) for link in links}
+        since = self.broadcasts.advance(self.state, rnd)
         threads = [
-            threading.Thread(target=self._silo_round, args=(link, rnd, deadline, results[link.silo]), daemon=True)
+            threading.Thread(target=self._silo_round, args=(link, rnd, since, deadline, results[link.silo]),
+                             daemon=True)
             for link in links
         ]
         for t in threads:
@@ -322,7 +339,7 @@ class Aggregator:
         self.state, self.spare = self.spare, self.state
         self.state.bind(self.model)
         for st in self.silos.values():
-            if st.broadcast is not None:
+            if st.broadcast is not None and self.broadcasts.held is None:  # else it sends `held`, always
                 st.broadcast.rebind(self.state, self._pool(self.state))
         aggregation_seconds = time.monotonic() - agg_start
         for silo, reason in outcome.rejected.items():
@@ -468,9 +485,7 @@ class Aggregator:
         and rejoin if it comes back with --resume (or give up after their rejoin_s)."""
         self.hub.close(finished)
         for st in self.silos.values():
-            for session in (st.broadcast, st.upload):
-                if session is not None:
-                    session.abort()
+            st.abort()
         for pool in self.pools.values():
             pool.close()
         if self.streams is not None:

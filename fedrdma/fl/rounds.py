@@ -34,8 +34,18 @@ class SiloState:
     link: SiloLink | None = None
     broadcast: Session | None = None
     upload: Session | None = None
+    delta: Session | None = None
+    """With a compressed wire format: the encoded broadcasts (`fl.broadcasts`)."""
+    holds: int = 0
+    """The round whose broadcast this silo's current join took last (0: none)."""
     busy: threading.Event = field(default_factory=threading.Event)
     """Set while this silo's round thread owns its sessions."""
+
+    def abort(self) -> None:
+        """Release this join's sessions without waiting (the silo is gone or replaced)."""
+        for session in (self.broadcast, self.delta, self.upload):
+            if session is not None:
+                session.abort()
 
     def replay_for(self, rnd: int) -> Replay:
         """Round `rnd`'s way to read this silo's update again (its `core.fedavg` Source)."""

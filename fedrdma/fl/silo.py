@@ -8,7 +8,8 @@ With a compressed wire format (`wire = "bf16" | "int8"`) the upload is the delta
 round's global, encoded into a pool of its own (`core.formats`): the silo keeps the global
 it received (the delta's reference) and the rounding error it owes the next round, two
 float32 states next to the model, and a diverged update is refused here, before a byte of
-it leaves.
+it leaves. Broadcasts after a join's first come encoded into the same pool, as the change
+from the reference (`fl.broadcasts`), and are decoded into the model's parameters in place.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from fedrdma.metrics import mark_runtime, memory_report, reset_peak
 from fedrdma.transport import fabric, wire
 from fedrdma.transport.agent import Agent, Pool
 from fedrdma.transport.session import Session
+from fedrdma.transport.stats import TransferStats
 from fedrdma.transport.tls import CLIENT, Credentials
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,13 @@ class Silo:
         self.feedback = ErrorFeedback(self.codec) if self.codec else None
         self.reference = torch.zeros(self.codec.numel) if self.codec else None
         """The round's global as received: what the encoded delta is taken from."""
-        self.upload_pool: Pool | None = None
+        self.encoded_pool: Pool | None = None
+        self._holds = False
+        """Whether `reference` is the last broadcast of this join (a delta needs one to add to)."""
+        self._delta: Session | None = None
+        """This join's encoded broadcasts, with a compressed wire format."""
+        self._delta_next = False
+        """Whether the round that starts comes as a delta (its RoundStart says)."""
         self.rounds_done: list[int] = []
         self.metrics_path = self.out_dir / f"{cfg.id}.jsonl"
 
@@ -133,15 +141,16 @@ class Silo:
             self.pool = self.agent.register(self.state.buffer)
         pool = self.pool if mode.registers_pool else None
         upload_pool = pool
-        if self.codec is not None and welcome.upload_mode.registers_pool:
-            if self.upload_pool is None:
+        if self.codec is not None and (mode.registers_pool or welcome.upload_mode.registers_pool):
+            if self.encoded_pool is None:
                 assert self.agent is not None
-                self.upload_pool = self.agent.register(self.encoded.buffer)
-            upload_pool = self.upload_pool
+                self.encoded_pool = self.agent.register(self.encoded.buffer)
+            upload_pool = self.encoded_pool if welcome.upload_mode.registers_pool else None
         if self.feedback is not None:
             self.feedback.reset()  # a new join starts from a whole broadcast: no error is owed
+        self._holds = False
         upload_chunk = self.codec.chunk_size(welcome.chunk_size) if self.codec else welcome.chunk_size
-        broadcast = upload = None
+        broadcast = upload = self._delta = None
         try:
             broadcast = Session(
                 self.agent, self.state, link.attach("broadcast"), mode, Role.RECEIVER,
@@ -151,8 +160,15 @@ class Silo:
                 self.agent, self.encoded, link.attach("upload"), welcome.upload_mode, Role.SENDER,
                 upload_chunk, welcome.window, pool=upload_pool, trusted_fabric=cfg.trusted_fabric,
             )
-            broadcast.open()
-            upload.open()
+            if self.codec is not None:
+                self._delta = Session(
+                    self.agent, self.encoded, link.attach("delta"), mode, Role.RECEIVER, upload_chunk,
+                    welcome.window, pool=self.encoded_pool if mode.registers_pool else None,
+                    trusted_fabric=cfg.trusted_fabric,
+                )
+            for session in (broadcast, self._delta, upload):
+                if session is not None:
+                    session.open()
             self._event({"event": "handed", "generation": welcome.generation,
                          "broadcast": _handed(broadcast), "upload": _handed(upload)})
             while True:
@@ -172,9 +188,10 @@ class Silo:
                     raise JoinRefused(f"the aggregator refused: {msg.reason}")
                 if not isinstance(msg, m.RoundStart):
                     continue
+                self._delta_next = msg.delta
                 self._round(link, broadcast, upload, msg.round)
         finally:
-            for session in (broadcast, upload):
+            for session in (broadcast, self._delta, upload):
                 if session is not None:
                     session.abort()
             link.close()
@@ -206,9 +223,7 @@ class Silo:
     def _round(self, link: AggregatorLink, broadcast: Session, upload: Session, rnd: int) -> None:
         cpu0 = time.process_time()
         reset_peak()  # the memory figures are this round's peak, not start-up's
-        got = broadcast.receive()
-        if self.reference is not None:
-            self.reference.copy_(self.state.buffer.view(torch.float32))
+        got = self._receive(broadcast)
         n_samples, loss, train_seconds = self.train(rnd, upload)
         pool_bytes = self.pool.region.length if self.pool else 0
         memory = memory_report(self.model, None, pool_bytes, pool_is_model=self.pool is not None)
@@ -229,6 +244,27 @@ class Silo:
                               encode_seconds=encode_seconds, memory=MemorySplit.model_validate(memory))
         self._event(row.model_dump(mode="json"))
 
+
+    def _receive(self, broadcast: Session) -> TransferStats:
+        """This round's global into the model: whole, or as a delta decoded onto the last one."""
+        if not self._delta_next:
+            got = broadcast.receive()
+        else:
+            if self._delta is None or self.codec is None or self.reference is None or not self._holds:
+                raise PeerLost("the aggregator sent a delta broadcast to a silo that holds no broadcast "
+                                    "of this join; rejoining for a whole one")
+            got = self._delta.receive()
+            values = self.state.buffer.view(torch.float32)
+            try:
+                self.codec.decode(self.encoded.buffer, 0, values)
+            except EncodingError as exc:
+                raise PeerLost(f"the broadcast's delta does not decode ({exc}); rejoining for a whole one") from None
+            values.add_(self.reference)  # the very additions the aggregator made to what it holds
+            self.state.touch()
+        if self.reference is not None:
+            self.reference.copy_(self.state.buffer.view(torch.float32))
+            self._holds = True
+        return got
 
     def _encode(self, link: AggregatorLink, rnd: int) -> float:
         """The round's update into the encoded pool: its seconds. A delta that is not finite is
