@@ -72,6 +72,24 @@ def test_bench_transfer_moves_a_lora_state_in_one_chunk_by_default(tmp_path):
     assert saved["modes"]["rdma-e"]["identical"] is True
 
 
+
+def test_bench_transfer_moves_an_int8_state_bit_identically_and_times_both_ends_of_the_codec(tmp_path):
+    """The encoded state is what moves (a quarter of the bytes, identical on both sides); the
+    codec's seconds come from the peers themselves, apart from the transfer's."""
+    import json
+
+    out = tmp_path / "int8.json"
+    result = runner.invoke(app, ["bench", "transfer", "--size-mb", "8", "--modes", "tcp-e,grpc", "--wire", "int8",
+                                 "--repeat", "1", "--no-references", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert saved["wire"] == "int8" and saved["size_bytes"] == 8 << 20
+    for mode in ("tcp-e", "grpc"):
+        row = saved["modes"][mode]
+        assert row["identical"] is True and row["encode_seconds"] > 0 and row["decode_seconds"] > 0
+    assert "moved as int8" in " ".join(result.output.split())
+
+
 # --- tables written to a pipe -------------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parent.parent
@@ -173,3 +191,22 @@ def test_an_agreed_weight_out_of_range_names_the_silo_entry(entry: str, message:
     assert result.exit_code == 2
     text = _unboxed(result.output)
     assert "`silos.1.weight`" in text and message in text, text
+
+
+def test_bench_wire_runs_the_federation_per_format_and_writes_its_ratios_and_plot(tmp_path):
+    import json
+
+    out = tmp_path / "wire.json"
+    result = runner.invoke(app, ["bench", "wire", "--model", "gpt2-tiny", "--rounds", "2", "--formats", "fp32,int8",
+                                 "--out-dir", str(tmp_path / "runs"), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    fp32, int8 = saved["formats"]["fp32"], saved["formats"]["int8"]
+    assert [r["round"] for r in int8["rounds"]] == [1, 2] and saved["path"] == "loopback"
+    up = sum(r["bytes_up"] for r in int8["rounds"]) / sum(r["bytes_up"] for r in fp32["rounds"])
+    down = int8["rounds"][1]["bytes_down"] / fp32["rounds"][1]["bytes_down"]
+    assert up < 0.26 and down < 0.26 and int8["rounds"][0]["bytes_down"] == fp32["rounds"][0]["bytes_down"]
+    assert abs(int8["rounds"][-1]["eval_loss"] / fp32["rounds"][-1]["eval_loss"] - 1) < 0.03
+    assert out.with_suffix(".png").stat().st_size > 0
+    said = " ".join(result.output.split())
+    assert "the same federation per wire format" in said and "0.254" in said

@@ -20,15 +20,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedrdma.bench.certs import DIALER, LISTENER
 from fedrdma.bench.procs import RAW_MODES
 from fedrdma.bench.states import gpt2_layout, make_state, synthetic_layout
 from fedrdma.core.addresses import split_host_port
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, Region, state_digest
 from fedrdma.core.errors import FedRDMAError, ProtocolError, TransferError
+from fedrdma.core.formats import Codec, ErrorFeedback
 from fedrdma.core.layout import FlatState
 from fedrdma.core.liveness import PEER_TIMEOUT_S
-from fedrdma.core.modes import Mode, Role
+from fedrdma.core.modes import Mode, Role, Wire
 from fedrdma.core.scheduler import RetryPolicy
 from fedrdma.memory import pin_mmap_threshold
 from fedrdma.metrics import Meter
@@ -144,6 +147,33 @@ def format_cells(cells: list[tuple[int, int]]) -> str:
     return ",".join(f"{chunk}:{window}" for chunk, window in cells)
 
 
+class Encoded:
+    """A compressed wire format's two ends, as a federation runs them: the sender encodes its
+    state's delta from a reference (error feedback kept) into the encoded state the session
+    moves, the receiver decodes it onto its own reference in place. Both references are
+    zeros, as good as a global for timing: the codec's cost does not depend on the values."""
+
+    def __init__(self, wire: Wire, state: FlatState) -> None:
+        self.state = state
+        self.codec = Codec.of(wire, state.layout)
+        self.moved = FlatState.allocate(self.codec.encoded_layout)
+        self.reference = torch.zeros(self.codec.numel)
+        self.feedback = ErrorFeedback(self.codec)
+
+    def encode(self) -> float:
+        start = time.perf_counter()
+        self.feedback.encode(self.state.buffer.view(torch.float32), self.reference, self.moved.buffer)
+        self.moved.touch()
+        return time.perf_counter() - start
+
+    def decode(self) -> float:
+        start = time.perf_counter()
+        values = self.state.buffer.view(torch.float32)
+        self.codec.decode(self.moved.buffer, 0, values).add_(self.reference)
+        self.state.touch()
+        return time.perf_counter() - start
+
+
 def report(args: argparse.Namespace, state: FlatState, meter: Meter, fields: dict[str, Any]) -> None:
     span = meter.span
     emit(
@@ -175,6 +205,8 @@ def parser(prog: str = "python -m fedrdma.bench.peer") -> argparse.ArgumentParse
     p.add_argument("--peer-timeout", type=float, default=PEER_TIMEOUT_S)
     p.add_argument("--chunk-timeout", type=float, default=RetryPolicy().chunk_timeout_s)
     p.add_argument("--data-streams", type=int, default=DEFAULT_STREAMS, help="tcp-e: data connections per session")
+    p.add_argument("--wire", choices=tuple(Wire), default=Wire.FP32, help="bf16, int8: move the state encoded, "
+                   "encoding before each send and decoding after each receive (timed, reported as codec_seconds)")
     p.add_argument("--certs", type=Path, default=None, help="mutual TLS with the listener's or dialer's certificate "
                    "from this directory (`fedrdma.bench.certs`); plaintext without")
     p.add_argument("--trusted-fabric", action="store_true", help="one-sided modes over a fabric that does not "
@@ -225,8 +257,13 @@ def run(
             return 0
         if args.listen and Mode(args.mode) is Mode.TCP_E:
             streams = DataListener(split_host_port(args.listen)[0])
+        encoded = Encoded(Wire(args.wire), state) if Wire(args.wire).compressed else None
+        if encoded and args.cells:
+            raise SystemExit("--wire and --cells do not go together: a sweep tunes the plan of fp32 states")
+        moved = encoded.moved if encoded else state
+        chunk_size = encoded.codec.chunk_size(args.chunk_size) if encoded else args.chunk_size
         session = Session(
-            agent, state, channel, args.mode, args.role, args.chunk_size, args.window,
+            agent, moved, channel, args.mode, args.role, chunk_size, args.window,
             policy=RetryPolicy(chunk_timeout_s=args.chunk_timeout), peer_timeout=args.peer_timeout,
             streams=streams, data_streams=args.data_streams, trusted_fabric=args.trusted_fabric,
             follow_plan=bool(args.cells),
@@ -238,15 +275,18 @@ def run(
                 session.retune(chunk_size, window)
             for _ in range(args.transfers):
                 with Meter() as meter:
+                    codec = encoded.encode() if encoded and args.role == Role.SENDER else 0.0
                     stats = session.send() if args.role == Role.SENDER else session.receive()
+                    codec += encoded.decode() if encoded and args.role == Role.RECEIVER else 0.0
                 paired = paired_raw(session, channel) if args.paired else None
                 report(
-                    args, state, meter,
+                    args, moved, meter,
                     {
                         "seconds": stats.seconds, "nbytes": stats.nbytes, "bytes_posted": stats.bytes_posted,
                         "reconnects": stats.reconnects, "corrupt": stats.corrupt, "extra": stats.extra,
                         "registered_pools": agent.registered_pools if agent else 0,
                         "chunk_size": session.plan.chunk_size, "window": window, "paired_seconds": paired,
+                        "codec_seconds": codec,
                     },
                 )
         session.close()

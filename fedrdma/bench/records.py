@@ -16,7 +16,7 @@ from pydantic import AliasChoices, ConfigDict, Field, SerializerFunctionWrapHand
 
 from fedrdma.bench.wan import LOOPBACK_PATH
 from fedrdma.config import Inbox
-from fedrdma.core.modes import Mode
+from fedrdma.core.modes import Mode, Wire
 from fedrdma.fl.records import AggregatorRound, Record
 
 # --- bench transfer -------------------------------------------------------------------------
@@ -53,6 +53,10 @@ class ModeSummary(Record):
                                            "NIXL WRITE's (READ's) seconds, same pools and endpoint, right after, over "
                                            "the transfer's: the ceiling a drifting host cannot skew")
     vs_grpc: float | None = Field(None, description="goodput over grpc's in the same run")
+    encode_seconds: float | None = Field(None, description="with a compressed wire: the sender's encoding of the "
+                                         "state before each transfer, median (not in `seconds`)")
+    decode_seconds: float | None = Field(None, description="with a compressed wire: the receiver's decoding into "
+                                         "its state after each transfer, median (not in `seconds`)")
 
 
 class TransferResult(Record):
@@ -64,6 +68,8 @@ class TransferResult(Record):
     repeat: int
     interleaved: bool = Field(False, description="modes took turns, a fresh pair per counted transfer")
     data_streams: int | None = Field(None, description="tcp-e's data connections per session; absent in older results")
+    wire: Wire = Field(Wire.FP32, description="what the modes moved (the raw references move the fp32 state); "
+                       "goodputs count the fp32 state's bytes")
     ucx_tls: str = ""
     path: str = Field(LOOPBACK_PATH, description="where the peers ran")
     link_rate_gbit: float | None = Field(None, description="the lab path's line rate; None on loopback")
@@ -380,4 +386,42 @@ class FlowerResult(Record):
     flower: FlowerWay
     fedrdma: FlowerWay
     max_abs_diff: float = Field(description="largest difference between the two ways' final models")
+    time: float
+
+
+class WireRound(Record):
+    """One round of one wire format's federation, as `bench wire` records it."""
+
+    round: int = Field(ge=1)
+    eval_loss: float | None = Field(description="held-out loss of the global model after the round")
+    bytes_up: int = Field(description="upload bytes of the round, summed over the silos that uploaded")
+    bytes_down: int = Field(description="broadcast bytes of the round, summed over the silos")
+    comm_seconds: float = Field(description="mean over accepted silos of broadcast plus upload seconds")
+    codec_seconds: float = Field(description="the aggregator's encoding of the broadcast plus the mean over "
+                                 "accepted silos of their encoding and decoding")
+
+
+class WireFormat(Record):
+    initial_loss: float | None = Field(description="held-out loss of the initial model (round 0)")
+    rounds: list[WireRound]
+
+    def total(self, field: str, after: int = 0) -> int:
+        """`bytes_up` or `bytes_down` summed over the rounds after round `after`."""
+        return sum(getattr(r, field) for r in self.rounds if r.round > after)
+
+    def per_round(self, *fields: str, after: int = 0) -> float:
+        """The mean over the rounds after round `after` of these seconds, added up (0 without rounds)."""
+        rounds = [r for r in self.rounds if r.round > after]
+        return sum(getattr(r, f) for r in rounds for f in fields) / max(1, len(rounds))
+
+
+class WireResult(Record):
+    """`fedrdma bench wire --json`: the same federation (seeds, data, mode) once per wire format."""
+
+    model: str
+    mode: Mode
+    silos: list[str]
+    rounds_asked: int
+    path: str = Field(description="loopback, or the lab path's shape")
+    formats: dict[str, WireFormat] = Field(description="by wire format, fp32 first")
     time: float

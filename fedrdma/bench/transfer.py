@@ -24,7 +24,7 @@ from fedrdma.bench.records import ModeSummary, TransferResult
 from fedrdma.bench.wan import ON_LOOPBACK, Placement
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW
 from fedrdma.core.errors import RunError
-from fedrdma.core.modes import Mode
+from fedrdma.core.modes import Mode, Wire
 from fedrdma.transport.streams import DEFAULT_STREAMS
 
 DEFAULT_REPEAT = 3
@@ -63,6 +63,10 @@ class ModeResult:
     bytes_posted: list[int]
     paired: list[float] = field(default_factory=list)
     """Per counted transfer: the raw operation's seconds over the transfer's, same pair, right after."""
+    encode: list[float] = field(default_factory=list)
+    """With a compressed wire format, per counted transfer: the sender's encoding seconds."""
+    decode: list[float] = field(default_factory=list)
+    """... and the receiver's decoding seconds."""
 
     def extend(self, later: ModeResult) -> ModeResult:
         """This mode's transfers together with those of a later pair: one set of figures."""
@@ -77,6 +81,8 @@ class ModeResult:
             extra=extra,
             bytes_posted=self.bytes_posted + later.bytes_posted,
             paired=self.paired + later.paired,
+            encode=self.encode + later.encode,
+            decode=self.decode + later.decode,
         )
 
     def summary(self, nbytes: int) -> ModeSummary:
@@ -96,6 +102,8 @@ class ModeResult:
             repeat=len(self.seconds),
             bytes_posted=max(self.bytes_posted) if self.bytes_posted else None,
             vs_raw_same_pair=statistics.median(self.paired) if self.paired else None,
+            encode_seconds=statistics.median(self.encode) if self.encode else None,
+            decode_seconds=statistics.median(self.decode) if self.decode else None,
             **extra,
         )
 
@@ -191,10 +199,11 @@ def run_mode(
     where: Placement = ON_LOOPBACK,
     tls: bool = True,
     data_streams: int = DEFAULT_STREAMS,
+    wire: Wire = Wire.FP32,
 ) -> ModeResult:
     transfers = repeat + WARMUP
     common = [*size_args, "--chunk-size", str(chunk_size), "--window", str(window), "--transfers", str(transfers),
-              "--data-streams", str(data_streams)]
+              "--data-streams", str(data_streams), *(["--wire", wire] if mode not in RAW_MODES else [])]
     paired = mode in PAIRED_MODES
     rows = run_pair_events(mode, [*common, *(["--paired"] if paired else [])], transfers, env, where, on_transfer, tls)
     s, r = rows["sender"][WARMUP:], rows["receiver"][WARMUP:]
@@ -204,17 +213,19 @@ def run_mode(
     for row in s:
         for key, value in (row.get("extra") or {}).items():
             extra.setdefault(key, []).append(float(value))
-    digest = s[0]["digest"]
     return ModeResult(
         mode=mode,
         seconds=[row["seconds"] for row in timed],
         cpu_seconds=[a["cpu_seconds"] + b["cpu_seconds"] for a, b in zip(s, r, strict=True)],
         receiver_extra_rss=[row["extra_rss"] for row in r],
         sender_extra_rss=[row["extra_rss"] for row in s],
-        identical=all(row["digest"] == digest for row in r),
+        # transfer by transfer: an encoded state changes between sends (its error feedback does)
+        identical=all(a["digest"] == b["digest"] for a, b in zip(s, r, strict=True)),
         extra=extra,
         bytes_posted=[row["bytes_posted"] for row in s + r if row.get("bytes_posted")],
         paired=[row["paired_seconds"] / row["seconds"] for row in s + r if row.get("paired_seconds")],
+        encode=[row["codec_seconds"] for row in s] if wire.compressed and mode not in RAW_MODES else [],
+        decode=[row["codec_seconds"] for row in r] if wire.compressed and mode not in RAW_MODES else [],
     )
 
 
@@ -239,6 +250,7 @@ def run(
     interleave: bool = False,
     tls: bool = True,
     data_streams: int = DEFAULT_STREAMS,
+    wire: Wire = Wire.FP32,
 ) -> TransferResult:
     """Every mode (and, unless told not to, the raw references) between two fresh processes.
 
@@ -253,11 +265,11 @@ def run(
         for mode in order:
             on_mode(mode)
             res = run_mode(mode, size_args, chunk_size, window, 1 if interleave else repeat, env, on_transfer, where,
-                           tls, data_streams)
+                           tls, data_streams, wire)
             measured[mode] = measured[mode].extend(res) if turn else res
     result = TransferResult(
         size_bytes=nbytes, chunk_size=chunk_size, window=window, repeat=repeat, interleaved=interleave,
-        data_streams=data_streams,
+        data_streams=data_streams, wire=wire,
         ucx_tls=env.get("UCX_TLS", ""), path=where.describe(), **where.fields(),
         modes={Mode(mode): measured[mode].summary(nbytes).model_copy(update={"tls": tls and encrypts(Mode(mode))})
                for mode in modes},

@@ -1,4 +1,4 @@
-"""`fedrdma bench transfer|paper|compare|heap|scale|soak|flower`: benchmarks that print ratios measured in one run."""
+"""`fedrdma bench transfer|paper|compare|heap|scale|soak|flower|wire`: benchmarks that print ratios measured in one run."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ from fedrdma.cli.tables import compare_table, heap_table, scale_table, soak_tabl
 from fedrdma.config import INBOXES
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, ChunkPlan, check_window
 from fedrdma.core.errors import PlanError, RunError
-from fedrdma.core.modes import Mode, choices
+from fedrdma.core.modes import Mode, Wire, choices
 from fedrdma.core.sizes import size_label
+from fedrdma.fl.records import AggregatorRound
 from fedrdma.lab.config import DEFAULT_MTU, LabConfig, PathShape
 from fedrdma.lab.errors import LabError
 from fedrdma.transport.streams import DEFAULT_STREAMS, MAX_STREAMS
@@ -62,6 +63,9 @@ def bench_transfer(
                                         "TLS, tcp-e's chunks sealed, as a federation runs them."),
     data_streams: int = typer.Option(DEFAULT_STREAMS, min=1, max=MAX_STREAMS, help="tcp-e: data connections per "
                                      "session."),
+    wire_format: Wire = typer.Option(Wire.FP32, "--wire", help="Move the state as bf16 or int8, encoded before "
+                                     "each send and decoded after each receive, as a federation does; the codec's "
+                                     "seconds are reported per GB of the fp32 state."),
 ) -> None:
     """Move one state between two processes with each mode and with raw NIXL references.
 
@@ -112,6 +116,7 @@ def bench_transfer(
                 on_transfer=lambda: bar.advance(task),
                 on_mode=lambda m: bar.update(task, description=f"[cyan]{m}"),
                 env=env, where=where, references=references, tls=tls, data_streams=data_streams,
+                wire=wire_format,
             )
         except RunError as exc:
             bar.stop()
@@ -398,3 +403,48 @@ def bench_flower(
     out.print(f"max |difference| between the two ways' final models: {result.max_abs_diff:.2e}")
     if json_path:
         write_record(out, result, json_path)
+
+
+@app.command("wire")
+def bench_wire(
+    model: str = typer.Option("gpt2-small", help="The federation's model (gpt2-tiny, gpt2-small, ...)."),
+    rounds: int = typer.Option(5, min=1, help="Federated rounds per wire format."),
+    formats: str = typer.Option(",".join(Wire), help="Comma list of wire formats, fp32 first for the ratios."),
+    run_mode: str = typer.Option(Mode.TCP_E, "--mode", help=f"How updates move: {choices()}."),
+    out_dir: Path = typer.Option(Path("runs/bench-wire"), help="Each format's federation: configs, logs, metrics."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the results here as JSON (and a plot beside it)."),
+    rate: str = typer.Option(None, help="Run each silo on a lab path of this line rate (1gbit); needs root."),
+    rtt: str = typer.Option(None, help="With --rate: round-trip time the path adds (20ms); default 0."),
+    loss: str = typer.Option(None, help="With --rate: drop probability per packet each way; default 0."),
+    mtu: int = typer.Option(None, help="With --rate: MTU of the lab links; default the lab's (9000)."),
+) -> None:
+    """The same federation once per wire format: held-out loss, bytes each way, comm seconds, against fp32."""
+    from fedrdma.bench.wire import WIRE_SILOS, ratios, run_wire_bench
+    from fedrdma.cli.plots import wire_plot
+    from fedrdma.cli.tables import wire_table
+
+    out = console()
+    single(model, "--model", model_name)
+    wires = comma_list(formats, "--formats", Wire)
+    chosen = single(run_mode, "--mode", mode)
+    shape = _path_shape(rate, rtt, loss, mtu)
+    where = "loopback" if shape is None else f"a lab path each, {shape.describe()}"
+    out.print(f"[bold]bench wire[/]: {model}, {rounds} rounds, {len(WIRE_SILOS)} silos, {chosen} on {where}; "
+              f"formats {', '.join(wires)}")
+    with progress(out) as bar:
+        task = bar.add_task("starting", total=len(wires) * rounds)
+
+        def seen(wire: Wire, record: AggregatorRound) -> None:
+            if record.round > 0:
+                bar.update(task, advance=1, description=f"[cyan]{wire}[/] round {record.round}")
+
+        try:
+            result = run_wire_bench(model, rounds, wires, chosen, out_dir, shape, mtu or DEFAULT_MTU, on_round=seen)
+        except (RunError, LabError) as exc:
+            bar.stop()
+            console(stderr=True).print(f"[bold red]bench wire failed:[/] {exc}", markup=True, highlight=False)
+            raise typer.Exit(1) from None
+    out.print(wire_table(result, ratios(result)))
+    if json_path:
+        write_record(out, result, json_path)
+        out.print(f"wrote {wire_plot(result, json_path.with_suffix('.png'))}")

@@ -1,4 +1,4 @@
-"""PNG plots of the commands' results: a federation's rounds, and the RoCE model's grid.
+"""PNG plots of the commands' results: a federation's rounds, loss per byte, and the RoCE model's grid.
 
 matplotlib is slow to import: commands import this module inside their functions.
 """
@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fedrdma.lab.units import format_duration, format_rate  # noqa: E402
 
 if TYPE_CHECKING:
-    from fedrdma.bench.records import ScaleResult
+    from fedrdma.bench.records import ScaleResult, WireResult
     from fedrdma.fl.records import AggregatorRound
     from fedrdma.sim.tune import Recommendation
 
@@ -108,3 +108,20 @@ def _save(fig: plt.Figure, path: Path, dpi: int) -> Path:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def wire_plot(result: WireResult, path: Path) -> Path:
+    """Held-out loss against the bytes moved so far (both directions, all silos), per wire format."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for wire, fmt in result.formats.items():
+        xs, ys, moved = [0.0], [fmt.initial_loss], 0
+        for r in fmt.rounds:
+            moved += r.bytes_up + r.bytes_down
+            xs.append(moved / 2**20)
+            ys.append(r.eval_loss)
+        ax.plot(xs, ys, marker="o", label=wire)
+    ax.set_xlabel("MiB moved (broadcasts and uploads, all silos)")
+    ax.set_ylabel("held-out loss")
+    ax.set_title(f"{result.model}, {result.mode} on {result.path}: loss per byte")
+    ax.legend()
+    return _save(fig, path, 100)

@@ -12,7 +12,15 @@ from pathlib import Path
 import typer
 from pydantic import BaseModel
 
-from fedrdma.bench.records import FlowerResult, HeapResult, PaperResult, ScaleResult, SoakResult, TransferResult
+from fedrdma.bench.records import (
+    FlowerResult,
+    HeapResult,
+    PaperResult,
+    ScaleResult,
+    SoakResult,
+    TransferResult,
+    WireResult,
+)
 from fedrdma.cli.console import console
 from fedrdma.fl.records import AggregatorRound, DemoResult, SiloRoundRecord
 
@@ -34,6 +42,7 @@ RECORDS: dict[str, tuple[type[BaseModel], str]] = {
     "bench-scale": (ScaleResult, "`fedrdma bench scale --json PATH`"),
     "bench-soak": (SoakResult, "`fedrdma bench soak --json PATH`"),
     "bench-flower": (FlowerResult, "`fedrdma bench flower --json PATH`"),
+    "bench-wire": (WireResult, "`fedrdma bench wire --json PATH`"),
 }
 """Each record's file name (without SUFFIX), its model, and what writes it."""
 

@@ -22,7 +22,15 @@ from fedrdma.sim.tcp_buffers import BUFFER_BDP_FACTOR
 if TYPE_CHECKING:
     from fedrdma.bench.compare import Comparison
     from fedrdma.bench.probe import ProbeResult
-    from fedrdma.bench.records import FlowerResult, HeapResult, ModeSummary, ScaleResult, SoakResult, TransferResult
+    from fedrdma.bench.records import (
+        FlowerResult,
+        HeapResult,
+        ModeSummary,
+        ScaleResult,
+        SoakResult,
+        TransferResult,
+        WireResult,
+    )
     from fedrdma.fl.records import AggregatorRound, DemoResult
     from fedrdma.lab.config import LabConfig
     from fedrdma.lab.lab import PathStatus
@@ -50,19 +58,30 @@ def _ratio(value: float | None, form: str) -> str:
 
 def transfer_table(result: TransferResult) -> Table:
     on_line = result.link_rate_gbit is not None
-    table = _table(f"{size_label(result.size_bytes)} over {result.path}, medians of {result.repeat}",
+    coded = result.wire.compressed
+    moved = f", moved as {result.wire} (GB/s of the fp32 state; the codec's time apart)" if coded else ""
+    table = _table(f"{size_label(result.size_bytes)} over {result.path}, medians of {result.repeat}{moved}",
                    [("mode", LEFT), "seconds (min)", "GB/s", *(["of line"] if on_line else []), "vs reference",
-                    "vs raw, same pair", "vs grpc", "CPU s", "recv +RSS MiB", "encrypted", "identical"])
+                    "vs raw, same pair", "vs grpc", "CPU s", "recv +RSS MiB", "encrypted", "identical",
+                    *(["encode s/GB", "decode s/GB"] if coded else [])])
+    per_gb = result.size_bytes / 1e9
 
     def line(row: ModeSummary) -> list[str]:
         return [_ratio(row.vs_line, "{:.3f}")] if on_line else []
+
+    def codec(row: ModeSummary | None) -> list[str]:
+        if not coded:
+            return []
+        if row is None or row.encode_seconds is None or row.decode_seconds is None:
+            return ["", ""]
+        return [f"{row.encode_seconds / per_gb:.3f}", f"{row.decode_seconds / per_gb:.3f}"]
 
     for label, row in [("raw WRITE", result.reference), ("raw READ", result.reference_read)]:
         if row is None:
             continue
         table.add_row(label, f"{row.seconds:.3f} ({row.seconds_min:.3f})", f"{row.goodput_gb_s:.2f}",
                       *line(row), "1.00", "", "", f"{row.cpu_seconds:.2f}", f"{row.receiver_extra_rss_mb:.0f}",
-                      "", "", style="dim")
+                      "", "", *codec(None), style="dim")
     for mode, row in result.modes.items():
         wire = row.goodput_wire_gb_s
         table.add_row(
@@ -77,6 +96,7 @@ def transfer_table(result: TransferResult) -> Table:
             f"{row.receiver_extra_rss_mb:.0f}",
             {True: "yes", False: "no", None: ""}[row.tls],
             "yes" if row.identical else "[red]NO",
+            *codec(row),
         )
     return table
 
@@ -304,3 +324,30 @@ def sim_table(results: Sequence[tuple[tuple[float, float, float], Recommendation
                   f"{whole.result.p_fail:.0e}" if whole else ""]
         table.add_row(*cells)
     return table
+
+
+def wire_table(result: WireResult, ratios: dict[str, dict[str, float]]) -> Table:
+    """Per wire format: what it moved and what it scored, and each against fp32 in the same run."""
+    rounds = result.rounds_asked
+    table = _table(f"{result.model}, {rounds} rounds, {len(result.silos)} silos, {result.mode} on {result.path}: "
+                   "the same federation per wire format",
+                   [("wire", LEFT), "final loss", "loss vs fp32", "uploads", "x fp32", "broadcasts after round 1",
+                    "x fp32", "comm s / round", "x fp32", "x fp32 after round 1", "codec s / round",
+                    "comm + codec x fp32"])
+    for wire, fmt in result.formats.items():
+        r = ratios.get(wire, {})
+        final = fmt.rounds[-1].eval_loss if fmt.rounds else None
+        table.add_row(wire, "" if final is None else f"{final:.4f}", _against(r.get("loss_change"), signed=True),
+                      size_label(fmt.total("bytes_up")), _against(r.get("bytes_up")),
+                      size_label(fmt.total("bytes_down", 1)), _against(r.get("bytes_down_after_first")),
+                      f"{fmt.per_round('comm_seconds'):.2f}", _against(r.get("comm_seconds")),
+                      _against(r.get("comm_seconds_after_first")),
+                      f"{fmt.per_round('codec_seconds'):.2f}", _against(r.get("comm_and_codec_seconds")))
+    return table
+
+
+def _against(value: float | None, signed: bool = False) -> str:
+    """A ratio to fp32 (a change, when `signed`), or nothing without an fp32 run."""
+    if value is None or value != value:  # NaN: no fp32 run to compare with
+        return ""
+    return f"{value:+.2%}" if signed else f"{value:.3f}"

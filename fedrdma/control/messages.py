@@ -72,6 +72,8 @@ class Ready(wire._Msg):
     train_seconds: float = Field(ge=0)
     broadcast_seconds: float = Field(ge=0)
     cpu_seconds: float = Field(ge=0)
+    codec_seconds: float = Field(0.0, ge=0)
+    """Encoding the update and decoding the broadcast, with a compressed wire format."""
     memory: dict[str, int] = {}
 
 

@@ -304,7 +304,9 @@ class Aggregator:
             self._folds = self.uploads.round(self._aggregate)
             self._progress = {}
         results = {link.silo: SiloRound(link.silo) for link in links}
+        codec_start = time.monotonic()
         since = self.broadcasts.advance(self.state, rnd)
+        codec_seconds = time.monotonic() - codec_start
         threads = [
             threading.Thread(target=self._silo_round, args=(link, rnd, since, deadline, results[link.silo]),
                              daemon=True)
@@ -355,6 +357,7 @@ class Aggregator:
                 except PeerLost:
                     pass
         record = self._round_record(rnd, results, outcome, aggregation_seconds, eval_loss, time.monotonic() - start)
+        record = record.model_copy(update={"codec_seconds": codec_seconds})
         self._event(record.model_dump(mode="json"))
         return record
 

@@ -51,6 +51,8 @@ class SiloOutcome(Record):
         None, validation_alias=AliasChoices("silo_broadcast_seconds", "silo_download_seconds"),
         description="the broadcast as the silo timed it (`silo_download_seconds` in older results)")
     silo_cpu_seconds: float | None = None
+    silo_codec_seconds: float | None = Field(None, description="the silo's encoding of its upload and decoding "
+                                             "of the broadcast (0 with fp32)")
     silo_memory: MemorySplit | None = None
     broadcast_seconds: float | None = None
     broadcast_bytes: int | None = None
@@ -83,6 +85,8 @@ class AggregatorRound(Record):
     compute_seconds: float = Field(0.0, description="mean training seconds of accepted silos plus the aggregation")
     comm_share: float = Field(0.0, description="comm_seconds / (comm_seconds + compute_seconds)")
     aggregation_seconds: float = 0.0
+    codec_seconds: float = Field(0.0, description="encoding the round's broadcast delta (0 with fp32 and in the "
+                                 "first round); uploads are decoded inside the fold, in upload_seconds")
     round_seconds: float = 0.0
     state_bytes: int | None = None
     aggregator_memory: MemorySplit | None = None
@@ -105,7 +109,7 @@ class SiloRoundRecord(Record):
     train_seconds: float
     broadcast_seconds: float = Field(description="the broadcast as this silo received it")
     upload_seconds: float
-    encode_seconds: float = Field(0.0, description="turning the update into its wire format (0 with fp32)")
+    codec_seconds: float = Field(0.0, description="encoding the upload and decoding the broadcast (0 with fp32)")
     memory: MemorySplit
 
 

@@ -89,6 +89,7 @@ class SiloRound:
                 train_seconds=self.ready.train_seconds,
                 silo_broadcast_seconds=self.ready.broadcast_seconds,
                 silo_cpu_seconds=self.ready.cpu_seconds,
+                silo_codec_seconds=self.ready.codec_seconds,
                 silo_memory=self.ready.memory,
             )
         for name, stats in (("broadcast", self.broadcast), ("upload", self.upload)):

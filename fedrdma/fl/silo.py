@@ -91,6 +91,8 @@ class Silo:
         """This join's encoded broadcasts, with a compressed wire format."""
         self._delta_next = False
         """Whether the round that starts comes as a delta (its RoundStart says)."""
+        self._decode_seconds = 0.0
+        """This round's decoding of the broadcast (0 for a whole one)."""
         self.rounds_done: list[int] = []
         self.metrics_path = self.out_dir / f"{cfg.id}.jsonl"
 
@@ -235,25 +237,29 @@ class Silo:
             m.Ready(
                 round=rnd, n_samples=n_samples, train_loss=loss, train_seconds=train_seconds,
                 broadcast_seconds=got.seconds, cpu_seconds=time.process_time() - cpu0, memory=memory,
+                codec_seconds=self._decode_seconds + encode_seconds,
             )
         )
         sent = upload.send()
         self.rounds_done.append(rnd)
         row = SiloRoundRecord(time=time.time(), silo=self.cfg.id, round=rnd, train_loss=loss,
                               train_seconds=train_seconds, broadcast_seconds=got.seconds, upload_seconds=sent.seconds,
-                              encode_seconds=encode_seconds, memory=MemorySplit.model_validate(memory))
+                              codec_seconds=self._decode_seconds + encode_seconds,
+                              memory=MemorySplit.model_validate(memory))
         self._event(row.model_dump(mode="json"))
 
 
     def _receive(self, broadcast: Session) -> TransferStats:
         """This round's global into the model: whole, or as a delta decoded onto the last one."""
+        self._decode_seconds = 0.0
         if not self._delta_next:
             got = broadcast.receive()
         else:
             if self._delta is None or self.codec is None or self.reference is None or not self._holds:
                 raise PeerLost("the aggregator sent a delta broadcast to a silo that holds no broadcast "
-                                    "of this join; rejoining for a whole one")
+                               "of this join; rejoining for a whole one")
             got = self._delta.receive()
+            start = time.perf_counter()
             values = self.state.buffer.view(torch.float32)
             try:
                 self.codec.decode(self.encoded.buffer, 0, values)
@@ -261,6 +267,7 @@ class Silo:
                 raise PeerLost(f"the broadcast's delta does not decode ({exc}); rejoining for a whole one") from None
             values.add_(self.reference)  # the very additions the aggregator made to what it holds
             self.state.touch()
+            self._decode_seconds = time.perf_counter() - start
         if self.reference is not None:
             self.reference.copy_(self.state.buffer.view(torch.float32))
             self._holds = True
