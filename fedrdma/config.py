@@ -27,6 +27,9 @@ from fedrdma.transport.streams import DEFAULT_STREAMS, MAX_STREAMS
 DEFAULT_LISTEN = f"{LOOPBACK_HOST}:7700"
 """Loopback by default: exposing the control plane is a deliberate act."""
 
+FirstBroadcast = Literal["always", "unless-held"]
+"""Whether a silo's first broadcast of a join is sent when the silo already holds the global."""
+
 Inbox = Literal["slots", "full"]
 """Where the aggregator lands a silo's upload: a few chunk-sized slots (tcp-e) or a whole-state inbox."""
 
@@ -232,6 +235,9 @@ class AggregatorConfig(RuntimeSettings, TransportSettings):
                                             "silo; the other modes always use one)")
     inbox_mb: int = Field(INBOX_MB, ge=1, description="with inbox = slots: MiB of chunk-sized slots all silos' "
                           "uploads share (at least one slot); a silo holds at most 2 per data connection")
+    first_broadcast: FirstBroadcast = Field("always", description="unless-held: a joining silo whose state's "
+                                            "digest is the global's (a fresh run's silos build the same initial "
+                                            "model) is not sent it; its first broadcast costs nothing")
     eval_data: Path | None = Field(None, description="held-out text the aggregator scores the global model on")
     out_dir: Path = Field(Path("runs/aggregator"), description="checkpoints, metrics.jsonl, plots")
     resume: bool = Field(False, description="continue from the last checkpoint in out_dir")

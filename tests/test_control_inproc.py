@@ -123,6 +123,23 @@ def test_an_attach_of_an_older_join_is_refused(hub, certs):
         second.close()
 
 
+def test_a_delta_stream_is_refused_in_an_fp32_federation_and_a_silo_is_ready_only_with_every_stream(hub, certs):
+    link = join(hub, certs)
+    try:
+        reply = link.attach("delta").recv(5)
+        assert isinstance(reply, wire.Refuse) and "wire format is fp32: it has no delta stream" in reply.reason
+        link.attach("broadcast")
+        assert hub.ready_links() == []  # the upload stream is still missing
+        link.attach("upload")
+        deadline = time.monotonic() + 5
+        while not hub.ready_links():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert [r.silo for r in hub.ready_links()] == ["hospital"]
+    finally:
+        link.close()
+
+
 @pytest.mark.parametrize("who,which,client_says,server_says", [
     ("other", "hospital", "refused this side's certificate", "unable to get local issuer certificate"),
     ("fed", "lapsed", "refused this side's certificate", "certificate has expired"),

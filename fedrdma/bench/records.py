@@ -423,5 +423,7 @@ class WireResult(Record):
     silos: list[str]
     rounds_asked: int
     path: str = Field(description="loopback, or the lab path's shape")
+    first_broadcast: str = Field("always", description="the aggregator's setting: unless-held sends no format's "
+                                 "silos the initial global they built themselves")
     formats: dict[str, WireFormat] = Field(description="by wire format, fp32 first")
     time: float

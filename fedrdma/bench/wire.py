@@ -23,6 +23,10 @@ from fedrdma.lab.lab import lab as running_lab
 WIRE_SILOS = DEMO_SILOS[:2]
 """Two silos on their own corpora: enough for a mean, and the lab gives each its own path."""
 
+WIRE_SETTINGS = {"first_broadcast": "unless-held"}
+"""Every format's silos start from the model they build themselves, so no format pays a
+whole first broadcast and the ratios are those of the rounds, not of the start-up."""
+
 
 def _format(records: Sequence[AggregatorRound]) -> WireFormat:
     initial = next((r.eval_loss for r in records if r.round == 0), None)
@@ -43,7 +47,7 @@ def run_wire_bench(model: str, rounds: int, formats: Sequence[Wire], mode: Mode,
     def each(hosts: Hosts) -> None:
         for wire in formats:
             records = run_federation(out_dir / wire, mode, rounds, model, False, WIRE_SILOS, hosts=hosts, wire=wire,
-                                     on_round=lambda r, w=wire: on_round(w, r))
+                                     on_round=lambda r, w=wire: on_round(w, r), aggregator_settings=WIRE_SETTINGS)
             results[wire] = _format(records)
 
     if shape is None:
@@ -52,6 +56,7 @@ def run_wire_bench(model: str, rounds: int, formats: Sequence[Wire], mode: Mode,
         with running_lab(LabConfig(name=BENCH_LAB_NAME, mtu=mtu, paths=(shape,) * len(WIRE_SILOS))) as lab:
             each(federation_hosts(lab))
     return WireResult(model=model, mode=mode, silos=list(WIRE_SILOS), rounds_asked=rounds,
+                      first_broadcast=WIRE_SETTINGS["first_broadcast"],
                       path=LOOPBACK_PATH if shape is None else shape.describe(), formats=results, time=time.time())
 
 

@@ -67,6 +67,8 @@ class SiloLink:
     inbox: queue.Queue[wire.Message] = field(default_factory=lambda: queue.Queue(maxsize=CONTROL_INBOX))
     last_seen: float = field(default_factory=time.monotonic)
     attached: threading.Event = field(default_factory=threading.Event)
+    digest: str = ""
+    """What the silo said its state's digest was when it joined (`m.Join.digest`)."""
 
     def alive(self) -> bool:
         return not self.control.closed.is_set() and time.monotonic() - self.last_seen < MISSED_BEATS * self.heartbeat_s
@@ -239,7 +241,7 @@ class Hub:
         if old is not None:
             old.close()
         welcome = self._welcome(join.silo, generation)
-        link = SiloLink(join.silo, generation, channel, welcome.heartbeat_s)
+        link = SiloLink(join.silo, generation, channel, welcome.heartbeat_s, digest=join.digest)
         channel.authenticated()
         channel.send(welcome)
         with self._lock:

@@ -37,12 +37,12 @@ class AggregatorLink:
     """
 
     def __init__(self, address: str, silo: str, layout_id: str, nbytes: int,
-                 credentials: Credentials | None = None, wire_format: Wire = Wire.FP32) -> None:
+                 credentials: Credentials | None = None, wire_format: Wire = Wire.FP32, digest: str = "") -> None:
         self.address = address
         self.silo = silo
         self._credentials = credentials
         self.control = self._dial()
-        self.control.send(m.Join(silo=silo, layout_id=layout_id, nbytes=nbytes, wire=wire_format))
+        self.control.send(m.Join(silo=silo, layout_id=layout_id, nbytes=nbytes, wire=wire_format, digest=digest))
         try:
             reply = self.control.recv(CONNECT_TIMEOUT_S * 3)
         except TimeoutError:

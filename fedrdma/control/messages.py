@@ -27,6 +27,10 @@ class Join(wire._Msg):
     nbytes: int = Field(gt=0)
     wire: Wire = Wire.FP32
     """The format this silo encodes its updates in: it must be the federation's."""
+    digest: str = Field("", max_length=32, pattern=r"^[0-9a-f]*$")
+    """xxh3-128 of the state the silo holds as it joins: with `first_broadcast = "unless-held"`,
+    a silo that already holds the global (a fresh run's silos build the same initial model) is
+    not sent it. A silo that lies only trains from the wrong weights."""
 
 
 class Welcome(wire._Msg):
@@ -57,9 +61,10 @@ class Attach(wire._Msg):
 class RoundStart(wire._Msg):
     type: Literal["round_start"] = "round_start"
     round: int = Field(ge=1)
-    delta: bool = False
-    """The broadcast comes on the `delta` stream, encoded, as the change from what this silo
-    took from the last one (`fl.broadcasts`); otherwise whole, in fp32."""
+    broadcast: Literal["whole", "delta", "skip"] = "whole"
+    """How the round's global comes: whole, in fp32, on the broadcast stream; encoded on the
+    `delta` stream as the change from what this silo took from the last one (`fl.broadcasts`);
+    or not at all, since the silo's state is the global already (its join's digest)."""
 
 
 class Ready(wire._Msg):

@@ -240,16 +240,16 @@ class Aggregator:
                 self._progress[silo] = time.monotonic()
 
     # -- one silo's round --------------------------------------------------------------
-    def _silo_round(self, link: SiloLink, rnd: int, since: int, deadline: float, out: SiloRound) -> None:
-        """`since`: a silo that holds that round's broadcast gets this one as a delta (0: none does)."""
+    def _silo_round(self, link: SiloLink, rnd: int, deadline: float, out: SiloRound) -> None:
         st: SiloState | None = None
         try:
             st = self._silo(link)
             st.busy.set()
             assert st.broadcast is not None and st.upload is not None
-            delta = bool(since) and st.holds == since and st.delta is not None
-            link.control.send(m.RoundStart(round=rnd, delta=delta))
-            out.broadcast = (st.delta if delta and st.delta is not None else st.broadcast).send()
+            kind = self.broadcasts.kind(st.holds, link.digest)
+            session = {"delta": st.delta, "whole": st.broadcast}.get(kind)
+            link.control.send(m.RoundStart(round=rnd, broadcast=kind))
+            out.broadcast = session.send() if session is not None else None
             st.holds = rnd
             ready = self._await_ready(link, rnd, deadline)
             out.ready = ready
@@ -305,11 +305,12 @@ class Aggregator:
             self._progress = {}
         results = {link.silo: SiloRound(link.silo) for link in links}
         codec_start = time.monotonic()
-        since = self.broadcasts.advance(self.state, rnd)
+        self.broadcasts.advance(self.state, rnd)
         codec_seconds = time.monotonic() - codec_start
+        new = any(link.silo not in self.silos or not self.silos[link.silo].holds for link in links)
+        self.broadcasts.offer_skip(self.state, new and cfg.first_broadcast == "unless-held")
         threads = [
-            threading.Thread(target=self._silo_round, args=(link, rnd, since, deadline, results[link.silo]),
-                             daemon=True)
+            threading.Thread(target=self._silo_round, args=(link, rnd, deadline, results[link.silo]), daemon=True)
             for link in links
         ]
         for t in threads:

@@ -27,6 +27,7 @@ import xxhash
 from fedrdma.config import SiloConfig
 from fedrdma.control import messages as m
 from fedrdma.control.link import AggregatorLink, JoinRefused
+from fedrdma.core.chunks import state_digest
 from fedrdma.core.errors import EncodingError, PeerLost
 from fedrdma.core.formats import Codec, ErrorFeedback
 from fedrdma.core.layout import FlatState
@@ -89,8 +90,8 @@ class Silo:
         """Whether `reference` is the last broadcast of this join (a delta needs one to add to)."""
         self._delta: Session | None = None
         """This join's encoded broadcasts, with a compressed wire format."""
-        self._delta_next = False
-        """Whether the round that starts comes as a delta (its RoundStart says)."""
+        self._coming = "whole"
+        """How the global of the round that starts comes (its RoundStart says)."""
         self._decode_seconds = 0.0
         """This round's decoding of the broadcast (0 for a whole one)."""
         self.rounds_done: list[int] = []
@@ -123,7 +124,7 @@ class Silo:
     def _session(self) -> bool:
         cfg = self.cfg
         link = AggregatorLink(cfg.aggregator, cfg.id, self.state.layout_id, self.state.nbytes, self.credentials,
-                              cfg.wire)
+                              cfg.wire, state_digest(self.state.memoryview()))
         welcome = link.welcome
         self._event({"event": "joined", "generation": welcome.generation, "tls": self.credentials is not None})
         mode = welcome.broadcast_mode
@@ -190,7 +191,7 @@ class Silo:
                     raise JoinRefused(f"the aggregator refused: {msg.reason}")
                 if not isinstance(msg, m.RoundStart):
                     continue
-                self._delta_next = msg.delta
+                self._coming = msg.broadcast
                 self._round(link, broadcast, upload, msg.round)
         finally:
             for session in (broadcast, self._delta, upload):
@@ -252,7 +253,9 @@ class Silo:
     def _receive(self, broadcast: Session) -> TransferStats:
         """This round's global into the model: whole, or as a delta decoded onto the last one."""
         self._decode_seconds = 0.0
-        if not self._delta_next:
+        if self._coming == "skip":  # the aggregator compared digests: this state is the global
+            got = TransferStats(0, broadcast.mode, 0.0, 0)
+        elif self._coming == "whole":
             got = broadcast.receive()
         else:
             if self._delta is None or self.codec is None or self.reference is None or not self._holds:
