@@ -14,10 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from fedrdma.config import ModelSettings
+from fedrdma.core.chunks import state_digest
 from fedrdma.core.formats import LEVELS, Codec
 from fedrdma.core.layout import FlatState
 from fedrdma.core.modes import Mode, Wire
 from fedrdma.fl import checkpoint
+from fedrdma.fl.broadcasts import Broadcasts
 from fedrdma.fl.demo import DEMO_SILOS, free_port, write_configs
 from fedrdma.fl.records import AggregatorRound
 from fedrdma.fl.silo import perturb
@@ -147,3 +149,23 @@ def test_a_bf16_nan_that_no_encoder_wrote_is_rejected_as_not_finite_and_the_glob
                            min_silos=2)
     assert sorted(record.accepted) == sorted(honest) and "NaN" in record.rejected[poisoner]
     assert deviation(checkpoint.path_for(tmp_path / "aggregator", 1), exact({1: tuple(honest)})) < STEP_BOUND
+
+
+def test_a_silo_gets_the_delta_only_holding_the_last_broadcast_and_nothing_if_it_joined_holding_the_global():
+    """`fl.broadcasts` in plain calls: what each silo is sent, by what it holds."""
+    state = FlatState.from_tensors({"w": torch.randn(5000, generator=torch.Generator().manual_seed(1))})
+    joined = state_digest(state.memoryview())
+    for wire in (Wire.FP32, Wire.INT8):
+        b = Broadcasts(wire, state)
+        b.advance(state, 1)
+        b.offer_skip(state, True)
+        assert [b.kind(0, ""), b.kind(0, joined), b.kind(0, "0" * 32)] == ["whole", "skip", "whole"]
+        assert torch.equal(b.whole(state).buffer, state.buffer)
+        b.offer_skip(state, False)
+        assert b.kind(0, joined) == "whole"  # an aggregator left at first_broadcast = "always"
+    change = torch.randn(5000, generator=torch.Generator().manual_seed(2)) * 1e-3
+    glob = FlatState.from_tensors({"w": state.views["w"] + change})
+    b.advance(glob, 2)
+    assert [b.kind(1, ""), b.kind(0, ""), b.kind(2, "")] == ["delta", "whole", "whole"]
+    held = b.whole(glob).buffer.view(torch.float32)
+    assert 0 < float((held - glob.buffer.view(torch.float32)).abs().max()) < STEP_BOUND  # within one int8 step

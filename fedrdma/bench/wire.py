@@ -63,8 +63,8 @@ def run_wire_bench(model: str, rounds: int, formats: Sequence[Wire], mode: Mode,
 def ratios(result: WireResult) -> dict[str, dict[str, float]]:
     """Per format, against fp32 in the same run: upload bytes, broadcast bytes after the first
     round, communication seconds per round (without and with encoding and decoding, and over
-    the rounds after the first, whose broadcast is whole in every format), and the final
-    held-out loss (as a change)."""
+    the rounds after the first, whose broadcast is the same in every format: whole, or none),
+    and the final held-out loss (as a change)."""
     base = result.formats.get(Wire.FP32)
     out: dict[str, dict[str, float]] = {}
     if base is None:
