@@ -20,15 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fedrdma.bench.certs import DIALER, LISTENER
 from fedrdma.bench.procs import RAW_MODES
 from fedrdma.bench.states import gpt2_layout, make_state, synthetic_layout
 from fedrdma.core.addresses import split_host_port
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, Region, state_digest
 from fedrdma.core.errors import FedRDMAError, ProtocolError, TransferError
-from fedrdma.core.formats import Codec, ErrorFeedback
+from fedrdma.core.formats import Codec, EncodedState
 from fedrdma.core.layout import FlatState
 from fedrdma.core.liveness import PEER_TIMEOUT_S
 from fedrdma.core.modes import Mode, Role, Wire
@@ -147,31 +145,10 @@ def format_cells(cells: list[tuple[int, int]]) -> str:
     return ",".join(f"{chunk}:{window}" for chunk, window in cells)
 
 
-class Encoded:
-    """A compressed wire format's two ends, as a federation runs them: the sender encodes its
-    state's delta from a reference (error feedback kept) into the encoded state the session
-    moves, the receiver decodes it onto its own reference in place. Both references are
-    zeros, as good as a global for timing: the codec's cost does not depend on the values."""
-
-    def __init__(self, wire: Wire, state: FlatState) -> None:
-        self.state = state
-        self.codec = Codec.of(wire, state.layout)
-        self.moved = FlatState.allocate(self.codec.encoded_layout)
-        self.reference = torch.zeros(self.codec.numel)
-        self.feedback = ErrorFeedback(self.codec)
-
-    def encode(self) -> float:
-        start = time.perf_counter()
-        self.feedback.encode(self.state.buffer.view(torch.float32), self.reference, self.moved.buffer)
-        self.moved.touch()
-        return time.perf_counter() - start
-
-    def decode(self) -> float:
-        start = time.perf_counter()
-        values = self.state.buffer.view(torch.float32)
-        self.codec.decode(self.moved.buffer, 0, values).add_(self.reference)
-        self.state.touch()
-        return time.perf_counter() - start
+def timed(step: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
 
 
 def report(args: argparse.Namespace, state: FlatState, meter: Meter, fields: dict[str, Any]) -> None:
@@ -257,10 +234,12 @@ def run(
             return 0
         if args.listen and Mode(args.mode) is Mode.TCP_E:
             streams = DataListener(split_host_port(args.listen)[0])
-        encoded = Encoded(Wire(args.wire), state) if Wire(args.wire).compressed else None
+        # A federation's silo end of the codec on both sides; their references stay zeros, as
+        # good as a global for timing: the codec's cost does not depend on the values.
+        encoded = EncodedState(Codec.of(Wire(args.wire), state.layout), state) if Wire(args.wire).compressed else None
         if encoded and args.cells:
             raise SystemExit("--wire and --cells do not go together: a sweep tunes the plan of fp32 states")
-        moved = encoded.moved if encoded else state
+        moved = encoded.encoded if encoded else state
         chunk_size = encoded.codec.chunk_size(args.chunk_size) if encoded else args.chunk_size
         session = Session(
             agent, moved, channel, args.mode, args.role, chunk_size, args.window,
@@ -275,9 +254,9 @@ def run(
                 session.retune(chunk_size, window)
             for _ in range(args.transfers):
                 with Meter() as meter:
-                    codec = encoded.encode() if encoded and args.role == Role.SENDER else 0.0
+                    codec = timed(encoded.encode) if encoded and args.role == Role.SENDER else 0.0
                     stats = session.send() if args.role == Role.SENDER else session.receive()
-                    codec += encoded.decode() if encoded and args.role == Role.RECEIVER else 0.0
+                    codec += timed(encoded.decode) if encoded and args.role == Role.RECEIVER else 0.0
                 paired = paired_raw(session, channel) if args.paired else None
                 report(
                     args, moved, meter,

@@ -60,13 +60,17 @@ def run_wire_bench(model: str, rounds: int, formats: Sequence[Wire], mode: Mode,
                       path=LOOPBACK_PATH if shape is None else shape.describe(), formats=results, time=time.time())
 
 
-def ratios(result: WireResult) -> dict[str, dict[str, float]]:
+def _over(value: float, base: float) -> float | None:
+    return value / base if base > 0 else None
+
+
+def ratios(result: WireResult) -> dict[str, dict[str, float | None]]:
     """Per format, against fp32 in the same run: upload bytes, broadcast bytes after the first
     round, communication seconds per round (without and with encoding and decoding, and over
     the rounds after the first, whose broadcast is the same in every format: whole, or none),
-    and the final held-out loss (as a change)."""
+    and the final held-out loss (as a change). None where fp32's figure is 0 or missing."""
     base = result.formats.get(Wire.FP32)
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, float | None]] = {}
     if base is None:
         return out
     base_comm, base_both = base.per_round("comm_seconds"), base.per_round("comm_seconds", "codec_seconds")
@@ -75,12 +79,11 @@ def ratios(result: WireResult) -> dict[str, dict[str, float]]:
         comm, both = fmt.per_round("comm_seconds"), fmt.per_round("comm_seconds", "codec_seconds")
         final, base_final = fmt.rounds[-1].eval_loss, base.rounds[-1].eval_loss
         out[wire] = {
-            "bytes_up": fmt.total("bytes_up") / max(1, base.total("bytes_up")),
-            "bytes_down_after_first": fmt.total("bytes_down", 1) / max(1, base.total("bytes_down", 1)),
-            "comm_seconds": comm / base_comm if base_comm > 0 else float("nan"),
-            "comm_seconds_after_first": (fmt.per_round("comm_seconds", after=1) / base_later if base_later > 0
-                                         else float("nan")),
-            "comm_and_codec_seconds": both / base_both if base_both > 0 else float("nan"),
-            "loss_change": (final / base_final - 1) if final is not None and base_final else float("nan"),
+            "bytes_up": _over(fmt.total("bytes_up"), base.total("bytes_up")),
+            "bytes_down_after_first": _over(fmt.total("bytes_down", 1), base.total("bytes_down", 1)),
+            "comm_seconds": _over(comm, base_comm),
+            "comm_seconds_after_first": _over(fmt.per_round("comm_seconds", after=1), base_later),
+            "comm_and_codec_seconds": _over(both, base_both),
+            "loss_change": (final / base_final - 1) if final is not None and base_final else None,
         }
     return out

@@ -326,7 +326,7 @@ def sim_table(results: Sequence[tuple[tuple[float, float, float], Recommendation
     return table
 
 
-def wire_table(result: WireResult, ratios: dict[str, dict[str, float]]) -> Table:
+def wire_table(result: WireResult, ratios: dict[str, dict[str, float | None]]) -> Table:
     """Per wire format: what it moved and what it scored, and each against fp32 in the same run."""
     rounds = result.rounds_asked
     table = _table(f"{result.model}, {rounds} rounds, {len(result.silos)} silos, {result.mode} on {result.path}: "
@@ -337,17 +337,10 @@ def wire_table(result: WireResult, ratios: dict[str, dict[str, float]]) -> Table
     for wire, fmt in result.formats.items():
         r = ratios.get(wire, {})
         final = fmt.rounds[-1].eval_loss if fmt.rounds else None
-        table.add_row(wire, "" if final is None else f"{final:.4f}", _against(r.get("loss_change"), signed=True),
-                      size_label(fmt.total("bytes_up")), _against(r.get("bytes_up")),
-                      size_label(fmt.total("bytes_down", 1)), _against(r.get("bytes_down_after_first")),
-                      f"{fmt.per_round('comm_seconds'):.2f}", _against(r.get("comm_seconds")),
-                      _against(r.get("comm_seconds_after_first")),
-                      f"{fmt.per_round('codec_seconds'):.2f}", _against(r.get("comm_and_codec_seconds")))
+        table.add_row(wire, "" if final is None else f"{final:.4f}", _ratio(r.get("loss_change"), "{:+.2%}"),
+                      size_label(fmt.total("bytes_up")), _ratio(r.get("bytes_up"), "{:.3f}"),
+                      size_label(fmt.total("bytes_down", 1)), _ratio(r.get("bytes_down_after_first"), "{:.3f}"),
+                      f"{fmt.per_round('comm_seconds'):.2f}", _ratio(r.get("comm_seconds"), "{:.3f}"),
+                      _ratio(r.get("comm_seconds_after_first"), "{:.3f}"),
+                      f"{fmt.per_round('codec_seconds'):.2f}", _ratio(r.get("comm_and_codec_seconds"), "{:.3f}"))
     return table
-
-
-def _against(value: float | None, signed: bool = False) -> str:
-    """A ratio to fp32 (a change, when `signed`), or nothing without an fp32 run."""
-    if value is None or value != value:  # NaN: no fp32 run to compare with
-        return ""
-    return f"{value:+.2%}" if signed else f"{value:.3f}"

@@ -46,11 +46,7 @@ class DecodingFold:
         of 0, Inf or NaN) rejects the silo, naming the record; the round goes on without it.
         A chunk outside the encoded state, or splitting a record, is refused like a chunk
         outside the state or splitting an element."""
-        try:
-            _, count = self.codec.values(offset, data.numel())
-        except EncodingError as exc:  # the caller's plan is wrong, not the silo's bytes
-            raise AggregationError(f"silo {silo!r}: {exc}") from None
-        if not count:
+        if not self.count(silo, offset, data.numel()):
             return  # the encoded state's padding: no value lies there
         scratch = getattr(self._local, "scratch", None)
         if scratch is None:
@@ -61,6 +57,15 @@ class DecodingFold:
             self.aggregate.reject(silo, f"its update does not decode: {exc}")
             return
         self.aggregate.fold_chunk(silo, start, values)
+
+    def count(self, silo: str, offset: int, length: int) -> int:
+        """How many values encoded bytes `[offset, offset+length)` hold; an AggregationError
+        for a range outside the encoded state or splitting a record (the caller's plan is
+        wrong, not the silo's bytes)."""
+        try:
+            return self.codec.values(offset, length)[1]
+        except EncodingError as exc:
+            raise AggregationError(f"silo {silo!r}: {exc}") from None
 
     def values(self, offset: int, data: torch.Tensor, scratch: Scratch) -> tuple[int, torch.Tensor]:
         """(state byte offset, the state's bytes) that encoded `data` at `offset` stands for,

@@ -28,10 +28,10 @@ import torch
 
 from fedrdma.core.chunks import CHUNK_ALIGN
 from fedrdma.core.errors import EncodingError
-from fedrdma.core.layout import ALIGNMENT, Layout
+from fedrdma.core.layout import ALIGNMENT, FlatState, Layout
 from fedrdma.core.modes import Wire
 
-__all__ = ["Codec", "ErrorFeedback", "Wire"]
+__all__ = ["Codec", "EncodedState", "ErrorFeedback", "Wire"]
 
 RECORD_BYTES = 2048
 """One int8 block on the wire. A power of two, so every power-of-two chunk size (the 4 MiB
@@ -149,10 +149,7 @@ class Codec:
             piece = delta[start : start + WORK_VALUES]
             if plus is not None:
                 piece.add_(plus[0][start : start + WORK_VALUES]).sub_(plus[1][start : start + WORK_VALUES])
-            if self.wire is Wire.BF16:
-                finite = self._encode_bf16(piece, out[start * 2 : (start + piece.numel()) * 2], work, leave_error)
-            else:
-                finite = self._encode_int8(piece, out[start // BLOCK_VALUES * RECORD_BYTES :], work, leave_error)
+            _, finite = self._encode_piece(start, piece, out, work, leave_error)
             if not finite:
                 bad = start + int((~torch.isfinite(piece)).nonzero()[0])
                 raise EncodingError(f"the update's delta holds {float(piece[bad - start])} at {self._where(bad)}; "
@@ -175,17 +172,23 @@ class Codec:
         for start in range(0, self.numel, WORK_VALUES):
             end = min(self.numel, start + WORK_VALUES)
             piece = torch.sub(target[start:end], held[start:end], out=piece_buffer[: end - start])
-            if self.wire is Wire.BF16:
-                lo, hi = start * 2, end * 2
-                finite = self._encode_bf16(piece, out[lo:hi], work, False)
-            else:
-                lo, hi = start // BLOCK_VALUES * RECORD_BYTES, -(-end // BLOCK_VALUES) * RECORD_BYTES
-                finite = self._encode_int8(piece, out[lo:], work, False)
+            encoded, finite = self._encode_piece(start, piece, out, work, False)
             if not finite:
                 raise EncodingError(f"the broadcast's delta is not finite at {self._where(start)}...; "
                                     "the global must be finite before it is broadcast")
-            held[start:end].add_(self.decode(out[lo:hi], lo, decoded))
+            held[start:end].add_(self.decode(encoded, start // self.unit_values * self.unit, decoded))
         out[self.records * self.unit :].zero_()
+
+    def _encode_piece(self, start: int, piece: torch.Tensor, out: torch.Tensor, work: torch.Tensor,
+                      leave_error: bool) -> tuple[torch.Tensor, bool]:
+        """Values `[start, start + len(piece))` of the state, a record-aligned piece, into their
+        records of `out`: (those bytes, whether the piece was all finite)."""
+        lo = start // self.unit_values * self.unit
+        hi = -(-(start + piece.numel()) // self.unit_values) * self.unit
+        encoded = out[lo:hi]
+        if self.wire is Wire.BF16:
+            return encoded, self._encode_bf16(piece, encoded, work, leave_error)
+        return encoded, self._encode_int8(piece, encoded, work, leave_error)
 
     def _encode_bf16(self, piece: torch.Tensor, out: torch.Tensor, work: torch.Tensor, leave_error: bool) -> bool:
         """False if `piece` is not all finite (a NaN or Inf makes the sum so; an overflowing
@@ -312,3 +315,40 @@ class ErrorFeedback:
     def reset(self) -> None:
         """Forget the error (a silo that rejoins from an fp32 broadcast starts over)."""
         self.error.zero_()
+
+
+class EncodedState:
+    """A float32 state's encoded twin, as a silo keeps it: what its uploads are encoded into
+    and its encoded broadcasts land in, the reference both are deltas from, and the error
+    its uploads carry. Three states beside the model: the encoded one (zero-filled, so no
+    page faults while encoding), the reference and the error."""
+
+    def __init__(self, codec: Codec, state: FlatState) -> None:
+        self.codec, self.state = codec, state
+        self.encoded = FlatState.allocate(codec.encoded_layout, fill=0)
+        self.reference = torch.zeros(codec.numel)
+        self.feedback = ErrorFeedback(codec)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.state.buffer.view(torch.float32)
+
+    def take(self) -> None:
+        """The state is the round's global: the next upload is a delta from it."""
+        self.reference.copy_(self.values)
+
+    def encode(self) -> None:
+        """The state's delta from the reference, plus the carried error, into `encoded`."""
+        self.feedback.encode(self.values, self.reference, self.encoded.buffer)
+        self.encoded.touch()
+
+    def decode(self) -> None:
+        """The broadcast that landed in `encoded` into the state, as the reference plus it:
+        the very additions the aggregator makes to what it holds (`Codec.advance`)."""
+        self.codec.decode(self.encoded.buffer, 0, self.values).add_(self.reference)
+        self.state.touch()
+
+    def restore(self) -> None:
+        """The state back to the reference (an update that was refused)."""
+        self.values.copy_(self.reference)
+        self.state.touch()

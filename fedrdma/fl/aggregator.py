@@ -121,9 +121,8 @@ class Aggregator:
         self._resumed = resumed if cfg.resume else None
         self.silos: dict[str, SiloState] = {}
         self._fold_lock = threading.Lock()
-        self._aggregate: RoundAggregate | None = None
         self._folds: RoundUploads | None = None
-        """The round's way into `_aggregate` from upload bytes; set and cleared with it."""
+        """The round's aggregate (`.aggregate`) and its way in from upload bytes, while a round is open."""
         self._progress: dict[str, float] = {}
         """When each silo's upload last verified a chunk this round (the deadline's progress)."""
         self._agreed = {s.id: s.weight for s in cfg.silos if s.weight is not None}
@@ -225,7 +224,7 @@ class Aggregator:
     def _progressed(self, silo: str) -> None:
         """The silo's broadcast moves: a slow line at the deadline, not a dead silo."""
         with self._fold_lock:
-            if self._aggregate is not None:
+            if self._folds is not None:
                 self._progress[silo] = time.monotonic()
 
     def _land(self, silo: str, offset: int, data: torch.Tensor) -> None:
@@ -300,8 +299,7 @@ class Aggregator:
         # worth waiting for past the deadline (a slow broadcast) is `_wait_for_silos`' call.
         deadline = start + cfg.round_deadline_s * DEADLINE_EXTENSION
         with self._fold_lock:
-            self._aggregate = RoundAggregate(self.state, accumulator=self._accumulator())
-            self._folds = self.uploads.round(self._aggregate)
+            self._folds = self.uploads.round(RoundAggregate(self.state, accumulator=self._accumulator()))
             self._progress = {}
         results = {link.silo: SiloRound(link.silo) for link in links}
         codec_start = time.monotonic()
@@ -323,8 +321,9 @@ class Aggregator:
             if st is not None and st.link is not None:
                 self.hub.forget(st.link)
         with self._fold_lock:
-            aggregate, self._aggregate, self._folds = self._aggregate, None, None
-        assert aggregate is not None
+            folds, self._folds = self._folds, None
+        assert folds is not None
+        aggregate = folds.aggregate
         agg_start = time.monotonic()
         for r in results.values():
             if not r.ok and r.n_samples:  # started, so it may have folded chunks: retract them

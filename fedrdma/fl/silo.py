@@ -29,8 +29,7 @@ from fedrdma.control import messages as m
 from fedrdma.control.link import AggregatorLink, JoinRefused
 from fedrdma.core.chunks import state_digest
 from fedrdma.core.errors import EncodingError, PeerLost
-from fedrdma.core.formats import Codec, ErrorFeedback
-from fedrdma.core.layout import FlatState
+from fedrdma.core.formats import Codec, EncodedState
 from fedrdma.core.modes import Role
 from fedrdma.fl.data import load_silo_data, load_tokenizer
 from fedrdma.fl.records import MemorySplit, SiloRoundRecord
@@ -78,16 +77,13 @@ class Silo:
         self.credentials = Credentials.of_process(cfg.certs, cfg.id, CLIENT, "for one host only")
         self.agent: Agent | None = None
         self.pool: Pool | None = None
-        self.codec = Codec.of(cfg.wire, self.state.layout) if cfg.wire.compressed else None
+        self.coded = EncodedState(Codec.of(cfg.wire, self.state.layout), self.state) if cfg.wire.compressed else None
         """None with wire fp32: the upload is the state itself."""
-        self.encoded = FlatState.allocate(self.codec.encoded_layout, fill=0) if self.codec else self.state
-        """What the upload session sends (zero-filled: no page faults while encoding)."""
-        self.feedback = ErrorFeedback(self.codec) if self.codec else None
-        self.reference = torch.zeros(self.codec.numel) if self.codec else None
-        """The round's global as received: what the encoded delta is taken from."""
+        self.upload_state = self.coded.encoded if self.coded else self.state
+        """What the upload session sends."""
         self.encoded_pool: Pool | None = None
         self._holds = False
-        """Whether `reference` is the last broadcast of this join (a delta needs one to add to)."""
+        """Whether the encoded state's reference is the last broadcast of this join (a delta needs one to add to)."""
         self._delta: Session | None = None
         """This join's encoded broadcasts, with a compressed wire format."""
         self._coming = "whole"
@@ -144,15 +140,15 @@ class Silo:
             self.pool = self.agent.register(self.state.buffer)
         pool = self.pool if mode.registers_pool else None
         upload_pool = pool
-        if self.codec is not None and (mode.registers_pool or welcome.upload_mode.registers_pool):
+        if self.coded is not None and (mode.registers_pool or welcome.upload_mode.registers_pool):
             if self.encoded_pool is None:
                 assert self.agent is not None
-                self.encoded_pool = self.agent.register(self.encoded.buffer)
+                self.encoded_pool = self.agent.register(self.coded.encoded.buffer)
             upload_pool = self.encoded_pool if welcome.upload_mode.registers_pool else None
-        if self.feedback is not None:
-            self.feedback.reset()  # a new join starts from a whole broadcast: no error is owed
+        if self.coded is not None:
+            self.coded.feedback.reset()  # a new join starts from a whole broadcast: no error is owed
         self._holds = False
-        upload_chunk = self.codec.chunk_size(welcome.chunk_size) if self.codec else welcome.chunk_size
+        upload_chunk = self.coded.codec.chunk_size(welcome.chunk_size) if self.coded else welcome.chunk_size
         broadcast = upload = self._delta = None
         try:
             broadcast = Session(
@@ -160,12 +156,12 @@ class Silo:
                 welcome.chunk_size, welcome.window, pool=pool, trusted_fabric=cfg.trusted_fabric,
             )
             upload = Session(
-                self.agent, self.encoded, link.attach("upload"), welcome.upload_mode, Role.SENDER,
+                self.agent, self.upload_state, link.attach("upload"), welcome.upload_mode, Role.SENDER,
                 upload_chunk, welcome.window, pool=upload_pool, trusted_fabric=cfg.trusted_fabric,
             )
-            if self.codec is not None:
+            if self.coded is not None:
                 self._delta = Session(
-                    self.agent, self.encoded, link.attach("delta"), mode, Role.RECEIVER, upload_chunk,
+                    self.agent, self.coded.encoded, link.attach("delta"), mode, Role.RECEIVER, upload_chunk,
                     welcome.window, pool=self.encoded_pool if mode.registers_pool else None,
                     trusted_fabric=cfg.trusted_fabric,
                 )
@@ -181,8 +177,8 @@ class Silo:
                 if isinstance(msg, m.RoundEnd):
                     self._event({"event": "round_end", "round": msg.round, "included": msg.included,
                                  "reason": msg.reason})
-                    if not msg.included and self.feedback is not None:
-                        self.feedback.reset()  # an update left out owes no rounding error
+                    if not msg.included and self.coded is not None:
+                        self.coded.feedback.reset()  # an update left out owes no rounding error
                     continue
                 if isinstance(msg, m.Resend):
                     self._resend(upload, msg.round)
@@ -258,40 +254,34 @@ class Silo:
         elif self._coming == "whole":
             got = broadcast.receive()
         else:
-            if self._delta is None or self.codec is None or self.reference is None or not self._holds:
+            if self._delta is None or self.coded is None or not self._holds:
                 raise PeerLost("the aggregator sent a delta broadcast to a silo that holds no broadcast "
                                "of this join; rejoining for a whole one")
             got = self._delta.receive()
             start = time.perf_counter()
-            values = self.state.buffer.view(torch.float32)
             try:
-                self.codec.decode(self.encoded.buffer, 0, values)
+                self.coded.decode()
             except EncodingError as exc:
                 raise PeerLost(f"the broadcast's delta does not decode ({exc}); rejoining for a whole one") from None
-            values.add_(self.reference)  # the very additions the aggregator made to what it holds
-            self.state.touch()
             self._decode_seconds = time.perf_counter() - start
-        if self.reference is not None:
-            self.reference.copy_(self.state.buffer.view(torch.float32))
+        if self.coded is not None:
+            self.coded.take()
             self._holds = True
         return got
 
     def _encode(self, link: AggregatorLink, rnd: int) -> float:
         """The round's update into the encoded pool: its seconds. A delta that is not finite is
         not sent: the silo leaves the round, takes the global back, and rejoins."""
-        if self.feedback is None:
+        if self.coded is None:
             return 0.0
-        assert self.reference is not None
         start = time.perf_counter()
         try:
-            self.feedback.encode(self.state.buffer.view(torch.float32), self.reference, self.encoded.buffer)
+            self.coded.encode()
         except EncodingError as exc:
-            self.state.buffer.view(torch.float32).copy_(self.reference)
-            self.state.touch()
+            self.coded.restore()
             self._event({"event": "update_refused", "round": rnd, "reason": str(exc)})
             link.control.send(m.Leave(reason=f"round {rnd}: its update was refused before encoding: {exc}"))
             raise PeerLost(f"left round {rnd}: {exc}") from None
-        self.encoded.touch()
         return time.perf_counter() - start
 
 

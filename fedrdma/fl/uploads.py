@@ -65,9 +65,7 @@ class RoundUploads:
         if self._decoding is None:
             self.aggregate.fold(silo, inbox, offset, length)
             return
-        if offset < 0 or length <= 0 or offset + length > inbox.nbytes:  # before slicing, which would clip it
-            raise AggregationError(f"silo {silo!r}: chunk [{offset}, {offset + length}) is outside its "
-                                   f"{inbox.nbytes}-byte inbox")
+        self._decoding.count(silo, offset, length)  # before slicing, which would clip the range
         folded = self._folded.get(silo)
         if folded is None:
             raise AggregationError(f"chunk from silo {silo!r}, which was not started with its inbox")

@@ -118,8 +118,8 @@ class PoisonedEncoding(Silo):
     def _encode(self, link, rnd: int) -> float:  # type: ignore[no-untyped-def]
         seconds = super()._encode(link, rnd)
         dtype = torch.bfloat16 if self.cfg.wire == "bf16" else torch.float32
-        self.encoded.buffer[: dtype.itemsize].view(dtype)[0] = self.value
-        self.encoded.touch()
+        self.upload_state.buffer[: dtype.itemsize].view(dtype)[0] = self.value
+        self.upload_state.touch()
         return seconds
 
 
