@@ -322,7 +322,8 @@ def test_aggregator_restarted_with_resume_continues_without_repeating_a_round(tm
 def test_silos_of_a_dead_aggregator_exit_non_zero_after_their_rejoin_limit(tmp_path, sig):
     """An interrupted aggregator closes its links without saying the run is finished."""
     port = free_port()
-    agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", 3, MODEL, False, DEMO_SILOS[:2], port)
+    # more rounds than can finish before the signal: gpt2-tiny's rounds take tens of milliseconds
+    agg_cfg, silo_cfgs = write_configs(tmp_path, "rdma-e", 1000, MODEL, False, DEMO_SILOS[:2], port)
     out = tmp_path / "aggregator"
     agg = start("aggregator", agg_cfg, tmp_path / "agg.log")
     silos = [start("silo", c, tmp_path / f"s{i}.log", None, "--rejoin-s", "3") for i, c in enumerate(silo_cfgs)]
