@@ -22,11 +22,15 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/fedrdma demo --json runs/demo/demo.json
 
+# Two workers: most tests wait on real processes, heartbeats and deadlines, so two at once
+# keep CI within its 20 minutes on two cores; the lab's tests share one worker (tests/conftest.py).
+TEST_WORKERS ?= 2
+
 # Layering and leftovers first (seconds), then the suite (minutes).
 test: setup
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check fedrdma tests
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 bench: setup
 	$(VENV)/bin/fedrdma bench transfer --size-mb 512 --modes grpc,rdma,rdma-e,rdma-e-pull --json results/transfer-512.json

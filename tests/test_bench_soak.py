@@ -12,6 +12,9 @@ from typer.testing import CliRunner
 from fedrdma.bench import soak
 from fedrdma.cli import app
 from fedrdma.fl import checkpoint
+from tests.conftest import LAB_GROUP
+
+pytestmark = LAB_GROUP
 
 runner = CliRunner()
 

@@ -26,6 +26,9 @@ from fedrdma.lab.netns import PathLinks
 from fedrdma.lab.state import LabState
 from fedrdma.lab.units import format_rate, parse_duration, parse_loss, parse_rate
 from fedrdma.testing.lab import failing_at
+from tests.conftest import LAB_GROUP
+
+pytestmark = LAB_GROUP
 
 TEST_LAB = "frlt"
 """Not the default `frl`, so a lab someone is using on this host is never touched."""
@@ -42,7 +45,7 @@ LOSS_SIGMAS = 5.0
 PROBE_S = 2.0
 """Counted seconds per TCP transfer: enough for a stable rate, keeps the file well under 4 minutes."""
 
-PROBE_TRIES = 3
+PROBE_TRIES = 5
 """Transfers a shaped rate gets to reach its line. On a shared 2-core host the delay element
 is a userspace process, and other tenants' load only ever lowers what one transfer sees (a
 1 Gbit/s line measured 790 Mbit/s once in CI): the best of a few is the shaper's rate, while

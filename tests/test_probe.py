@@ -14,7 +14,10 @@ from fedrdma.bench.sweep import CellResult, best, chunk_timeout, run_cells
 from fedrdma.cli import app
 from fedrdma.config import AggregatorConfig, ConfigError, load
 from fedrdma.core.scheduler import CHUNK_TIMEOUT_S
+from tests.conftest import LAB_GROUP
 from tests.test_lab import needs_lab
+
+pytestmark = LAB_GROUP
 
 runner = CliRunner()
 MIB = 1 << 20
