@@ -42,6 +42,8 @@ class Replay:
         """Why the last resend did not complete (then the upload session is spent)."""
 
     def __call__(self) -> Iterator[tuple[int, torch.Tensor]] | None:
+        if self.failed is not None:
+            return None  # the upload session is spent: asking again would wait on nothing
         if not self._ask():
             return None
         return self._stream()
