@@ -48,6 +48,34 @@ def test_both_ways_end_on_the_same_model_and_the_bench_says_how_long_each_took(t
     assert FlowerResult.model_validate_json(result.model_dump_json()) == result
 
 
+def _trained(v: np.ndarray, part: int) -> np.ndarray:
+    """What the test app's site `part` makes of `v` (tests/flower_app/flowerapp/client_app.py)."""
+    return (0.9 * v + np.float32(0.05 * (part + 1)) * np.sin(v)).astype(np.float32)
+
+
+KILL_ROUND_TIMEOUT_S = 30.0
+"""How long a round waits for the killed site's reply; the live site's comes within seconds."""
+
+
+def test_a_clientapp_killed_mid_round_is_left_out_of_that_round_both_ways(tmp_path: Path) -> None:
+    """Site 1's ClientApp dies in round 2's training, after the global reached it: that round is
+    the other site's update alone, as Flower's FedAvg has it when a reply does not come.
+
+    The last round, because a SuperNode whose ClientApp was killed takes 10-15 s, and longer
+    under load, before it runs the next one: a round after the kill could time out too."""
+    result = run_flower_bench(APP, "numpy", 2, tmp_path, parallel=True,
+                              extra={"kill-partition": 1, "kill-round": 2, "round-timeout": KILL_ROUND_TIMEOUT_S})
+    for way in (result.flower, result.fedrdma):
+        assert [(r.round, r.replies) for r in way.rounds] == [(1, 2), (2, 1)]
+    start = np.random.default_rng(0).standard_normal((512, 600)).astype(np.float32)
+    first = ((10 * _trained(start, 0).astype(np.float64) + 20 * _trained(start, 1)) / 30).astype(np.float32)
+    expected = _trained(first, 0)
+    for label in ("flower", "fedrdma"):
+        with np.load(tmp_path / f"final-{label}.npz") as saved:
+            assert np.abs(saved["w"] - expected).max() <= 1e-5, label
+    assert result.max_abs_diff <= 1e-5
+
+
 # -- the mod against real node processes, refusing from the ClientApp's side ------------------
 @pytest.fixture(scope="module")
 def site_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodeProcess]]:

@@ -1,4 +1,11 @@
-"""Each site moves every weight by a deterministic function of the weight and its partition."""
+"""Each site moves every weight by a deterministic function of the weight and its partition.
+
+With `kill-partition` and `kill-round` set, that site's ClientApp is killed (SIGKILL, by
+itself) in that round's training, after the global reached it and before any reply left.
+"""
+
+import os
+import signal
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -17,6 +24,9 @@ def _partition(context: Context) -> int:
 def train(msg: Message, context: Context) -> Message:
     part = _partition(context)
     arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    rc = context.run_config
+    if part == int(rc["kill-partition"]) and int(msg.content["config"]["server-round"]) == int(rc["kill-round"]):
+        os.kill(os.getpid(), signal.SIGKILL)
     step = np.float32(0.05 * (part + 1))
     new = {k: (0.9 * v + step * np.sin(v)).astype(np.float32) for k, v in arrays.items()}
     metrics = MetricRecord({"train-loss": float(np.abs(new["w"]).mean()), "num-examples": 10 * (part + 1),
