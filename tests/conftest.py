@@ -62,5 +62,3 @@ LAB_GROUP = pytest.mark.xdist_group("lab")
 """The mark of every module whose tests build network namespaces and delay elements: under
 pytest-xdist (`make test`: --dist loadgroup) they run one after another on one worker, as
 one lab at a time must, and test_lab's clean-slate check counts every delay element on the host."""
-
-
