@@ -62,7 +62,7 @@ def start_faulty(config: Path, log: Path, fault: str) -> subprocess.Popen:
     env = {**os.environ, "UCX_TLS": "tcp"}
     return subprocess.Popen(
         [sys.executable, "-m", "fedrdma.testing.silo", "--fault", fault, "--config", str(config)],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, preexec_fn=_default_sigint,
     )
 
 

@@ -25,6 +25,7 @@ from fedrdma.flower.descriptor import RECORD, Offer
 from fedrdma.flower.mod import RUNTIME_KEY, SITE_KEY, fedrdma_mod
 from fedrdma.node.client import NodeClient
 from fedrdma.node.process import NodeProcess, start_node
+from tests.flower_app.flowerapp.client_app import trained
 
 APP = Path(__file__).parent / "flower_app"
 
@@ -48,11 +49,6 @@ def test_both_ways_end_on_the_same_model_and_the_bench_says_how_long_each_took(t
     assert FlowerResult.model_validate_json(result.model_dump_json()) == result
 
 
-def _trained(v: np.ndarray, part: int) -> np.ndarray:
-    """What the test app's site `part` makes of `v` (tests/flower_app/flowerapp/client_app.py)."""
-    return (0.9 * v + np.float32(0.05 * (part + 1)) * np.sin(v)).astype(np.float32)
-
-
 KILL_ROUND_TIMEOUT_S = 30.0
 """How long a round waits for the killed site's reply; the live site's comes within seconds."""
 
@@ -68,8 +64,8 @@ def test_a_clientapp_killed_mid_round_is_left_out_of_that_round_both_ways(tmp_pa
     for way in (result.flower, result.fedrdma):
         assert [(r.round, r.replies) for r in way.rounds] == [(1, 2), (2, 1)]
     start = np.random.default_rng(0).standard_normal((512, 600)).astype(np.float32)
-    first = ((10 * _trained(start, 0).astype(np.float64) + 20 * _trained(start, 1)) / 30).astype(np.float32)
-    expected = _trained(first, 0)
+    first = ((10 * trained(start, 0).astype(np.float64) + 20 * trained(start, 1)) / 30).astype(np.float32)
+    expected = trained(first, 0)
     for label in ("flower", "fedrdma"):
         with np.load(tmp_path / f"final-{label}.npz") as saved:
             assert np.abs(saved["w"] - expected).max() <= 1e-5, label

@@ -16,6 +16,11 @@ from fedrdma.flower.mod import fedrdma_mod
 app = ClientApp(mods=[fedrdma_mod])
 
 
+def trained(v: np.ndarray, part: int) -> np.ndarray:
+    """What site `part` makes of the weights `v`: tests compute their expected models with it."""
+    return (0.9 * v + np.float32(0.05 * (part + 1)) * np.sin(v)).astype(np.float32)
+
+
 def _partition(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
@@ -27,8 +32,7 @@ def train(msg: Message, context: Context) -> Message:
     rc = context.run_config
     if part == int(rc["kill-partition"]) and int(msg.content["config"]["server-round"]) == int(rc["kill-round"]):
         os.kill(os.getpid(), signal.SIGKILL)
-    step = np.float32(0.05 * (part + 1))
-    new = {k: (0.9 * v + step * np.sin(v)).astype(np.float32) for k, v in arrays.items()}
+    new = {k: trained(v, part) for k, v in arrays.items()}
     metrics = MetricRecord({"train-loss": float(np.abs(new["w"]).mean()), "num-examples": 10 * (part + 1),
                             "app-seconds": 0.0})
     return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in new.items()}), "metrics": metrics}),
