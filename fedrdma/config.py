@@ -36,10 +36,13 @@ Inbox = Literal["slots", "full"]
 INBOXES: tuple[str, ...] = get_args(Inbox)
 
 INBOX_MB = 32
-"""Memory all silos' tcp-e uploads share, in chunk-sized slots, whatever the silo count: 8
+"""Memory all silos' tcp-e and pull uploads share, in chunk-sized slots, whatever the silo count: 8
 slots of 4 MiB chunks, 67 of gpt2-tiny's whole-state one. On this host the fold drains a
 slot in about a ms (5.8-6.7 GB/s, `scripts/fold_rate.py`), faster than a line fills one; fewer slots than silos
 uploading at once serialized 64 gpt2-tiny silos (a round of 14 s instead of 1.2 s)."""
+
+INBOX_MB_MAX = 4096
+"""Slots are registered as one buffer for a pull, and a registration slice is 4 GiB."""
 
 KEEP_CHECKPOINTS = 3
 """Checkpoints kept on disk: the newest few, so a bad round can still be rolled back."""
@@ -230,11 +233,12 @@ class AggregatorConfig(RuntimeSettings, TransportSettings):
                            "(0: any free one; fix it for a firewall)")
     data_streams: int = Field(DEFAULT_STREAMS, ge=1, le=MAX_STREAMS, description="tcp-e: data connections per "
                               "silo and direction")
-    inbox: Inbox = Field("slots", description="tcp-e: land each silo's upload in a few "
+    inbox: Inbox = Field("slots", description="tcp-e and rdma-e-pull: land each silo's upload in a few "
                                             "chunk-sized slots, folded and reused (full: a whole-state inbox per "
-                                            "silo; the other modes always use one)")
-    inbox_mb: int = Field(INBOX_MB, ge=1, description="with inbox = slots: MiB of chunk-sized slots all silos' "
-                          "uploads share (at least one slot); a silo holds at most 2 per data connection")
+                                            "silo; a push always uses one)")
+    inbox_mb: int = Field(INBOX_MB, ge=1, le=INBOX_MB_MAX, description="with inbox = slots: MiB of chunk-sized "
+                          "slots all silos' uploads share (at least one slot); a silo holds at most 2 per data "
+                          "connection (tcp-e) or its window and 2 more (rdma-e-pull)")
     first_broadcast: FirstBroadcast = Field("always", description="unless-held: a joining silo whose state's "
                                             "digest is the global's (a fresh run's silos build the same initial "
                                             "model) is not sent it; its first broadcast costs nothing")

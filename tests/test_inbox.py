@@ -1,5 +1,6 @@
-"""Bounded inboxes end to end: tcp-e uploads land in a few slots at the aggregator, and a silo
-that must be taken back out is read again from the silo. Real aggregator and silo processes."""
+"""Bounded inboxes end to end: tcp-e and rdma-e-pull uploads land in a few slots at the
+aggregator, and a silo that must be taken back out is read again from the silo. Real
+aggregator and silo processes, real NIXL READs for the pull."""
 
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ CHUNK = 1 << 16
 """Small chunks, so gpt2-tiny's upload is many chunks and a silo can die between them."""
 
 
-def federation(tmp_path: Path, faults: dict[str, str], **agg: object) -> tuple[list[int], dict]:
-    """One round in tcp-e of DEMO_SILOS[:3]; a silo listed in `faults` runs with that fault, the
+def federation(tmp_path: Path, faults: dict[str, str], mode: str = "tcp-e", **agg: object) -> tuple[list[int], dict]:
+    """One round in `mode` of DEMO_SILOS[:3]; a silo listed in `faults` runs with that fault, the
     others record their updates. (silo exit codes, the round's record)."""
     port = free_port()
     settings = {"chunk_size": CHUNK, "min_silos": 2, **agg}
-    agg_cfg, silo_cfgs = write_configs(tmp_path, "tcp-e", 1, MODEL, False, DEMO_SILOS[:3], port,
+    agg_cfg, silo_cfgs = write_configs(tmp_path, mode, 1, MODEL, False, DEMO_SILOS[:3], port,
                                        aggregator_settings=settings)
     aggregator = start("aggregator", agg_cfg, tmp_path / "agg.log")
     silos = [start_faulty(cfg, tmp_path / f"{silo}.log", faults.get(silo, f"record:{tmp_path / 'updates'}"))
@@ -52,14 +53,15 @@ def resent(tmp_path: Path, silo: str) -> int:
     return len(events(tmp_path / "silos" / f"{silo}.jsonl", "resent"))
 
 
+@pytest.mark.parametrize("mode", ["tcp-e", "rdma-e-pull"])
 @pytest.mark.parametrize("fault,reason,evil_resends,honest_resends", [
     ("nan", "NaN", 1, 0),  # its finite chunks are subtracted again, read from it once more
     ("scale", "delta norm", 0, 1),  # x1000 cannot be subtracted exactly: the others are re-added
 ])
 def test_a_rejected_silo_is_taken_out_exactly_by_reading_updates_again(tmp_path, fault, reason, evil_resends,
-                                                                     honest_resends):
+                                                                     honest_resends, mode):
     evil, *honest = DEMO_SILOS[:3]
-    codes, record = federation(tmp_path, {evil: fault})
+    codes, record = federation(tmp_path, {evil: fault}, mode)
     assert codes == [0, 0, 0]
     assert sorted(record["accepted"]) == sorted(honest)
     assert reason in record["rejected"][evil]
@@ -96,7 +98,7 @@ def test_slots_reject_what_they_cannot_land():
     state = FlatState.from_tensors({"w": torch.zeros(1 << 16)})
     listener = Listener()
     try:
-        with pytest.raises(TransferError, match="bounded inbox lands only a tcp-e receiver"):
+        with pytest.raises(TransferError, match="bounded inbox lands only a tcp-e or rdma-e-pull receiver"):
             Session(None, state, dial(listener.address), Mode.GRPC, Role.RECEIVER, CHUNK,
                     slots=Slots.own(1, CHUNK, lambda off, data: None))
         with pytest.raises(TransferError, match="each at most its 1024-byte slots"):

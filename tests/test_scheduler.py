@@ -30,6 +30,18 @@ def test_window_limits_chunks_in_flight_and_order_is_sequential():
     assert s.in_flight == 3
 
 
+def test_room_caps_posts_at_the_free_landing_places_and_retries_come_first():
+    s = make(n=6, window=4)
+    assert [p.chunk.index for p in s.poll(0.0, room=2)] == [0, 1]
+    assert s.poll(0.0, room=0) == [], "no free slot: nothing is posted, whatever the window"
+    s.landed(0, 0)
+    s.landed(1, 0)
+    s.corrupt(0, now=0.0)  # its slot came back; the chunk retries after a 1 s backoff
+    assert [p.chunk.index for p in s.poll(0.5, room=1)] == [2]
+    assert [p.chunk.index for p in s.poll(1.0, room=5)] == [0, 3, 4], "room beyond the window changes nothing"
+    assert s.in_flight == 4 and s.poll(1.0, room=-1) == []
+
+
 def test_all_verified_is_done_and_nothing_is_resent():
     s = make()
     while not s.done:

@@ -26,7 +26,9 @@ from fedrdma.transport import wire
 from fedrdma.transport.agent import Agent
 from fedrdma.transport.channel import Channel, Listener, dial
 from fedrdma.transport.session import Session
+from fedrdma.transport.slots import SlotPool, Slots
 from fedrdma.transport.streams import DataListener
+from tests.test_tcpe import Folded
 
 SIZE, CHUNK, WINDOW = 6 << 20, 1 << 20, 4
 THREAD_TIMEOUT_S = 60.0
@@ -286,3 +288,63 @@ def _closed() -> Channel:
     channel = Channel("nobody")
     channel.close()
     return channel
+
+
+def slotted(agent: Agent, count: int, nbytes: int) -> Slots:
+    """A pull receiver's bounded inbox: `count` registered slots of a pool of its own."""
+    pool = SlotPool(count, CHUNK)
+    pool.register(agent)
+    return pool.share(count, Folded(nbytes))
+
+
+def assert_folded_once(slots: Slots, src: FlatState, dst: FlatState, transfers: int = 1) -> None:
+    """Every chunk folded once per transfer from the slots, bytes identical, the state never
+    written, and every slot back in the pool."""
+    folded = slots.consume
+    assert isinstance(folded, Folded)
+    assert state_digest(memoryview(folded.bytes.numpy())) == state_digest(src.memoryview())
+    assert sorted(folded.offsets) == sorted(list(range(0, src.nbytes, CHUNK)) * transfers)
+    assert bool((dst.buffer == 0).all()), "a bounded inbox's READs landed in the session's state"
+    assert slots.held == 0 and slots.pool.free == slots.pool.count, "a slot was not given back"
+
+
+def test_a_pull_lands_in_fewer_slots_than_its_window_and_folds_every_chunk_once():
+    src, dst = states()
+    agent = Agent()
+    slots = slotted(agent, WINDOW - 1, SIZE)
+    sent, got, errors = pair(Mode.RDMA_E_PULL, src, dst, transfers=2, receiver_agent=agent, slots=slots)
+    assert errors == []
+    assert [s.bytes_posted for s in got] == [SIZE, SIZE]
+    assert_folded_once(slots, src, dst, transfers=2)
+
+
+def test_a_corrupt_landing_in_a_slot_is_read_again_and_folded_once():
+    src, dst = states()
+    faulty = FaultyAgent(Faults(corrupt_once=frozenset({1, 4}), slots=True), CHUNK)
+    slots = slotted(faulty, WINDOW, SIZE)
+    sent, got, errors = pair(Mode.RDMA_E_PULL, src, dst, receiver_agent=faulty, slots=slots)
+    assert errors == []
+    assert got[0].corrupt == 2 and got[0].bytes_posted == SIZE + 2 * CHUNK
+    assert_folded_once(slots, src, dst)
+
+
+def test_a_cut_endpoint_under_a_bounded_inbox_resumes_and_gives_every_slot_back():
+    size = 16 << 20
+    src, dst = states(size)
+    cutter = FaultyAgent(Faults(cut_after=5), CHUNK)
+    slots = slotted(cutter, WINDOW + 2, size)
+    sent, got, errors = pair(Mode.RDMA_E_PULL, src, dst, receiver_agent=cutter, slots=slots)
+    assert errors == []
+    assert got[0].reconnects >= 1 and 0 < got[0].bytes_posted - size < size
+    assert_folded_once(slots, src, dst)
+
+
+def test_a_pulls_slots_must_be_registered_with_its_agent():
+    _, dst = states()
+    listener = Listener()
+    try:
+        with pytest.raises(TransferError, match="must be registered with the session's agent"):
+            Session(Agent(), dst, dial(listener.address), Mode.RDMA_E_PULL, Role.RECEIVER, CHUNK, WINDOW,
+                    slots=SlotPool(2, CHUNK).share(2, Folded(SIZE)), trusted_fabric=True)
+    finally:
+        listener.close()

@@ -50,3 +50,33 @@ def test_a_verified_chunk_is_handed_on_from_its_slot_and_a_chunk_too_big_is_refu
     with pytest.raises(TransferError, match="a 65-byte chunk does not fit a 64-byte slot"):
         slot.view(SIZE + 1)
     assert isinstance(slot.buffer, torch.Tensor) and slot.buffer.numel() == SIZE
+
+
+def test_a_pull_that_waits_on_slots_others_give_back_is_alive_and_one_on_a_stuck_pool_is_lost():
+    """Plain calls into a pull's side of the loop, with `now` injected: another silo holds the
+    only slot; while it gives slots back the wait is progress, once it stops the peer is lost."""
+    from fedrdma.core.chunks import ChunkPlan
+    from fedrdma.core.receiver import Receiver
+    from fedrdma.core.scheduler import Scheduler
+    from fedrdma.transport.movers.pull import Pulling
+
+    pool = SlotPool(1, SIZE)
+    plan = ChunkPlan.build(4 * SIZE, SIZE)
+    receiver = Receiver(plan, 1, 0.0, peer_timeout=1.0, status_interval_s=100.0)
+    pulling = Pulling(None, receiver, pool.share(2, lambda off, data: None))  # type: ignore[arg-type]
+    sched = Scheduler(plan, 2)
+    other = pool.take(1.0, time.monotonic())
+    try:
+        assert pulling.room(sched) == 0 and sched.poll(0.0, 0) == []
+        assert pulling.each_turn(sched, 0.5) is False, "nothing moved: no progress"
+        time.sleep(0.01)
+        pool.give(other)  # the other silo folded a chunk and took the slot again at once
+        other = pool.take(1.0, time.monotonic())
+        assert pulling.each_turn(sched, 0.9) is True
+        assert pulling.each_turn(sched, 1.5) is False, "heard at 0.9: alive until 1.9"
+        with pytest.raises(PeerLost, match="went silent for 1 s"):
+            pulling.each_turn(sched, 2.0)
+    finally:
+        pool.give(other)
+        pulling.close()
+    assert pool.free == 1

@@ -294,11 +294,11 @@ def bench_scale(
     rounds: int = typer.Option(2, min=1, help="Rounds per federation; the table shows the last."),
     mode_name: str = typer.Option(Mode.TCP_E.value, "--mode", help=f"How updates move: {choices()} (one-sided "
                                   "modes run as a trusted fabric: every process is this benchmark's)."),
-    inbox: str = typer.Option("slots", help="The aggregator's `inbox`: slots (tcp-e: a few chunks per silo) "
+    inbox: str = typer.Option("slots", help="The aggregator's `inbox`: slots (tcp-e, rdma-e-pull: a few chunks per silo) "
                               "or full (a whole-state inbox per silo), to compare the two."),
     out_dir: Path = typer.Option(Path("runs/bench-scale"), help="Configs, logs and metrics of each federation."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the results here as JSON."),
-    plot: bool = typer.Option(True, help="Write scale.png next to the JSON (or in --out-dir)."),
+    plot: bool = typer.Option(True, help="Write scale-MODEL[-MODE][-full].png next to the JSON (or in --out-dir)."),
 ) -> None:
     """One aggregator with more and more silos: real links and transfers, no local training."""
     from fedrdma.bench import scale
@@ -321,7 +321,8 @@ def bench_scale(
     if json_path:
         write_record(out, result, json_path)
     if plot:
-        png = scale_plot(result, (json_path.parent if json_path else out_dir) / f"scale-{model}.png")
+        variant = "".join(f"-{v}" for v, default in ((chosen, "tcp-e"), (inbox, "slots")) if v != default)
+        png = scale_plot(result, (json_path.parent if json_path else out_dir) / f"scale-{model}{variant}.png")
         out.print(f"wrote {png}")
 
 

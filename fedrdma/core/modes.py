@@ -54,6 +54,12 @@ class Mode(enum.StrEnum):
         return self in (Mode.RDMA_E, Mode.RDMA_E_PULL, Mode.TCP_E)
 
     @property
+    def receiver_places(self) -> bool:
+        """The receiver decides where each chunk lands (its own code places it, or its own READ
+        fetches it), so chunks can land in a few reused slots: a bounded inbox."""
+        return self in (Mode.TCP_E, Mode.RDMA_E_PULL)
+
+    @property
     def seals(self) -> bool:
         """Encrypts and authenticates every chunk on the wire, whatever the fabric."""
         return self is Mode.TCP_E

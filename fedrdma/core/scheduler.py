@@ -139,18 +139,23 @@ class Scheduler:
         return min(times) if times else None
 
     # -- events ----------------------------------------------------------------------
-    def poll(self, now: float) -> list[Post]:
-        """Chunks to post now: retries whose backoff has passed first, then new ones in order."""
+    def poll(self, now: float, room: int | None = None) -> list[Post]:
+        """Chunks to post now: retries whose backoff has passed first, then new ones in order.
+
+        `room` caps how many: the landing places the initiator has free (a bounded inbox's
+        slots, when a pull lands in them); None when every chunk has its place in a pool.
+        """
         if self.error is not None or self.broken is not None or self.done or now < self._quiet_until:
             return []
+        limit = self.window if room is None else min(self.window, self._in_flight + max(0, room))
         posts: list[Post] = []
         for index in sorted(self._retry):
-            if self._in_flight >= self.window:
+            if self._in_flight >= limit:
                 return posts
             if self._slots[index].not_before <= now:
                 self._retry.discard(index)
                 posts.append(self._post(index, now))
-        while self._in_flight < self.window and self._cursor < len(self._slots):
+        while self._in_flight < limit and self._cursor < len(self._slots):
             index = self._cursor
             self._cursor += 1
             if self._slots[index].status is ChunkStatus.PENDING and index not in self._retry:

@@ -2,10 +2,10 @@
 
 Memory: the global state lives in two pools registered once (double buffering): round r
 broadcasts from one while the silos' updates are folded, chunk by chunk as they land,
-into the other, which becomes the global when the round closes. In tcp-e each silo's
-upload lands in a few chunk-sized slots (`transport.slots`), folded and reused, so memory
-does not grow with the silo count times the model; a silo that must be taken back out is
-read again (`fl.replay`). The other modes give each silo an inbox pool of its own. Nothing
+into the other, which becomes the global when the round closes. In tcp-e and rdma-e-pull
+each silo's upload lands in a few chunk-sized slots (`transport.slots`), folded and reused,
+so memory does not grow with the silo count times the model; a silo that must be taken back
+out is read again (`fl.replay`). A push gives each silo an inbox pool of its own. Nothing
 else holds a copy of the state, so the footprint is the pools, the slots and evaluation's
 working set.
 """
@@ -44,7 +44,7 @@ from fedrdma.metrics import mark_runtime, memory_report, reset_peak
 from fedrdma.transport import fabric
 from fedrdma.transport.agent import Agent, Pool
 from fedrdma.transport.session import Session
-from fedrdma.transport.slots import SLOTS_PER_STREAM, SlotPool
+from fedrdma.transport.slots import PULL_SPARE_SLOTS, SLOTS_PER_STREAM, SlotPool
 from fedrdma.transport.streams import DataListener
 from fedrdma.transport.tls import SERVER, Credentials
 
@@ -92,13 +92,15 @@ class Aggregator:
         self.agent = Agent(f"aggregator-{id(self):x}") if self.mode.one_sided else None
         self.streams = (DataListener(split_host_port(cfg.listen)[0], cfg.data_port)
                         if Mode.TCP_E in (self.mode, self.mode.broadcast) else None)
-        self.bounded = cfg.inbox == "slots" and self.mode is Mode.TCP_E
-        """Uploads land in slots (tcp-e lands them in the receiver's own code; the others in its memory)."""
+        self.bounded = cfg.inbox == "slots" and self.mode.receiver_places
+        """Uploads land in slots (tcp-e's own code and pull's READs choose where; a push does not)."""
         self._unwritten = FlatState.allocate(self.uploads.layout, fill=None) if self.bounded else None
         """The layout a slotted upload session is made for; its bytes are never written, so never resident."""
         self.slot_pool = (SlotPool(max(1, (cfg.inbox_mb << 20) // self.uploads.chunk_size), self.uploads.chunk_size)
                           if self.bounded else None)
         """The slots every silo's upload lands in, shared: memory follows the line, not the silo count."""
+        if self.slot_pool is not None and self.agent is not None:
+            self.slot_pool.register(self.agent)  # a pull READs into them
         self.pools: dict[int, Pool] = {}
         self._pool(self.state)
         self._pool(self.spare)
@@ -177,7 +179,9 @@ class Aggregator:
         if st is None:
             if self.bounded:
                 assert self.slot_pool is not None
-                slots = self.slot_pool.share(self.cfg.data_streams * SLOTS_PER_STREAM,
+                share = (self.cfg.window + PULL_SPARE_SLOTS if self.mode.one_sided
+                         else self.cfg.data_streams * SLOTS_PER_STREAM)
+                slots = self.slot_pool.share(share,
                                              lambda off, data, silo=link.silo: self._land(silo, off, data))
                 st = SiloState(link.silo, None, None, slots)
             else:

@@ -29,6 +29,8 @@ class Faults:
     """Initiator: tear down the endpoint to the peer once this many operations completed."""
     advertise_bytes: int | None = None
     """Target: advertise a pool of this many bytes instead of its real length."""
+    slots: bool = False
+    """Initiator: its READs land in a bounded inbox's slots, so a flip lands in the READ's slot."""
 
 
 class FaultyAgent(Agent):
@@ -73,25 +75,29 @@ class FaultyAgent(Agent):
         self._peer = super().add_peer(metadata)
         return self._peer
 
-    def post(self, op: str, local: object, remote: object, index: int, notif: bytes) -> Operation:
-        return _Watched(self, super().post(op, local, remote, index, notif), op)
+    def post(self, op: str, local: object, remote: object, index: int, notif: bytes,
+             place: int | None = None) -> Operation:
+        return _Watched(self, super().post(op, local, remote, index, notif, place), op)
 
-    def completed(self, op: str, index: int) -> None:
+    def completed(self, op: str, index: int, place: int) -> None:
         self._completed += 1
-        if op == "READ":  # a pull's bytes land in our own pool when our READ completes
-            self._corrupt(index)
+        if op == "READ":  # a pull's bytes land in our own pool (or a slot of it) when our READ completes
+            self._corrupt(index, place)
         if self.faults.cut_after is not None and not self._cut and self._completed >= self.faults.cut_after:
             self._cut = True
             self.remove_peer(self._peer)  # the fault: our endpoint to the peer is gone
 
-    def _corrupt(self, index: int) -> None:
+    def _corrupt(self, index: int, place: int | None = None) -> None:
         if index not in self.faults.corrupt_once or index in self._flipped:
             return
         self._flipped.add(index)
         if self._staging is not None:
             self._staging.tensors[index][0] ^= 0xFF
         elif self._pool is not None:
-            self._pool.buffer[index * self.chunk_size] ^= 0xFF
+            at = index  # a chunk's own offset, or its slot's (entries repeat the slots per chunk length)
+            if self.faults.slots and place is not None:
+                at = place % (self._pool.region.length // self.chunk_size)
+            self._pool.buffer[at * self.chunk_size] ^= 0xFF
 
 
 class _Watched:
@@ -103,6 +109,7 @@ class _Watched:
         self._op = op
         self._seen = False
         self.index = operation.index
+        self.place = operation.place
 
     @property
     def error(self) -> str:
@@ -112,7 +119,7 @@ class _Watched:
         state = self._operation.state()
         if state == "DONE" and not self._seen:
             self._seen = True
-            self._agent.completed(self._op, self.index)
+            self._agent.completed(self._op, self.index, self.place)
         return state
 
     def release(self) -> bool:

@@ -158,8 +158,8 @@ class _StoppingAgent(FaultyAgent):
             self._count(len(notes))
         return notes
 
-    def completed(self, op: str, index: int) -> None:
-        super().completed(op, index)
+    def completed(self, op: str, index: int, place: int) -> None:
+        super().completed(op, index, place)
         if self.phase == "upload" and op == "WRITE":
             self._count(1)
 

@@ -95,9 +95,10 @@ class Agent:
         """Register one buffer per chunk for one transfer (FedRDMA without pools)."""
         return Staging(self, tensors)
 
-    def post(self, op: str, local: object, remote: object, index: int, notif: bytes) -> Operation:
-        """Start the one-sided `op` ("WRITE" or "READ") of chunk `index` between prepared lists."""
-        return Operation(self, op, local, remote, index, notif)
+    def post(self, op: str, local: object, remote: object, index: int, notif: bytes, place: int | None = None) -> Operation:
+        """Start the one-sided `op` ("WRITE" or "READ") of chunk `index` between prepared lists;
+        `place` is the local entry when it is not the chunk's own (a slot of a bounded inbox)."""
+        return Operation(self, op, local, remote, index, notif, place=place)
 
     def post_whole(self, op: str, local: Region, remote: Region, peer: str) -> Operation:
         """One operation over a whole buffer, unchunked: the raw reference the modes are read against.
@@ -166,6 +167,7 @@ class Pool:
         self.reg_descs = agent.nixl.register_memory(slices, "DRAM")
         self.registered = True
         self._local: dict[int, object] = {}
+        self._slot_lists: dict[tuple[int, ...], object] = {}
 
     def local_dlist(self, plan: ChunkPlan) -> object:
         """Prepared descriptors of this pool, one per chunk, cached per chunk size."""
@@ -176,12 +178,28 @@ class Pool:
             self._local[plan.chunk_size] = handle
         return handle
 
+    def slot_dlist(self, size: int, lengths: Sequence[int]) -> object:
+        """Prepared descriptors of this pool cut into `size`-byte slots, cached per shape:
+        entry `k * count + j` is the first `lengths[k]` bytes of slot j (a chunk's landing place
+        must be exactly the chunk's length, and a plan's last chunk may be shorter)."""
+        key = (size, *lengths)
+        handle = self._slot_lists.get(key)
+        if handle is None:
+            count = self.region.length // size
+            if not lengths or not all(0 < n <= size for n in lengths):
+                raise TransferError(f"slot descriptors need lengths within the {size}-byte slots, not {list(lengths)}")
+            descs = [(self.region.address + j * size, n, 0) for n in lengths for j in range(count)]
+            handle = self.agent.nixl.prep_xfer_dlist("NIXL_INIT_AGENT", descs, "DRAM")
+            self._slot_lists[key] = handle
+        return handle
+
     def close(self) -> None:
         if not self.registered:
             return
-        for handle in self._local.values():
+        for handle in [*self._local.values(), *self._slot_lists.values()]:
             handle.release()  # type: ignore[attr-defined]
         self._local.clear()
+        self._slot_lists.clear()
         self.agent.nixl.deregister_memory(self.reg_descs)
         self.registered = False
 
@@ -276,12 +294,15 @@ class Operation:
     """One posted chunk operation; `state()` never blocks."""
 
     def __init__(
-        self, agent: Agent, op: str, local: object, remote: object, index: int, notif: bytes, handle: object = None
+        self, agent: Agent, op: str, local: object, remote: object, index: int, notif: bytes, handle: object = None,
+        place: int | None = None,
     ) -> None:
         self.agent = agent
         self.index = index
+        self.place = index if place is None else place
+        """The local entry the operation reads from or lands in: until released, that memory is its own."""
         self.handle = handle if handle is not None else agent.nixl.make_prepped_xfer(
-            op, local, [index], remote, [index], notif
+            op, local, [self.place], remote, [index], notif
         )
         status = agent.nixl.transfer(self.handle)
         self._done = status == "DONE"

@@ -66,10 +66,14 @@ class Session:
         mode, role = Mode(mode), Role(role)
         if mode.one_sided and agent is None:
             raise ValueError(f"mode {mode} needs a NIXL agent")
-        if slots is not None and (mode is not Mode.TCP_E or role is not Role.RECEIVER or follow_plan
+        if slots is not None and (not mode.receiver_places or role is not Role.RECEIVER or follow_plan
                                   or slots.size < min(chunk_size, state.nbytes)):
-            raise TransferError(f"a bounded inbox lands only a tcp-e receiver's own chunks, each at most its "
-                                f"{slots.size}-byte slots ({mode} {role}, {chunk_size}-byte chunks)")
+            raise TransferError(f"a bounded inbox lands only a tcp-e or rdma-e-pull receiver's own chunks, each at "
+                                f"most its {slots.size}-byte slots ({mode} {role}, {chunk_size}-byte chunks)")
+        if slots is not None and mode.one_sided and (agent is None or slots.pool.registration is None
+                                                     or slots.pool.registration.agent is not agent):
+            raise TransferError("a pull's bounded inbox must be registered with the session's agent "
+                                "(SlotPool.register) before READs can land in it")
         self.ctx = Context(
             agent, state, channel, mode, role, ChunkPlan.build(state.nbytes, chunk_size), check_window(window),
             policy or RetryPolicy(), peer_timeout, on_chunk, pool, streams=streams, data_streams=data_streams,
@@ -106,7 +110,7 @@ class Session:
         """Exchange hellos; refuse a different layout or mode before any byte moves."""
         ctx = self.ctx
         fabric.require_trust(ctx.mode, self.trusted_fabric, fabric.detect())  # before anything is registered
-        if ctx.mode.registers_pool:
+        if ctx.mode.registers_pool and ctx.slots is None:  # a bounded inbox lands in its slots alone
             assert ctx.agent is not None
             if ctx.pool is None:
                 ctx.pool = ctx.agent.register(ctx.state.buffer)

@@ -19,14 +19,23 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
+from fedrdma.core import chunks
 from fedrdma.core.errors import PeerLost, TransferError
+
+if TYPE_CHECKING:  # only a pull registers its slots; tcp-e's need no NIXL at all
+    from fedrdma.transport.agent import Agent, Pool
 
 SLOTS_PER_STREAM = 2
 """A silo's share, per data connection: one being read while the last one waits to be
 folded, so a connection never waits for the fold of its previous chunk."""
+
+PULL_SPARE_SLOTS = 2
+"""A pull's share beyond its window: chunks that landed and wait for their hash and fold, while
+the window's next READs are already posted."""
 
 WAIT_STEP_S = 0.5
 """How often a reader waiting for a slot looks whether the pool is still moving."""
@@ -36,10 +45,11 @@ Consume = Callable[[int, torch.Tensor], None]
 
 
 class Slot:
-    """One chunk-sized buffer, lent to one chunk at a time."""
+    """One chunk-sized buffer, lent to one chunk at a time: the `number`-th of its pool's."""
 
-    def __init__(self, size: int) -> None:
-        self.buffer = torch.empty(size, dtype=torch.uint8)
+    def __init__(self, buffer: torch.Tensor, number: int) -> None:
+        self.buffer = buffer
+        self.number = number
 
     def view(self, length: int) -> memoryview:
         """Where a reader receives a chunk of `length` bytes."""
@@ -51,19 +61,37 @@ class Slot:
 class SlotPool:
     """`count` slots of `size` bytes that every silo's uploads share.
 
-    Allocated untouched: pages fault in as chunks land, so slots never used cost address
-    space, not memory.
+    One buffer, allocated untouched: pages fault in as chunks land, so slots never used cost
+    address space, not memory. One buffer so that it can be registered once (`register`),
+    for a pull that READs into the slots.
     """
 
     def __init__(self, count: int, size: int) -> None:
         if count < 1 or size < 1:
             raise ValueError(f"a bounded inbox needs at least one slot of at least one byte, not {count} x {size}")
         self.size, self.count = size, count
+        self.buffer = torch.empty(count * size, dtype=torch.uint8)
         self._free: queue.Queue[Slot] = queue.Queue()
-        for _ in range(count):
-            self._free.put(Slot(size))
+        for number in range(count):
+            self._free.put(Slot(self.buffer[number * size : (number + 1) * size], number))
         self._moved = time.monotonic()
         """When a slot last came back: a wait restarts on that, not on a fixed clock."""
+        self.registration: Pool | None = None
+        """The NIXL pool over `buffer`, once registered: where a pull's READs land."""
+
+    def register(self, agent: Agent) -> Pool:
+        """Register the slots once with `agent`, so that READs can land in them."""
+        if self.registration is None:
+            if self.buffer.numel() > chunks.REGISTRATION_SLICE:
+                raise ValueError(f"{self.buffer.numel()} bytes of slots exceed one {chunks.REGISTRATION_SLICE}-byte "
+                                 "registration slice, which a slot may not straddle; lower inbox_mb")
+            self.registration = agent.register(self.buffer)
+        return self.registration
+
+    @property
+    def moved(self) -> float:
+        """When a slot last came back (time.monotonic)."""
+        return self._moved
 
     @property
     def nbytes(self) -> int:
@@ -90,8 +118,17 @@ class SlotPool:
                     raise PeerLost(f"no inbox slot came free within {timeout:.0f} s "
                                    f"(all {self.count} hold chunks not yet verified)") from None
 
-    def give(self, slot: Slot) -> None:
-        self._moved = time.monotonic()
+    def take_now(self) -> Slot | None:
+        """A free slot if there is one, without waiting (an initiator's loop must not block)."""
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            return None
+
+    def give(self, slot: Slot, used: bool = True) -> None:
+        """A slot back; `used` False for one taken and returned unused, which is no progress."""
+        if used:
+            self._moved = time.monotonic()
         self._free.put(slot)
 
 
@@ -133,11 +170,23 @@ class Slots:
             self._held += 1
         return slot
 
-    def give(self, slot: Slot) -> None:
-        """A slot back, its chunk folded or dropped."""
+    def take_now(self) -> Slot | None:
+        """A slot within this receiver's share if one is free now; None without waiting."""
+        if not self._share.acquire(blocking=False):
+            return None
+        slot = self.pool.take_now()
+        if slot is None:
+            self._share.release()
+            return None
+        with self._lock:
+            self._held += 1
+        return slot
+
+    def give(self, slot: Slot, used: bool = True) -> None:
+        """A slot back, its chunk folded or dropped (`used` False: taken and never lent)."""
         with self._lock:
             self._held -= 1
-        self.pool.give(slot)
+        self.pool.give(slot, used)
         self._share.release()
 
     def fold(self, offset: int, slot: Slot, length: int) -> None:

@@ -74,7 +74,7 @@ class Context:
     follow_plan: bool = False
     """A receiver that takes the chunk size each Begin announces (a sweep), not only its own."""
     slots: Slots | None = None
-    """tcp-e, the receiving side: land chunks in these slots (a bounded inbox), not in `state`."""
+    """tcp-e or a pull, the receiving side: land chunks in these slots (a bounded inbox), not in `state`."""
     on_moved: Callable[[int], None] | None = None
     """The sending side: called with the bytes of each chunk that left (sent, WRITE done) or,
     when the peer pulls, that it vouched for, so a wait on the whole transfer (the round's

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
 
 from fedrdma.core.errors import PeerLost, TransferError
 from fedrdma.core.liveness import Liveness
@@ -23,7 +22,7 @@ from fedrdma.transport.pacing import Pacer
 log = logging.getLogger(__name__)
 
 
-class Initiation(Protocol):
+class Initiation:
     """What one mode adds to the initiator's loop, called from the loop's thread."""
 
     op: str
@@ -31,6 +30,18 @@ class Initiation(Protocol):
 
     def notice(self, index: int, generation: int) -> bytes:
         """The notification that travels with chunk `index`'s operation (b"" for none)."""
+        return b""
+
+    def room(self, sched: Scheduler) -> int | None:
+        """How many chunks may be posted now (free landing places); None: no limit but the window."""
+        return None
+
+    def place(self, index: int) -> int | None:
+        """The local entry chunk `index` is posted from or lands in (None: its own, in a pool)."""
+        return None
+
+    def kept(self, place: int) -> None:
+        """NIXL would not release an operation on local entry `place`: that memory is not ours again."""
 
     def on_message(self, sched: Scheduler, msg: wire.Message, now: float) -> None:
         """A message from the peer arrived (a status, checksums)."""
@@ -40,6 +51,7 @@ class Initiation(Protocol):
 
     def each_turn(self, sched: Scheduler, now: float) -> bool:
         """Work of the mode's own on every turn of the loop; True if anything progressed."""
+        return False
 
     def resumed(self, sched: Scheduler) -> None:
         """After a reconnect: tell the scheduler what the peer already holds verified."""
@@ -65,10 +77,11 @@ def drive(mover: Mover, transfer: int, remote: RemotePeer, local: object, how: I
                 progressed = True
                 liveness.heard(now)
                 how.on_message(sched, msg, now)
-            for post in sched.poll(now):
+            for post in sched.poll(now, how.room(sched)):
                 index = post.chunk.index
                 try:
-                    operation = ctx.agent.post(how.op, local, remote_dlist, index, how.notice(index, post.generation))
+                    operation = ctx.agent.post(how.op, local, remote_dlist, index, how.notice(index, post.generation),
+                                               how.place(index))
                 except Exception as exc:  # NIXL raises when the endpoint is gone
                     sched.failed(index, post.generation, now, f"posting failed: {exc}")
                     break
@@ -93,13 +106,15 @@ def drive(mover: Mover, transfer: int, remote: RemotePeer, local: object, how: I
             for index, generation in sched.expired(now):
                 entry = ops.pop(index, None)
                 if entry is not None:
-                    zombies.append(entry[0])  # NIXL cannot cancel it; released when the transfer ends
+                    zombies.append(entry[0])  # still NIXL's: released once its endpoint is rebuilt
                 sched.failed(index, generation, now, f"missed its {ctx.policy.chunk_timeout_s:.0f} s deadline")
-            progressed = how.each_turn(sched, now) or progressed
+            if how.each_turn(sched, now):
+                progressed = True
+                liveness.heard(now)
             if sched.broken is not None:
                 zombies.extend(operation for operation, _ in ops.values())
                 ops.clear()
-                _reconnect(mover, transfer, sched, remote, how)
+                _reconnect(mover, transfer, sched, remote, how, zombies)
                 remote_dlist = remote.dlist(ctx.plan)
                 liveness.heard(time.monotonic())
             if sched.error:
@@ -112,13 +127,25 @@ def drive(mover: Mover, transfer: int, remote: RemotePeer, local: object, how: I
                 )
             pacer(progressed)
     finally:
-        for operation in [op for op, _ in ops.values()] + zombies:
-            operation.release()
+        _release([op for op, _ in ops.values()] + zombies, how)
     return sched
 
 
-def _reconnect(mover: Mover, transfer: int, sched: Scheduler, remote: RemotePeer, how: Initiation) -> None:
-    """Drop the broken endpoint, connect afresh, and learn what the peer already holds."""
+def _release(operations: list[Operation], how: Initiation) -> None:
+    """Free operations that will never be waited on; one NIXL would not free keeps its local memory."""
+    for operation in operations:
+        if not operation.release():
+            how.kept(operation.place)
+    operations.clear()
+
+
+def _reconnect(mover: Mover, transfer: int, sched: Scheduler, remote: RemotePeer, how: Initiation,
+               zombies: list[Operation]) -> None:
+    """Drop the broken endpoint, connect afresh, and learn what the peer already holds.
+
+    The operations of the old endpoint (`zombies`) are released once it is gone, before the
+    peer is asked again: what they would land in may then be lent to a chunk of the new one.
+    """
     ctx = mover.ctx
     reason = sched.broken or "endpoint broken"
     while True:
@@ -134,4 +161,5 @@ def _reconnect(mover: Mover, transfer: int, sched: Scheduler, remote: RemotePeer
         except Exception as exc:  # NIXL raises while the peer cannot be reached yet
             reason = f"reconnecting failed ({type(exc).__name__}: {exc})"
             time.sleep(ctx.policy.backoff(sched.reconnects))
+    _release(zombies, how)
     how.resumed(sched)

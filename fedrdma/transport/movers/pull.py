@@ -5,10 +5,15 @@ into its own pool, hashes what landed and vouches for it. The holder hands the r
 keys to its pool and receives no key at all. Over UCX TCP a READ is emulated by the
 holder's worker, so the holder keeps driving UCX until the receiver says it is done, and
 the receiver's statuses on the way are what tells the holder it is alive.
+
+A receiver with a bounded inbox (`transport.slots`, the aggregator's default) READs into a
+few registered chunk-sized slots instead: it posts no more chunks than slots are free,
+folds each verified chunk from its slot and lends the slot to the next chunk.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from fedrdma.core.chunks import ChunkPlan
@@ -21,28 +26,68 @@ from fedrdma.transport import wire
 from fedrdma.transport.agent import RemotePeer
 from fedrdma.transport.hashing import ChunkHasher, LandedHashes
 from fedrdma.transport.movers.base import Mover, Offered, refused
-from fedrdma.transport.movers.initiate import drive
+from fedrdma.transport.movers.initiate import Initiation, drive
 from fedrdma.transport.movers.land import send_status
 from fedrdma.transport.pacing import Pacer
+from fedrdma.transport.slots import Slot, Slots
 from fedrdma.transport.stats import TransferStats
+
+log = logging.getLogger(__name__)
 
 CHECKSUM_BATCH = 64
 """Chunk checksums per message from the holder: one small message each, 256 MiB of 4 MiB chunks."""
 
 
-class Pulling:
-    """The receiver's side of a pull, inside the initiator's loop."""
+class Pulling(Initiation):
+    """The receiver's side of a pull, inside the initiator's loop.
+
+    With `slots` (a bounded inbox) each READ lands in a slot taken as it is posted, instead
+    of at the chunk's offset in the state: the chunk is hashed there, folded from there once
+    verified, and the slot goes back. No more chunks are posted than slots are free.
+    """
 
     op = "READ"
 
-    def __init__(self, mover: Mover, receiver: Receiver) -> None:
+    def __init__(self, mover: Mover, receiver: Receiver, slots: Slots | None = None) -> None:
         self.mover = mover
         self.receiver = receiver
         self.hashes = LandedHashes()
-        self._sched: Scheduler | None = None
+        self.slots = slots
+        self._placed: dict[int, Slot] = {}
+        """Chunk index -> the slot its READ lands in, from its post until its verdict."""
+        self._reserve: list[Slot] = []
+        """Slots taken for this turn's posts; what the turn did not use goes back."""
+        self._kept: set[int] = set()
+        """Numbers of slots NIXL did not let go of: never lent again."""
+        self._lengths = sorted({c.length for c in receiver.plan.chunks}, reverse=True)
+        self._pool_moved = slots.pool.moved if slots is not None else 0.0
 
-    def notice(self, index: int, generation: int) -> bytes:
-        return b""
+    def local_dlist(self) -> object:
+        """Where the READs land: the slots, one entry per (chunk length, slot)."""
+        assert self.slots is not None and self.slots.pool.registration is not None
+        return self.slots.pool.registration.slot_dlist(self.slots.size, self._lengths)
+
+    def room(self, sched: Scheduler) -> int | None:
+        """Slots for as many chunks as the window has room for, if that many are free."""
+        if self.slots is None:
+            return None
+        while len(self._reserve) < sched.window - sched.in_flight and (slot := self.slots.take_now()) is not None:
+            self._reserve.append(slot)
+        return len(self._reserve)
+
+    def place(self, index: int) -> int | None:
+        if self.slots is None:
+            return None
+        slot = self._reserve.pop()
+        self._placed[index] = slot
+        length = self.receiver.plan.chunks[index].length
+        return self._lengths.index(length) * self.slots.pool.count + slot.number
+
+    def kept(self, place: int) -> None:
+        if self.slots is not None:
+            number = place % self.slots.pool.count
+            self._kept.add(number)
+            log.warning("inbox slot %d is still NIXL's after its READ was given up: it is not lent again", number)
 
     def on_message(self, sched: Scheduler, msg: wire.Message, now: float) -> None:
         if isinstance(msg, wire.Checksums) and msg.transfer == self.receiver.transfer:
@@ -58,27 +103,69 @@ class Pulling:
         finished = self.hashes.finished()
         for index, generation, value in finished:
             self._execute(sched, self.receiver.hashed(index, generation, value, now), now)
+        progressed = bool(finished) or self._waiting_moved(now)
         self._execute(sched, self.receiver.tick(now), now)
-        return bool(finished)
+        return progressed
+
+    def _waiting_moved(self, now: float) -> bool:
+        """Back what this turn did not post; True when this side holds no slot at all and
+        other receivers gave some back since the last turn: a wait on the shared slots
+        that moves, which the liveness deadlines must not take for a silent peer."""
+        if self.slots is None:
+            return False
+        for slot in self._reserve:
+            self.slots.give(slot, used=False)
+        self._reserve.clear()
+        before, self._pool_moved = self._pool_moved, self.slots.pool.moved
+        if self._placed or self._pool_moved == before:
+            return False
+        self.receiver.heard(now)
+        return True
 
     def resumed(self, sched: Scheduler) -> None:
         """We verify ourselves, so we know what we hold: resume from that."""
         self.receiver.reconnected(sched.generation)
+        self._free(list(self._placed))  # the old endpoint's operations are released: nothing lands there now
         sched.resume(self.receiver.verified_indices())
 
+    def close(self) -> None:
+        """After the transfer (or its failure): every slot back but those NIXL kept."""
+        self.hashes.close()
+        self._free(list(self._placed))
+        for slot in self._reserve:
+            assert self.slots is not None
+            self.slots.give(slot, used=False)
+        self._reserve.clear()
+
+    def _free(self, indices: list[int]) -> None:
+        for index in indices:
+            slot = self._placed.pop(index, None)
+            if slot is not None and slot.number not in self._kept:
+                assert self.slots is not None
+                self.slots.give(slot)
+
     def _execute(self, sched: Scheduler, actions: list[Action], now: float) -> None:
-        ctx = self.mover.ctx
         plan = self.receiver.plan
         for action in actions:
             if isinstance(action, Hash):
                 chunk = plan.chunks[action.index]
-                self.hashes.submit(action.index, action.generation, ctx.state.memoryview(chunk.offset, chunk.length))
+                slot = self._placed.get(action.index)
+                if slot is None and self.slots is not None:
+                    raise ProtocolError(f"chunk {action.index} is to be hashed but landed in no slot")
+                view = (slot.view(chunk.length) if slot is not None
+                        else self.mover.ctx.state.memoryview(chunk.offset, chunk.length))
+                self.hashes.submit(action.index, action.generation, view)
             elif isinstance(action, Verified):
                 sched.verified(action.index)
                 chunk = plan.chunks[action.index]
-                ctx.verified(chunk.offset, chunk.length)
+                slot = self._placed.get(action.index)
+                try:
+                    self.mover.ctx.verified(chunk.offset, chunk.length, slot)
+                finally:
+                    self._free([action.index])
             elif isinstance(action, Corrupt):
                 sched.corrupt(action.index, now)
+                self._free([action.index])
             elif isinstance(action, Status):
                 send_status(self.mover, self.receiver, action, sched.bytes_posted if action.complete else 0)
             elif isinstance(action, Lost):
@@ -146,18 +233,19 @@ class PullMover(Mover):
     # -- the receiver ----------------------------------------------------------------------
     def receive(self) -> TransferStats:
         ctx = self.ctx
-        assert self.remote is not None and ctx.pool is not None
+        assert self.remote is not None and (ctx.pool is not None or ctx.slots is not None)
         offer = self.expect(wire.Offer)
         assert isinstance(offer, wire.Offer)
         start = time.perf_counter()
         plan = self.plan_for(offer.chunk_size, offer.nchunks)
         receiver = Receiver(plan, offer.transfer, time.monotonic(), ctx.peer_timeout, generation=ctx.generation)
-        pulling = Pulling(self, receiver)
+        pulling = Pulling(self, receiver, ctx.slots)
         ctx.state.touch()  # bytes land from the first READ on
         try:
-            sched = drive(self, offer.transfer, self.remote, ctx.pool.local_dlist(plan), pulling)
+            local = pulling.local_dlist() if ctx.slots is not None else ctx.pool.local_dlist(plan)  # type: ignore[union-attr]
+            sched = drive(self, offer.transfer, self.remote, local, pulling)
         finally:
-            pulling.hashes.close()
+            pulling.close()
         ctx.state.touch()
         return self.stats(offer.transfer, start, bytes_posted=sched.bytes_posted, reconnects=sched.reconnects,
                           corrupt=receiver.corrupt_count)

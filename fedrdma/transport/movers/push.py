@@ -18,12 +18,12 @@ from fedrdma.transport import wire
 from fedrdma.transport.agent import RemotePeer
 from fedrdma.transport.hashing import ChunkHasher
 from fedrdma.transport.movers.base import Mover, Offered
-from fedrdma.transport.movers.initiate import drive
+from fedrdma.transport.movers.initiate import Initiation, drive
 from fedrdma.transport.movers.land import land
 from fedrdma.transport.stats import TransferStats
 
 
-class StatusFollower:
+class StatusFollower(Initiation):
     """The pushing side's reading of the receiver's statuses, and its resume after a reconnect."""
 
     op = "WRITE"
@@ -42,9 +42,6 @@ class StatusFollower:
 
     def on_landed(self, sched: Scheduler, index: int, now: float) -> None:
         """The receiver vouches for the bytes, not our completion."""
-
-    def each_turn(self, sched: Scheduler, now: float) -> bool:
-        return False
 
     def resumed(self, sched: Scheduler) -> None:
         """Ask the receiver what it holds; its first status of the new generation answers."""
