@@ -87,8 +87,8 @@ class RssSampler:
                     try:
                         role = _role(" ".join(proc.cmdline()))
                         rss = peak_rss_bytes(proc.pid) / 2**20
-                    except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
-                        continue
+                    except (psutil.NoSuchProcess, psutil.AccessDenied, OSError, RuntimeError):
+                        continue  # gone, or a zombie: its status has no VmHWM any more
                     if role is not None:
                         self.peak[role] = max(self.peak.get(role, 0.0), rss)
 

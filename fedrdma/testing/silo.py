@@ -11,8 +11,8 @@ the first int8 record's scale, set to X after encoding, as no honest encoder wou
 `scale` (the update times 1000), `claim:N` (reports N training samples, whatever it holds),
 `exit-mid-upload:R` (tcp-e: dies in round R once STOP_AFTER_CHUNKS chunks of its upload went
 out, so some are folded), `stop:PHASE:R` (round R: the process stops itself with SIGSTOP, as a host that freezes, once
-STOP_AFTER_CHUNKS chunks of its broadcast landed or of its upload went out, or as its training
-starts; PHASE is `broadcast`, `train` or `upload`, one-sided modes only), `record:DIR` (an honest silo that keeps a copy
+STOP_AFTER_CHUNKS chunks of its broadcast landed or of its upload went out (in a pull: at the
+first status that vouches for chunks read), or as its training starts; PHASE is `broadcast`, `train` or `upload`, one-sided modes only), `record:DIR` (an honest silo that keeps a copy
 of every update it uploads as DIR/ID-RRRRR.safetensors, for a check that recomputes the mean).
 """
 
@@ -32,6 +32,7 @@ from fedrdma.bench.soak import update_path
 from fedrdma.config import ConfigError, SiloConfig, load
 from fedrdma.control.link import JoinRefused
 from fedrdma.core.errors import FedRDMAError
+from fedrdma.core.modes import Role
 from fedrdma.fl.silo import Silo
 from fedrdma.testing.faults import Faults, FaultyAgent
 from fedrdma.transport.session import Session
@@ -195,7 +196,23 @@ class StopAt(Silo):
         if self.stopper.armed and self.stopper.phase == "train":
             self.stopper.armed = False
             os.kill(os.getpid(), signal.SIGSTOP)  # resumes here on SIGCONT, and trains
+        if self.stopper.phase == "upload" and upload.mode.initiator is Role.RECEIVER:
+            self._stop_when_read(upload)
         return super().train(rnd, upload)
+
+    def _stop_when_read(self, upload: Session) -> None:
+        """A pull's holder completes no operation of its own: it learns that chunks were read
+        (and folded) from the receiver's statuses, so it stops at the first of them."""
+        before = upload.ctx.on_moved
+
+        def moved(nbytes: int) -> None:
+            if before is not None:
+                before(nbytes)
+            if self.stopper.armed:
+                self.stopper.armed = False
+                os.kill(os.getpid(), signal.SIGSTOP)  # resumes here on SIGCONT
+
+        upload.ctx.on_moved = moved
 
 
 class Recording(Silo):
