@@ -35,6 +35,11 @@ Inbox = Literal["slots", "full"]
 
 INBOXES: tuple[str, ...] = get_args(Inbox)
 
+Verify = Literal["xxh3", "fabric"]
+"""How a one-sided receiver checks a landed chunk (`transport.fabric.require_checks`)."""
+
+VERIFIES: tuple[str, ...] = get_args(Verify)
+
 INBOX_MB = 32
 """Memory all silos' tcp-e and pull uploads share, in chunk-sized slots, whatever the silo count: 8
 slots of 4 MiB chunks, 67 of gpt2-tiny's whole-state one. On this host the fold drains a
@@ -142,6 +147,10 @@ class SecuritySettings(_Settings):
     trusted_fabric: bool = Field(False, description="every peer may read and write every process: needed for "
                                                     "rdma, rdma-e and rdma-e-pull where the fabric does not "
                                                     "enforce remote keys (UCX over TCP or shared memory)")
+
+    verify: Verify = Field("xxh3", description="how a receiver checks each landed chunk: xxh3 (hash it against "
+                                               "the holder's checksum) or fabric (trust InfiniBand's or RoCE's "
+                                               "per-packet CRC; refused on other fabrics)")
 
     def _check_security(self, address: str, what: str) -> None:
         if self.certs is None and not self.insecure:

@@ -128,3 +128,16 @@ def test_a_sealed_chunk_brings_its_verdict_and_a_failed_tag_is_corrupt():
     assert r.checked(1, 0, 0, True, now=1.0) == [], "a chunk verified once stays verified"
     assert r.checked(1, 5, 1, True, now=1.0) == [], "another generation's landing is void"
     assert r.checked(1, 0, 1, True, now=2.0) == [Verified(1), Status((1,), (), True)]
+
+
+def test_without_verification_a_landed_chunk_is_verified_at_once_and_generations_still_hold():
+    r = Receiver(ChunkPlan.build(3 * C, C), 1, now=0.0, status_every=10, verify=False)
+    assert r.notice(1, 0, 0, 0, now=1.0) == [Verified(0)], "no Hash: the fabric's CRC is trusted"
+    assert r.notice(1, 0, 0, 0, now=1.0) == [], "a chunk counts once"
+    r.resume(1, 1, now=2.0)
+    assert r.notice(1, 0, 1, 0, now=2.0) == [], "a landing of the old connection is void all the same"
+    assert r.notice(1, 1, 1, 0, now=2.0) == [Verified(1)]
+    assert r.notice(1, 1, 2, 0, now=2.0) == [Verified(2), Status((1, 2), (), True)]
+    pulled = Receiver(ChunkPlan.build(2 * C, C), 1, now=0.0, verify=False)
+    assert pulled.expect(0, 5, now=1.0) == [], "a checksum alone is no landing"
+    assert pulled.landed(1, now=1.0) == [Verified(1)], "a READ's bytes count without their checksum"

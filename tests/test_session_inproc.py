@@ -348,3 +348,16 @@ def test_a_pulls_slots_must_be_registered_with_its_agent():
                     slots=SlotPool(2, CHUNK).share(2, Folded(SIZE)), trusted_fabric=True)
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize("mode", [Mode.RDMA_E, Mode.RDMA_E_PULL])
+def test_without_verification_bytes_move_unhashed_and_a_corrupt_landing_goes_unseen(mode):
+    """What `verify = fabric` gives up, shown: only a fabric whose CRC checks every packet may use it."""
+    src, dst = states()
+    sent, got, errors = pair(mode, src, dst, verify=False)
+    assert errors == [] and state_digest(dst.memoryview()) == state_digest(src.memoryview())
+    src, dst = states()
+    faulty = FaultyAgent(Faults(corrupt_once=frozenset({1})), CHUNK)  # flips chunk 1 where it lands
+    sent, got, errors = pair(mode, src, dst, receiver_agent=faulty, verify=False)
+    assert errors == [] and got[0].corrupt == 0
+    assert state_digest(dst.memoryview()) != state_digest(src.memoryview()), "the flipped byte was folded unseen"

@@ -100,6 +100,17 @@ def test_an_aggregator_asked_for_rdma_e_over_tcp_refuses_at_start_naming_the_fab
     assert not (tmp_path / "agg" / "metrics.jsonl").exists() or "pools" not in (tmp_path / "agg" / "metrics.jsonl").read_text()
 
 
+def test_an_aggregator_told_to_trust_a_tcp_fabrics_crc_refuses_at_start(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedrdma.cli", "aggregator", "--mode", "rdma-e", "--trusted-fabric", "--verify",
+         "fabric", "--insecure", "--silos", "hospital", "--model", "gpt2-tiny", "--out-dir", str(tmp_path / "agg")],
+        capture_output=True, text=True, timeout=WAIT_S, env={**os.environ, "UCX_TLS": "tcp"},
+    )
+    said = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 1, said
+    assert "verify = fabric" in said and "software RMA" in said and "keep verify = xxh3" in said
+
+
 @pytest.mark.parametrize("devices,tls,hardware", [
     ([], "rc,self", False),
     (["mlx5_0"], "", False),
@@ -119,3 +130,10 @@ def test_the_fabric_is_hardware_only_when_ucx_cannot_fall_back_to_software(tmp_p
             fabric.require_trust(Mode.RDMA_E_PULL, False, found)
     fabric.require_trust(Mode.RDMA_E_PULL, True, found)
     fabric.require_trust(Mode.TCP_E, False, found)
+    if not hardware:  # no per-packet CRC end to end: every landed chunk must be hashed
+        with pytest.raises(fabric.UntrustedFabric, match="keep verify = xxh3"):
+            fabric.require_checks("fabric", Mode.RDMA_E, found)
+    else:
+        fabric.require_checks("fabric", Mode.RDMA_E, found)
+    fabric.require_checks("fabric", Mode.TCP_E, found)  # sealed chunks are checked by their tags
+    fabric.require_checks("xxh3", Mode.RDMA_E_PULL, found)

@@ -18,11 +18,12 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from fedrdma.bench.certs import DIALER, LISTENER
 from fedrdma.bench.procs import RAW_MODES
 from fedrdma.bench.states import gpt2_layout, make_state, synthetic_layout
+from fedrdma.config import Verify
 from fedrdma.core.addresses import split_host_port
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, Region, state_digest
 from fedrdma.core.errors import FedRDMAError, ProtocolError, TransferError
@@ -188,6 +189,9 @@ def parser(prog: str = "python -m fedrdma.bench.peer") -> argparse.ArgumentParse
                    "from this directory (`fedrdma.bench.certs`); plaintext without")
     p.add_argument("--trusted-fabric", action="store_true", help="one-sided modes over a fabric that does not "
                    "enforce keys: the benchmark's peers are its own processes")
+    p.add_argument("--verify", choices=get_args(Verify), default="xxh3", help="fabric: the receiver takes landed "
+                   "chunks as good without hashing them, to measure what xxh3 costs (the runtime allows it only on "
+                   "InfiniBand or RoCE)")
     p.add_argument("--paired", action="store_true", help="rdma-e and rdma-e-pull: after each transfer, the same "
                    "bytes in one raw NIXL operation between the same pools (paired_seconds)")
     return p
@@ -245,7 +249,7 @@ def run(
             agent, moved, channel, args.mode, args.role, chunk_size, args.window,
             policy=RetryPolicy(chunk_timeout_s=args.chunk_timeout), peer_timeout=args.peer_timeout,
             streams=streams, data_streams=args.data_streams, trusted_fabric=args.trusted_fabric,
-            follow_plan=bool(args.cells),
+            follow_plan=bool(args.cells), verify=args.verify != fabric.VERIFY_FABRIC,
         )
         session.open()
         pools = agent.registered_pools if agent else 0

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import AliasChoices, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from fedrdma.bench.wan import LOOPBACK_PATH
-from fedrdma.config import Inbox
+from fedrdma.config import Inbox, Verify
 from fedrdma.core.modes import Mode, Wire
 from fedrdma.fl.records import AggregatorRound, Record
 
@@ -68,6 +68,8 @@ class TransferResult(Record):
     repeat: int
     interleaved: bool = Field(False, description="modes took turns, a fresh pair per counted transfer")
     data_streams: int | None = Field(None, description="tcp-e's data connections per session; absent in older results")
+    verify: Verify = Field("xxh3", description="how receivers checked landed chunks: xxh3, or fabric (taken as "
+                                               "good unhashed, to measure what hashing costs)")
     wire: Wire = Field(Wire.FP32, description="what the modes moved (the raw references move the fp32 state); "
                        "goodputs count the fp32 state's bytes")
     ucx_tls: str = ""

@@ -200,12 +200,14 @@ def run_mode(
     tls: bool = True,
     data_streams: int = DEFAULT_STREAMS,
     wire: Wire = Wire.FP32,
+    verify: str = "xxh3",
 ) -> ModeResult:
     transfers = repeat + WARMUP
     coded = wire.compressed and mode not in RAW_MODES
     # the raw references move the fp32 state: they are the line's ceiling, not a format's
     common = [*size_args, "--chunk-size", str(chunk_size), "--window", str(window), "--transfers", str(transfers),
-              "--data-streams", str(data_streams), *(["--wire", wire] if coded else [])]
+              "--data-streams", str(data_streams), *(["--wire", wire] if coded else []),
+              *(["--verify", verify] if mode not in RAW_MODES else [])]
     paired = mode in PAIRED_MODES
     rows = run_pair_events(mode, [*common, *(["--paired"] if paired else [])], transfers, env, where, on_transfer, tls)
     s, r = rows["sender"][WARMUP:], rows["receiver"][WARMUP:]
@@ -253,6 +255,7 @@ def run(
     tls: bool = True,
     data_streams: int = DEFAULT_STREAMS,
     wire: Wire = Wire.FP32,
+    verify: str = "xxh3",
 ) -> TransferResult:
     """Every mode (and, unless told not to, the raw references) between two fresh processes.
 
@@ -267,11 +270,11 @@ def run(
         for mode in order:
             on_mode(mode)
             res = run_mode(mode, size_args, chunk_size, window, 1 if interleave else repeat, env, on_transfer, where,
-                           tls, data_streams, wire)
+                           tls, data_streams, wire, verify)
             measured[mode] = measured[mode].extend(res) if turn else res
     result = TransferResult(
         size_bytes=nbytes, chunk_size=chunk_size, window=window, repeat=repeat, interleaved=interleave,
-        data_streams=data_streams, wire=wire,
+        data_streams=data_streams, wire=wire, verify=verify,
         ucx_tls=env.get("UCX_TLS", ""), path=where.describe(), **where.fields(),
         modes={Mode(mode): measured[mode].summary(nbytes).model_copy(update={"tls": tls and encrypts(Mode(mode))})
                for mode in modes},

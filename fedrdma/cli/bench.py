@@ -22,7 +22,7 @@ from fedrdma.cli.inputs import model_name
 from fedrdma.cli.lab import describe_validation
 from fedrdma.cli.options import comma_list, mode, one_of, single
 from fedrdma.cli.tables import compare_table, heap_table, scale_table, soak_table, transfer_table
-from fedrdma.config import INBOXES
+from fedrdma.config import INBOXES, VERIFIES
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, ChunkPlan, check_window
 from fedrdma.core.errors import PlanError, RunError
 from fedrdma.core.modes import Mode, Wire, choices
@@ -66,6 +66,8 @@ def bench_transfer(
     wire_format: Wire = typer.Option(Wire.FP32, "--wire", help="Move the state as bf16 or int8, encoded before "
                                      "each send and decoded after each receive, as a federation does; the codec's "
                                      "seconds are reported per GB of the fp32 state."),
+    verify: str = typer.Option("xxh3", help="fabric: receivers take landed chunks as good without hashing them, "
+                               "to measure what xxh3 costs (a federation allows it only on InfiniBand or RoCE)."),
 ) -> None:
     """Move one state between two processes with each mode and with raw NIXL references.
 
@@ -77,6 +79,7 @@ def bench_transfer(
 
     out = console()
     mode_list = comma_list(modes, "--modes", mode)
+    verify = single(verify, "--verify", one_of("verify", VERIFIES))
     if size_mb is not None:
         if size_mb <= 0:
             raise typer.BadParameter("--size-mb must be positive")
@@ -102,7 +105,8 @@ def bench_transfer(
     shape = _path_shape(rate, rtt, loss, mtu)
     env = transfer.transfer_env()
     out.print(f"[bold]bench transfer[/]: {what}; chunk {chunk_size} B, window {window}, "
-              f"{repeat} counted + 1 warm-up per mode; UCX_TLS={env['UCX_TLS']}")
+              f"{repeat} counted + 1 warm-up per mode; UCX_TLS={env['UCX_TLS']}"
+              + ("; receivers do NOT hash landed chunks (--verify fabric)" if verify == "fabric" else ""))
     total = (len(mode_list) + (2 if references else 0)) * (repeat + transfer.WARMUP)
     out.print(("peers speak mutual TLS (certificates made for this run)" if tls else "peers speak plaintext (--no-tls)")
               + ("; one-sided modes run as a trusted fabric: both peers are this benchmark's own processes"
@@ -116,7 +120,7 @@ def bench_transfer(
                 on_transfer=lambda: bar.advance(task),
                 on_mode=lambda m: bar.update(task, description=f"[cyan]{m}"),
                 env=env, where=where, references=references, tls=tls, data_streams=data_streams,
-                wire=wire_format,
+                wire=wire_format, verify=verify,
             )
         except RunError as exc:
             bar.stop()

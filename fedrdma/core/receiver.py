@@ -33,6 +33,9 @@ Rules this machine owns:
   holder of a pull, which sees nothing of the READs it serves, needs them to know the
   receiver is alive, however slow the line.
 - **Liveness.** The peer is lost after `peer_timeout` without any sign of life.
+- **Verification.** A chunk counts once its landed bytes hash to the holder's checksum;
+  with `verify` off (a fabric whose per-packet CRC covers the bytes end to end) once they
+  landed in the current generation.
 """
 
 from __future__ import annotations
@@ -105,6 +108,7 @@ class Receiver:
         generation: int = 0,
         status_every: int = STATUS_EVERY_CHUNKS,
         status_interval_s: float = STATUS_INTERVAL_S,
+        verify: bool = True,
     ) -> None:
         n = len(plan)
         self.plan = plan
@@ -112,6 +116,9 @@ class Receiver:
         self.generation = generation
         self.status_every = status_every
         self.status_interval_s = status_interval_s
+        self.verify = verify
+        """False: a landed chunk is taken as good without hashing it (`verify = fabric`: the
+        fabric's own per-packet CRC checked the bytes end to end). Generations still apply."""
         self.liveness = Liveness(peer_timeout, now)
         self.corrupt_count = 0
         self.lost: str | None = None
@@ -151,21 +158,21 @@ class Receiver:
         self._check_index(index)
         self._expected[index] = checksum
         self._landed[index] = True
-        return self._ready(index)
+        return self._ready(index, now)
 
     def expect(self, index: int, checksum: int, now: float) -> list[Action]:
         """Pull: the holder says chunk `index` hashes to `checksum`."""
         self.liveness.heard(now)
         self._check_index(index)
         self._expected[index] = checksum
-        return self._ready(index)
+        return self._ready(index, now)
 
     def landed(self, index: int, now: float) -> list[Action]:
         """Pull: our READ of chunk `index` completed; its bytes are in our pool."""
         self.liveness.heard(now)
         self._check_index(index)
         self._landed[index] = True
-        return self._ready(index)
+        return self._ready(index, now)
 
     def hashed(self, index: int, generation: int, value: int, now: float) -> list[Action]:
         """The landed bytes of chunk `index` hash to `value` (as of connection `generation`)."""
@@ -236,8 +243,11 @@ class Receiver:
         return []
 
     # -- internals -------------------------------------------------------------------
-    def _ready(self, index: int) -> list[Action]:
-        """A Hash action if chunk `index` now has both its bytes and its checksum."""
+    def _ready(self, index: int, now: float) -> list[Action]:
+        """A Hash action if chunk `index` now has both its bytes and its checksum (without
+        verification: the verdict as soon as the bytes landed)."""
+        if not self.verify:
+            return self._verdict(index, True, now) if self._landed[index] else []
         if (
             self._verified[index]
             or not self._landed[index]

@@ -74,6 +74,7 @@ class Aggregator:
         self.fabric = fabric.detect()
         self.mode = fabric.resolve(cfg.mode, self.fabric)
         fabric.require_trust(self.mode, cfg.trusted_fabric, self.fabric)  # before any pool is registered
+        fabric.require_checks(cfg.verify, self.mode, self.fabric)
         self.credentials = Credentials.of_process(cfg.certs, cfg.cert_name, SERVER,
                                                   "anyone on this host can join as any silo")
         if self.mode.one_sided:  # see fedrdma.memory for why not for grpc
@@ -192,7 +193,7 @@ class Aggregator:
             st.abort()
             st.link, st.holds = link, 0
             data = {"streams": self.streams, "data_streams": self.cfg.data_streams,
-                    "trusted_fabric": self.cfg.trusted_fabric}
+                    "trusted_fabric": self.cfg.trusted_fabric, "verify": self.cfg.verify != fabric.VERIFY_FABRIC}
             whole = self.broadcasts.whole(self.state)
             st.broadcast = Session(
                 self.agent, whole, link.data["broadcast"], self.mode.broadcast, Role.SENDER,

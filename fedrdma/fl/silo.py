@@ -125,6 +125,11 @@ class Silo:
         self._event({"event": "joined", "generation": welcome.generation, "tls": self.credentials is not None})
         mode = welcome.broadcast_mode
         here = fabric.detect()
+        try:
+            fabric.require_checks(cfg.verify, mode, here)
+        except fabric.UntrustedFabric as exc:
+            link.close()
+            raise JoinRefused(str(exc)) from None
         for asked in (mode, welcome.upload_mode):  # before this silo registers any memory
             try:
                 fabric.require_trust(asked, cfg.trusted_fabric, here)
@@ -149,11 +154,12 @@ class Silo:
             self.coded.feedback.reset()  # a new join starts from a whole broadcast: no error is owed
         self._holds = False
         upload_chunk = self.coded.codec.chunk_size(welcome.chunk_size) if self.coded else welcome.chunk_size
+        verify = cfg.verify != fabric.VERIFY_FABRIC
         broadcast = upload = self._delta = None
         try:
             broadcast = Session(
                 self.agent, self.state, link.attach("broadcast"), mode, Role.RECEIVER,
-                welcome.chunk_size, welcome.window, pool=pool, trusted_fabric=cfg.trusted_fabric,
+                welcome.chunk_size, welcome.window, pool=pool, trusted_fabric=cfg.trusted_fabric, verify=verify,
             )
             upload = Session(
                 self.agent, self.upload_state, link.attach("upload"), welcome.upload_mode, Role.SENDER,
@@ -163,7 +169,7 @@ class Silo:
                 self._delta = Session(
                     self.agent, self.coded.encoded, link.attach("delta"), mode, Role.RECEIVER, upload_chunk,
                     welcome.window, pool=self.encoded_pool if mode.registers_pool else None,
-                    trusted_fabric=cfg.trusted_fabric,
+                    trusted_fabric=cfg.trusted_fabric, verify=verify,
                 )
             for session in (broadcast, self._delta, upload):
                 if session is not None:

@@ -77,3 +77,24 @@ def require_trust(mode: Mode, trusted: bool, fabric: Fabric) -> None:
         f"Use --mode tcp-e (FedRDMA-E over TLS-keyed sealed chunks) or --mode auto, or set trusted_fabric = true "
         "(--trusted-fabric) if every peer may read and write every process"
     )
+
+
+VERIFY_FABRIC = "fabric"
+"""The `verify` setting that trusts the fabric's own CRC instead of hashing every landed chunk."""
+
+
+def require_checks(verify: str, mode: Mode, fabric: Fabric) -> None:
+    """Refuse `verify = fabric` for a one-sided `mode` where no per-packet CRC covers the bytes
+    end to end (sealed and gRPC chunks are checked their own way, whatever the setting).
+
+    InfiniBand and RoCE check every packet's ICRC from NIC to NIC, and a reliable connection
+    delivers a WRITE's notification after its bytes, so a chunk whose notice arrived holds
+    what was sent. Over UCX's TCP or shared memory nothing but the 16-bit TCP checksum (or
+    nothing at all) stands between the bytes and the fold.
+    """
+    if verify != VERIFY_FABRIC or not mode.one_sided or fabric.hardware:
+        return
+    raise UntrustedFabric(
+        f"verify = fabric trusts the fabric's per-packet CRC, and this host's is {fabric.describe()} "
+        f"({fabric.reason}), which has none end to end: keep verify = xxh3 (the default) here"
+    )

@@ -62,6 +62,7 @@ class Session:
         follow_plan: bool = False,
         slots: Slots | None = None,
         on_moved: Callable[[int], None] | None = None,
+        verify: bool = True,
     ) -> None:
         mode, role = Mode(mode), Role(role)
         if mode.one_sided and agent is None:
@@ -77,7 +78,7 @@ class Session:
         self.ctx = Context(
             agent, state, channel, mode, role, ChunkPlan.build(state.nbytes, chunk_size), check_window(window),
             policy or RetryPolicy(), peer_timeout, on_chunk, pool, streams=streams, data_streams=data_streams,
-            follow_plan=follow_plan, slots=slots, on_moved=on_moved,
+            follow_plan=follow_plan, slots=slots, on_moved=on_moved, verify=verify,
         )
         self.trusted_fabric = trusted_fabric
         """The operator's statement that the peer may reach this whole process (see `transport.fabric`)."""

@@ -75,6 +75,9 @@ class Context:
     """A receiver that takes the chunk size each Begin announces (a sweep), not only its own."""
     slots: Slots | None = None
     """tcp-e or a pull, the receiving side: land chunks in these slots (a bounded inbox), not in `state`."""
+    verify: bool = True
+    """The receiving side: hash every landed chunk against the holder's checksum (False: the
+    fabric's own CRC is trusted, `verify = fabric`); sealed chunks are always checked."""
     on_moved: Callable[[int], None] | None = None
     """The sending side: called with the bytes of each chunk that left (sent, WRITE done) or,
     when the peer pulls, that it vouched for, so a wait on the whole transfer (the round's

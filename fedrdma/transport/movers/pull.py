@@ -238,7 +238,8 @@ class PullMover(Mover):
         assert isinstance(offer, wire.Offer)
         start = time.perf_counter()
         plan = self.plan_for(offer.chunk_size, offer.nchunks)
-        receiver = Receiver(plan, offer.transfer, time.monotonic(), ctx.peer_timeout, generation=ctx.generation)
+        receiver = Receiver(plan, offer.transfer, time.monotonic(), ctx.peer_timeout, generation=ctx.generation,
+                        verify=ctx.verify)
         pulling = Pulling(self, receiver, ctx.slots)
         ctx.state.touch()  # bytes land from the first READ on
         try:
