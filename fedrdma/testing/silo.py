@@ -9,8 +9,8 @@ Faults: `exit-after-broadcast:R` (dies in round R once the global arrived), `sta
 `nan:R` in round R's only), `poison-encoded:X` (with wire bf16 or int8: the first encoded value, or
 the first int8 record's scale, set to X after encoding, as no honest encoder would),
 `scale` (the update times 1000), `claim:N` (reports N training samples, whatever it holds),
-`exit-mid-upload:R` (tcp-e: dies in round R once STOP_AFTER_CHUNKS chunks of its upload went
-out, so some are folded), `stop:PHASE:R` (round R: the process stops itself with SIGSTOP, as a host that freezes, once
+`exit-mid-upload:R` (tcp-e: in round R sends STOP_AFTER_CHUNKS chunks of its upload, and
+dies once the aggregator says it verified some, so they are folded), `stop:PHASE:R` (round R: the process stops itself with SIGSTOP, as a host that freezes, once
 STOP_AFTER_CHUNKS chunks of its broadcast landed or of its upload went out (in a pull: at the
 first status that vouches for chunks read), or as its training starts; PHASE is `broadcast`, `train` or `upload`, one-sided modes only), `record:DIR` (an honest silo that keeps a copy
 of every update it uploads as DIR/ID-RRRRR.safetensors, for a check that recomputes the mean).
@@ -35,6 +35,7 @@ from fedrdma.core.errors import FedRDMAError
 from fedrdma.core.modes import Role
 from fedrdma.fl.silo import Silo
 from fedrdma.testing.faults import Faults, FaultyAgent
+from fedrdma.transport import wire
 from fedrdma.transport.session import Session
 
 EXIT_CODE = 17
@@ -44,6 +45,9 @@ STOP_AFTER_CHUNKS = 2
 """A hung silo stops this many chunks into the phase: mid-transfer, with chunks already folded."""
 
 PHASES = ("broadcast", "train", "upload")
+
+HOLD_STEP_S = 0.05
+"""How often a held data connection of a dying silo looks again (it never sends again)."""
 
 
 class ExitAfterBroadcast(Silo):
@@ -58,8 +62,9 @@ class ExitAfterBroadcast(Silo):
 
 
 class ExitMidUpload(Silo):
-    """Dies in round `rnd` a few chunks into its tcp-e upload: folded chunks the aggregator
-    can no longer read again, so the round's sum must be rebuilt from the others."""
+    """Dies in round `rnd` a few chunks into its tcp-e upload, once the aggregator said it
+    verified (and so folded) some: chunks it can no longer read again, so the round's sum must
+    be rebuilt from the others. Dying as the chunks leave would race their landing."""
 
     def __init__(self, cfg: SiloConfig, rnd: int) -> None:
         super().__init__(cfg)
@@ -67,15 +72,23 @@ class ExitMidUpload(Silo):
 
     def train(self, rnd: int, upload: Session) -> tuple[int, float, float]:
         if rnd == self.rnd:
-            report, sent = upload.mover._report, []  # type: ignore[attr-defined]
+            mover = upload.mover
+            report, drain, sent = mover._report, mover.drain, []  # type: ignore[attr-defined]
 
             def counting(event: tuple) -> None:
                 report(event)
                 sent.append(event[0] == "sent")
-                if sum(sent) >= STOP_AFTER_CHUNKS:
-                    os._exit(EXIT_CODE)
+                while sum(sent) >= STOP_AFTER_CHUNKS:  # this connection sends nothing more
+                    time.sleep(HOLD_STEP_S)
 
-            upload.mover._report = counting  # type: ignore[attr-defined]
+            def draining() -> list:
+                msgs = drain()
+                if sum(sent) >= STOP_AFTER_CHUNKS and any(isinstance(msg, wire.Status) and msg.verified
+                                                          for msg in msgs):
+                    os._exit(EXIT_CODE)  # the receiver's timed status: folded chunks, within a second
+                return msgs
+
+            mover._report, mover.drain = counting, draining  # type: ignore[attr-defined]
         return super().train(rnd, upload)
 
 
