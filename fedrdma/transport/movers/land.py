@@ -37,8 +37,7 @@ def land(
     ctx = mover.ctx
     assert ctx.agent is not None and ctx.peer is not None
     start = time.monotonic()
-    receiver = Receiver(plan, transfer, start, ctx.peer_timeout, generation=ctx.generation,
-                        verify=ctx.verify)
+    receiver = Receiver(plan, transfer, start, ctx.peer_timeout, generation=ctx.generation, verify=ctx.verify)
     hashes = LandedHashes()
     pacer = Pacer(start)
 

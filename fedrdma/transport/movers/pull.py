@@ -23,7 +23,7 @@ from fedrdma.core.modes import Mode
 from fedrdma.core.receiver import Action, Corrupt, Hash, Lost, Receiver, Status, Verified
 from fedrdma.core.scheduler import Scheduler
 from fedrdma.transport import wire
-from fedrdma.transport.agent import RemotePeer
+from fedrdma.transport.agent import Pool, RemotePeer
 from fedrdma.transport.hashing import ChunkHasher, LandedHashes
 from fedrdma.transport.movers.base import Mover, Offered, refused
 from fedrdma.transport.movers.initiate import Initiation, drive
@@ -62,9 +62,13 @@ class Pulling(Initiation):
         self._lengths = sorted({c.length for c in receiver.plan.chunks}, reverse=True)
         self._pool_moved = slots.pool.moved if slots is not None else 0.0
 
-    def local_dlist(self) -> object:
-        """Where the READs land: the slots, one entry per (chunk length, slot)."""
-        assert self.slots is not None and self.slots.pool.registration is not None
+    def local_dlist(self, pool: Pool | None) -> object:
+        """Where the READs land: the slots, one entry per (chunk length, slot), or else `pool`,
+        one entry per chunk."""
+        if self.slots is None:
+            assert pool is not None
+            return pool.local_dlist(self.receiver.plan)
+        assert self.slots.pool.registration is not None
         return self.slots.pool.registration.slot_dlist(self.slots.size, self._lengths)
 
     def room(self, sched: Scheduler) -> int | None:
@@ -103,19 +107,24 @@ class Pulling(Initiation):
         finished = self.hashes.finished()
         for index, generation, value in finished:
             self._execute(sched, self.receiver.hashed(index, generation, value, now), now)
+        self._give_back_reserve()
         progressed = bool(finished) or self._waiting_moved(now)
         self._execute(sched, self.receiver.tick(now), now)
         return progressed
 
+    def _give_back_reserve(self) -> None:
+        """The slots this turn reserved and did not post into: others may have them."""
+        if self.slots is not None:
+            for slot in self._reserve:
+                self.slots.give(slot, used=False)
+        self._reserve.clear()
+
     def _waiting_moved(self, now: float) -> bool:
-        """Back what this turn did not post; True when this side holds no slot at all and
-        other receivers gave some back since the last turn: a wait on the shared slots
-        that moves, which the liveness deadlines must not take for a silent peer."""
+        """True when this side holds no slot at all and other receivers gave some back since
+        the last turn: a wait on the shared slots that moves, which the liveness deadlines
+        must not take for a silent peer."""
         if self.slots is None:
             return False
-        for slot in self._reserve:
-            self.slots.give(slot, used=False)
-        self._reserve.clear()
         before, self._pool_moved = self._pool_moved, self.slots.pool.moved
         if self._placed or self._pool_moved == before:
             return False
@@ -132,10 +141,7 @@ class Pulling(Initiation):
         """After the transfer (or its failure): every slot back but those NIXL kept."""
         self.hashes.close()
         self._free(list(self._placed))
-        for slot in self._reserve:
-            assert self.slots is not None
-            self.slots.give(slot, used=False)
-        self._reserve.clear()
+        self._give_back_reserve()
 
     def _free(self, indices: list[int]) -> None:
         for index in indices:
@@ -239,12 +245,11 @@ class PullMover(Mover):
         start = time.perf_counter()
         plan = self.plan_for(offer.chunk_size, offer.nchunks)
         receiver = Receiver(plan, offer.transfer, time.monotonic(), ctx.peer_timeout, generation=ctx.generation,
-                        verify=ctx.verify)
+                            verify=ctx.verify)
         pulling = Pulling(self, receiver, ctx.slots)
         ctx.state.touch()  # bytes land from the first READ on
         try:
-            local = pulling.local_dlist() if ctx.slots is not None else ctx.pool.local_dlist(plan)  # type: ignore[union-attr]
-            sched = drive(self, offer.transfer, self.remote, local, pulling)
+            sched = drive(self, offer.transfer, self.remote, pulling.local_dlist(ctx.pool), pulling)
         finally:
             pulling.close()
         ctx.state.touch()
