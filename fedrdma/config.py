@@ -242,12 +242,12 @@ class AggregatorConfig(RuntimeSettings, TransportSettings):
                            "(0: any free one; fix it for a firewall)")
     data_streams: int = Field(DEFAULT_STREAMS, ge=1, le=MAX_STREAMS, description="tcp-e: data connections per "
                               "silo and direction")
-    inbox: Inbox = Field("slots", description="tcp-e and rdma-e-pull: land each silo's upload in a few "
-                                            "chunk-sized slots, folded and reused (full: a whole-state inbox per "
-                                            "silo; a push always uses one)")
+    inbox: Inbox = Field("slots", description="tcp-e, rdma-e and rdma-e-pull: land each silo's upload in a "
+                                            "few chunk-sized slots, folded and reused (full: a whole-state inbox "
+                                            "per silo; staged rdma always uses one)")
     inbox_mb: int = Field(INBOX_MB, ge=1, le=INBOX_MB_MAX, description="with inbox = slots: MiB of chunk-sized "
                           "slots all silos' uploads share (at least one slot); a silo holds at most 2 per data "
-                          "connection (tcp-e) or its window and 2 more (rdma-e-pull)")
+                          "connection (tcp-e) or its window and 2 more (rdma-e-pull, rdma-e)")
     first_broadcast: FirstBroadcast = Field("always", description="unless-held: a joining silo whose state's "
                                             "digest is the global's (a fresh run's silos build the same initial "
                                             "model) is not sent it; its first broadcast costs nothing")

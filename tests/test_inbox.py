@@ -1,6 +1,7 @@
-"""Bounded inboxes end to end: tcp-e and rdma-e-pull uploads land in a few slots at the
+"""Bounded inboxes end to end: tcp-e, rdma-e-pull and rdma-e uploads land in a few slots at the
 aggregator, and a silo that must be taken back out is read again from the silo. Real
-aggregator and silo processes, real NIXL READs for the pull."""
+aggregator and silo processes, real NIXL READs for the pull and WRITEs into granted landing
+slots for the push."""
 
 from __future__ import annotations
 
@@ -11,13 +12,18 @@ import torch
 from safetensors.torch import load_file
 
 from fedrdma.bench.soak import TOLERANCE, update_path
+from fedrdma.core.chunks import DEFAULT_WINDOW
 from fedrdma.fl import checkpoint
 from fedrdma.fl.demo import DEMO_SILOS, free_port, write_configs
 from fedrdma.testing.silo import EXIT_CODE
+from fedrdma.transport.movers.granting import GRANT_SPARE_SLOTS
 from tests.test_federation import MODEL, events, start, start_faulty, wait
 
 CHUNK = 1 << 16
 """Small chunks, so gpt2-tiny's upload is many chunks and a silo can die between them."""
+
+PUSH_CHUNK = 1 << 14
+"""A push's chunks: smaller still, so that its window of landing slots is a fraction of the state."""
 
 
 def federation(tmp_path: Path, faults: dict[str, str], mode: str = "tcp-e", **agg: object) -> tuple[list[int], dict]:
@@ -53,7 +59,7 @@ def resent(tmp_path: Path, silo: str) -> int:
     return len(events(tmp_path / "silos" / f"{silo}.jsonl", "resent"))
 
 
-@pytest.mark.parametrize("mode", ["tcp-e", "rdma-e-pull"])
+@pytest.mark.parametrize("mode", ["tcp-e", "rdma-e-pull", "rdma-e"])
 @pytest.mark.parametrize("fault,reason,evil_resends,honest_resends", [
     ("nan", "NaN", 1, 0),  # its finite chunks are subtracted again, read from it once more
     ("scale", "delta norm", 0, 1),  # x1000 cannot be subtracted exactly: the others are re-added
@@ -61,13 +67,19 @@ def resent(tmp_path: Path, silo: str) -> int:
 def test_a_rejected_silo_is_taken_out_exactly_by_reading_updates_again(tmp_path, fault, reason, evil_resends,
                                                                      honest_resends, mode):
     evil, *honest = DEMO_SILOS[:3]
-    codes, record = federation(tmp_path, {evil: fault}, mode)
+    codes, record = federation(tmp_path, {evil: fault}, mode, **({"chunk_size": PUSH_CHUNK} if mode == "rdma-e" else {}))
     assert codes == [0, 0, 0]
     assert sorted(record["accepted"]) == sorted(honest)
     assert reason in record["rejected"][evil]
     assert resent(tmp_path, evil) == evil_resends
     assert [resent(tmp_path, s) for s in honest] == [honest_resends] * 2
     assert_mean_of_recorded(tmp_path, honest)
+    handed = {e["inbox_bytes"] for e in events(tmp_path / "aggregator" / "metrics.jsonl", "sessions")}
+    if mode == "rdma-e":  # a push's silo was handed keys to a window of landing slots, not to a whole inbox
+        (pools,) = events(tmp_path / "aggregator" / "metrics.jsonl", "pools")
+        assert handed == {(DEFAULT_WINDOW + GRANT_SPARE_SLOTS) * PUSH_CHUNK} and max(handed) < pools["upload_nbytes"] / 3
+    else:
+        assert handed == {0}, "the aggregator handed a silo keys to its memory"
 
 
 def test_a_silo_dead_mid_upload_makes_the_others_resend_and_the_sum_is_rebuilt(tmp_path):
@@ -98,7 +110,7 @@ def test_slots_reject_what_they_cannot_land():
     state = FlatState.from_tensors({"w": torch.zeros(1 << 16)})
     listener = Listener()
     try:
-        with pytest.raises(TransferError, match="bounded inbox lands only a tcp-e or rdma-e-pull receiver"):
+        with pytest.raises(TransferError, match="bounded inbox lands only a tcp-e, rdma-e or rdma-e-pull receiver"):
             Session(None, state, dial(listener.address), Mode.GRPC, Role.RECEIVER, CHUNK,
                     slots=Slots.own(1, CHUNK, lambda off, data: None))
         with pytest.raises(TransferError, match="each at most its 1024-byte slots"):

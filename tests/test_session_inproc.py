@@ -18,13 +18,14 @@ import pytest
 from fedrdma.bench.states import make_state, synthetic_layout
 from fedrdma.core import chunks, liveness
 from fedrdma.core.chunks import state_digest
-from fedrdma.core.errors import LayoutError, PeerLost, TransferError
+from fedrdma.core.errors import LayoutError, PeerLost, ProtocolError, TransferError
 from fedrdma.core.layout import FlatState
 from fedrdma.core.modes import Mode, Role
 from fedrdma.testing.faults import Faults, FaultyAgent
 from fedrdma.transport import wire
 from fedrdma.transport.agent import Agent
 from fedrdma.transport.channel import Channel, Listener, dial
+from fedrdma.transport.movers import push
 from fedrdma.transport.session import Session
 from fedrdma.transport.slots import SlotPool, Slots
 from fedrdma.transport.streams import DataListener
@@ -59,6 +60,7 @@ def pair(
     streams = DataListener() if mode is Mode.TCP_E else None
 
     def receiver() -> None:
+        s = None
         try:
             agent = receiver_agent or (Agent() if needs else None)
             s = Session(agent, dst, listener.accept(10), mode, Role.RECEIVER, CHUNK, WINDOW, streams=streams,
@@ -69,6 +71,8 @@ def pair(
             s.close()
         except BaseException as exc:  # reported to the test thread
             errors.append(exc)
+            if s is not None:
+                s.abort()  # as a real receiver does: the peer learns at once
 
     thread = threading.Thread(target=receiver)
     thread.start()
@@ -290,10 +294,12 @@ def _closed() -> Channel:
     return channel
 
 
-def slotted(agent: Agent, count: int, nbytes: int) -> Slots:
-    """A pull receiver's bounded inbox: `count` registered slots of a pool of its own."""
+def slotted(agent: Agent | None, count: int, nbytes: int) -> Slots:
+    """A receiver's bounded inbox: `count` slots of a pool of its own, registered with `agent`
+    for a pull's READs (a push lands in granted slots of its own and is copied into these)."""
     pool = SlotPool(count, CHUNK)
-    pool.register(agent)
+    if agent is not None:
+        pool.register(agent)
     return pool.share(count, Folded(nbytes))
 
 
@@ -304,39 +310,70 @@ def assert_folded_once(slots: Slots, src: FlatState, dst: FlatState, transfers: 
     assert isinstance(folded, Folded)
     assert state_digest(memoryview(folded.bytes.numpy())) == state_digest(src.memoryview())
     assert sorted(folded.offsets) == sorted(list(range(0, src.nbytes, CHUNK)) * transfers)
-    assert bool((dst.buffer == 0).all()), "a bounded inbox's READs landed in the session's state"
+    assert bool((dst.buffer == 0).all()), "a bounded inbox's chunks landed in the session's state"
     assert slots.held == 0 and slots.pool.free == slots.pool.count, "a slot was not given back"
 
 
-def test_a_pull_lands_in_fewer_slots_than_its_window_and_folds_every_chunk_once():
+BOUNDED = [Mode.RDMA_E_PULL, Mode.RDMA_E]
+"""The one-sided modes with a bounded inbox: a pull READs into the slots, a push WRITEs into
+granted landing slots."""
+
+
+def bounded_pair(mode: Mode, src: FlatState, dst: FlatState, count: int, faults: Faults | None = None,
+                 transfers: int = 1) -> tuple[Slots, Any, list[BaseException]]:
+    """A transfer into `count` inbox slots; `faults` on the initiator's agent (a cut endpoint)
+    or, for corruption, on the side where chunks land. (slots, the initiator's stats, errors)."""
+    pull = mode is Mode.RDMA_E_PULL
+    faulty = FaultyAgent(faults, CHUNK) if faults is not None else None
+    receiver_agent = faulty if faulty is not None and (pull or faults.corrupt_once) else Agent()
+    sender_agent = faulty if faulty is not None and not pull and faults.cut_after is not None else None
+    slots = slotted(receiver_agent if pull else None, count, src.nbytes)
+    sent, got, errors = pair(mode, src, dst, transfers, sender_agent, receiver_agent, slots=slots)
+    stats = got if pull else sent
+    return slots, stats[0] if stats else None, errors
+
+
+@pytest.mark.parametrize("mode", BOUNDED)
+def test_a_bounded_inbox_lands_in_fewer_slots_than_its_window_and_folds_every_chunk_once(mode):
     src, dst = states()
-    agent = Agent()
-    slots = slotted(agent, WINDOW - 1, SIZE)
-    sent, got, errors = pair(Mode.RDMA_E_PULL, src, dst, transfers=2, receiver_agent=agent, slots=slots)
+    slots, first, errors = bounded_pair(mode, src, dst, WINDOW - 1, transfers=2)
     assert errors == []
-    assert [s.bytes_posted for s in got] == [SIZE, SIZE]
+    assert first.bytes_posted == SIZE
     assert_folded_once(slots, src, dst, transfers=2)
 
 
-def test_a_corrupt_landing_in_a_slot_is_read_again_and_folded_once():
+@pytest.mark.parametrize("mode", BOUNDED)
+def test_a_corrupt_landing_in_a_slot_is_fetched_again_and_folded_once(mode):
     src, dst = states()
-    faulty = FaultyAgent(Faults(corrupt_once=frozenset({1, 4}), slots=True), CHUNK)
-    slots = slotted(faulty, WINDOW, SIZE)
-    sent, got, errors = pair(Mode.RDMA_E_PULL, src, dst, receiver_agent=faulty, slots=slots)
+    slots, first, errors = bounded_pair(mode, src, dst, WINDOW, Faults(corrupt_once=frozenset({1, 4}), slots=True))
     assert errors == []
-    assert got[0].corrupt == 2 and got[0].bytes_posted == SIZE + 2 * CHUNK
+    assert first.bytes_posted == SIZE + 2 * CHUNK
     assert_folded_once(slots, src, dst)
 
 
-def test_a_cut_endpoint_under_a_bounded_inbox_resumes_and_gives_every_slot_back():
+@pytest.mark.parametrize("mode", BOUNDED)
+def test_a_cut_endpoint_under_a_bounded_inbox_resumes_and_gives_every_slot_back(mode):
     size = 16 << 20
     src, dst = states(size)
-    cutter = FaultyAgent(Faults(cut_after=5), CHUNK)
-    slots = slotted(cutter, WINDOW + 2, size)
-    sent, got, errors = pair(Mode.RDMA_E_PULL, src, dst, receiver_agent=cutter, slots=slots)
+    slots, first, errors = bounded_pair(mode, src, dst, WINDOW + 2, Faults(cut_after=5))
     assert errors == []
-    assert got[0].reconnects >= 1 and 0 < got[0].bytes_posted - size < size
+    assert first.reconnects >= 1 and 0 < first.bytes_posted - size < size
     assert_folded_once(slots, src, dst)
+
+
+def test_a_pushing_peer_that_names_a_landing_slot_it_was_not_granted_is_refused_and_nothing_is_folded(monkeypatch):
+    """The attacker's side: its notices name a landing slot past the ones it was granted."""
+    def lying(self: push.GrantFollower, index: int, generation: int) -> bytes:
+        return wire.chunk_notice(self.transfer, generation, index, self.checksum(index), self.count + 1)
+
+    monkeypatch.setattr(push.GrantFollower, "_notice", lying)
+    src, dst = states()
+    slots = slotted(None, WINDOW, SIZE)
+    sent, got, errors = pair(Mode.RDMA_E, src, dst, slots=slots)
+    assert any(isinstance(e, ProtocolError) and f"landing slot {WINDOW + 2 + 1}, outside" in str(e)
+               for e in errors), errors
+    assert got == [] and slots.consume.offsets == []  # type: ignore[attr-defined]
+    assert slots.pool.free == slots.pool.count
 
 
 def test_a_pulls_slots_must_be_registered_with_its_agent():

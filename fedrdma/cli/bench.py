@@ -298,7 +298,7 @@ def bench_scale(
     rounds: int = typer.Option(2, min=1, help="Rounds per federation; the table shows the last."),
     mode_name: str = typer.Option(Mode.TCP_E.value, "--mode", help=f"How updates move: {choices()} (one-sided "
                                   "modes run as a trusted fabric: every process is this benchmark's)."),
-    inbox: str = typer.Option("slots", help="The aggregator's `inbox`: slots (tcp-e, rdma-e-pull: a few chunks per silo) "
+    inbox: str = typer.Option("slots", help="The aggregator's `inbox`: slots (tcp-e, rdma-e, rdma-e-pull: a few chunks per silo) "
                               "or full (a whole-state inbox per silo), to compare the two."),
     out_dir: Path = typer.Option(Path("runs/bench-scale"), help="Configs, logs and metrics of each federation."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the results here as JSON."),

@@ -8,6 +8,7 @@ the wire.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import xxhash
 
@@ -83,6 +84,16 @@ class ChunkPlan:
 
     def __len__(self) -> int:
         return len(self.chunks)
+
+    @cached_property
+    def lengths(self) -> tuple[int, ...]:
+        """The distinct chunk lengths, longest first: a list of slot descriptors has a row of
+        `count` entries per length, since a chunk's landing place is exactly its length."""
+        return tuple(sorted({c.length for c in self.chunks}, reverse=True))
+
+    def slot_entry(self, index: int, slot: int, count: int) -> int:
+        """The entry of chunk `index` landing in `slot` of `count`, in such a list."""
+        return self.lengths.index(self.chunks[index].length) * count + slot
 
 
 def registration_slices(nbytes: int) -> list[tuple[int, int]]:

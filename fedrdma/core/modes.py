@@ -55,9 +55,10 @@ class Mode(enum.StrEnum):
 
     @property
     def receiver_places(self) -> bool:
-        """The receiver decides where each chunk lands (its own code places it, or its own READ
-        fetches it), so chunks can land in a few reused slots: a bounded inbox."""
-        return self in (Mode.TCP_E, Mode.RDMA_E_PULL)
+        """The receiver decides where each chunk lands (its own code places it, its own READ
+        fetches it, or it grants the slot a WRITE lands in), so chunks can land in a few reused
+        slots: a bounded inbox. Staged `rdma` registers per transfer and gRPC joins whole."""
+        return self in (Mode.TCP_E, Mode.RDMA_E_PULL, Mode.RDMA_E)
 
     @property
     def seals(self) -> bool:

@@ -2,12 +2,12 @@
 
 Memory: the global state lives in two pools registered once (double buffering): round r
 broadcasts from one while the silos' updates are folded, chunk by chunk as they land,
-into the other, which becomes the global when the round closes. In tcp-e and rdma-e-pull
-each silo's upload lands in a few chunk-sized slots (`transport.slots`), folded and reused,
-so memory does not grow with the silo count times the model; a silo that must be taken back
-out is read again (`fl.replay`). A push gives each silo an inbox pool of its own. Nothing
-else holds a copy of the state, so the footprint is the pools, the slots and evaluation's
-working set.
+into the other, which becomes the global when the round closes. Each silo's upload lands
+in a few chunk-sized slots (`transport.slots`; a push WRITEs into a window of landing slots
+granted per silo and is copied into them), folded and reused, so memory does not grow with
+the silo count times the model; a silo that must be taken back out is read again
+(`fl.replay`). Nothing else holds a copy of the state, so the footprint is the pools, the
+slots and evaluation's working set.
 """
 
 from __future__ import annotations
@@ -94,13 +94,13 @@ class Aggregator:
         self.streams = (DataListener(split_host_port(cfg.listen)[0], cfg.data_port)
                         if Mode.TCP_E in (self.mode, self.mode.broadcast) else None)
         self.bounded = cfg.inbox == "slots" and self.mode.receiver_places
-        """Uploads land in slots (tcp-e's own code and pull's READs choose where; a push does not)."""
+        """Uploads land in slots (tcp-e's own code, a pull's READs or a push's grants choose where)."""
         self._unwritten = FlatState.allocate(self.uploads.layout, fill=None) if self.bounded else None
         """The layout a slotted upload session is made for; its bytes are never written, so never resident."""
         self.slot_pool = (SlotPool(max(1, (cfg.inbox_mb << 20) // self.uploads.chunk_size), self.uploads.chunk_size)
                           if self.bounded else None)
         """The slots every silo's upload lands in, shared: memory follows the line, not the silo count."""
-        if self.slot_pool is not None and self.agent is not None:
+        if self.slot_pool is not None and self.agent is not None and self.mode.initiator is Role.RECEIVER:
             self.slot_pool.register(self.agent)  # a pull READs into them
         self.pools: dict[int, Pool] = {}
         self._pool(self.state)
@@ -140,8 +140,7 @@ class Aggregator:
                      "fabric": self.fabric.describe(), "trusted_fabric": cfg.trusted_fabric})
         self._event({"event": "pools", "global": [p.region.digest() for p in self.pools.values()],
                      "nbytes": self.state.nbytes, "listen": self.hub.address, "wire": cfg.wire,
-                     "upload_nbytes": self.uploads.layout.nbytes,
-                     "inbox": "slots" if self.bounded else "full",
+                     "upload_nbytes": self.uploads.layout.nbytes, "inbox": "slots" if self.bounded else "full",
                      "inbox_bytes": self.slot_pool.nbytes if self.slot_pool else 0})
 
     # -- plumbing ----------------------------------------------------------------------
@@ -216,8 +215,9 @@ class Aggregator:
             for session in (st.broadcast, st.delta, st.upload):
                 if session is not None:
                     session.open()
-            self._event({"event": "sessions", "silo": link.silo,
-                         "inbox": st.pool.region.digest() if st.pool else ""})
+            handed = st.upload.handed  # the only aggregator memory the silo holds a key to
+            self._event({"event": "sessions", "silo": link.silo, "inbox": handed.digest() if handed else "",
+                         "inbox_bytes": handed.length if handed else 0})
         return st
 
     def _fold(self, silo: str, inbox: FlatState, offset: int, length: int) -> None:

@@ -30,7 +30,8 @@ class Faults:
     advertise_bytes: int | None = None
     """Target: advertise a pool of this many bytes instead of its real length."""
     slots: bool = False
-    """Initiator: its READs land in a bounded inbox's slots, so a flip lands in the READ's slot."""
+    """A bounded inbox: a pull's READs land in its slots, a push's WRITEs in granted landing
+    slots, so a flip lands in the slot the chunk landed in."""
 
 
 class FaultyAgent(Agent):
@@ -64,10 +65,10 @@ class FaultyAgent(Agent):
         notes = super().notifications(peer)
         for note in notes:
             try:
-                _, _, index, _ = wire.parse_notice(note)
+                notice = wire.parse_notice(note)
             except ProtocolError:
                 continue
-            self._corrupt(index)
+            self._corrupt(notice.index, notice.slot)  # a push into slots names where it landed
         return notes
 
     # -- an initiator's faults -------------------------------------------------------------
@@ -76,8 +77,8 @@ class FaultyAgent(Agent):
         return self._peer
 
     def post(self, op: str, local: object, remote: object, index: int, notif: bytes,
-             place: int | None = None) -> Operation:
-        return _Watched(self, super().post(op, local, remote, index, notif, place), op)
+             place: int | None = None, far: int | None = None) -> Operation:
+        return _Watched(self, super().post(op, local, remote, index, notif, place, far), op)
 
     def completed(self, op: str, index: int, place: int) -> None:
         self._completed += 1

@@ -95,10 +95,12 @@ class Agent:
         """Register one buffer per chunk for one transfer (FedRDMA without pools)."""
         return Staging(self, tensors)
 
-    def post(self, op: str, local: object, remote: object, index: int, notif: bytes, place: int | None = None) -> Operation:
+    def post(self, op: str, local: object, remote: object, index: int, notif: bytes, place: int | None = None,
+             far: int | None = None) -> Operation:
         """Start the one-sided `op` ("WRITE" or "READ") of chunk `index` between prepared lists;
-        `place` is the local entry when it is not the chunk's own (a slot of a bounded inbox)."""
-        return Operation(self, op, local, remote, index, notif, place=place)
+        `place` is the local entry and `far` the remote one when it is not the chunk's own (a
+        slot of a bounded inbox: a pull's READ lands in one of ours, a push WRITEs one granted)."""
+        return Operation(self, op, local, remote, index, notif, place=place, far=far)
 
     def post_whole(self, op: str, local: Region, remote: Region, peer: str) -> Operation:
         """One operation over a whole buffer, unchunked: the raw reference the modes are read against.
@@ -249,6 +251,7 @@ class RemotePeer:
         self.regions = list(regions)
         self.name = agent.add_peer(metadata)
         self._dlists: dict[int, object] = {}
+        self._slot_dlists: dict[tuple[int, ...], object] = {}
 
     def dlist(self, plan: ChunkPlan) -> object:
         """Prepared remote descriptors for `plan`, checked against the advertised regions."""
@@ -262,6 +265,21 @@ class RemotePeer:
                 raise TransferError(f"peer advertised {len(self.regions)} regions for a plan of {len(plan)} chunks")
             handle = self.agent.remote_dlist(self.name, ranges)
             self._dlists[plan.chunk_size] = handle
+        return handle
+
+    def slot_dlist(self, count: int, lengths: Sequence[int]) -> object:
+        """Prepared remote descriptors of the advertised region cut into `count` equal slots, as
+        `Pool.slot_dlist` cuts ours: entry `k * count + j` is the first `lengths[k]` bytes of
+        slot j. Each range is checked against the region."""
+        key = (count, *lengths)
+        handle = self._slot_dlists.get(key)
+        if handle is None:
+            if len(self.regions) != 1:
+                raise TransferError(f"landing slots need one advertised region, not {len(self.regions)}")
+            size = self.regions[0].length // count
+            ranges = [self.regions[0].slice(j * size, n) for n in lengths for j in range(count)]
+            handle = self.agent.remote_dlist(self.name, ranges)
+            self._slot_dlists[key] = handle
         return handle
 
     def advertise(self, metadata: bytes, regions: Sequence[Region]) -> None:
@@ -282,12 +300,13 @@ class RemotePeer:
         self.agent.remove_peer(self.name)
 
     def _release(self) -> None:
-        for handle in self._dlists.values():
+        for handle in [*self._dlists.values(), *self._slot_dlists.values()]:
             try:
                 handle.release()  # type: ignore[attr-defined]
             except Exception as exc:  # a dlist of a removed peer may already be void
                 log.debug("releasing a remote descriptor list: %s", exc)
         self._dlists.clear()
+        self._slot_dlists.clear()
 
 
 class Operation:
@@ -295,14 +314,14 @@ class Operation:
 
     def __init__(
         self, agent: Agent, op: str, local: object, remote: object, index: int, notif: bytes, handle: object = None,
-        place: int | None = None,
+        place: int | None = None, far: int | None = None,
     ) -> None:
         self.agent = agent
         self.index = index
         self.place = index if place is None else place
         """The local entry the operation reads from or lands in: until released, that memory is its own."""
         self.handle = handle if handle is not None else agent.nixl.make_prepped_xfer(
-            op, local, [self.place], remote, [index], notif
+            op, local, [self.place], remote, [index if far is None else far], notif
         )
         status = agent.nixl.transfer(self.handle)
         self._done = status == "DONE"

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, ChunkPlan, check_window
+from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, ChunkPlan, Region, check_window
 from fedrdma.core.errors import LayoutError, PeerLost, ProtocolError, TransferError
 from fedrdma.core.layout import FlatState
 from fedrdma.core.liveness import PEER_TIMEOUT_S
@@ -69,9 +69,9 @@ class Session:
             raise ValueError(f"mode {mode} needs a NIXL agent")
         if slots is not None and (not mode.receiver_places or role is not Role.RECEIVER or follow_plan
                                   or slots.size < min(chunk_size, state.nbytes)):
-            raise TransferError(f"a bounded inbox lands only a tcp-e or rdma-e-pull receiver's own chunks, each at "
-                                f"most its {slots.size}-byte slots ({mode} {role}, {chunk_size}-byte chunks)")
-        if slots is not None and mode.one_sided and (agent is None or slots.pool.registration is None
+            raise TransferError(f"a bounded inbox lands only a tcp-e, rdma-e or rdma-e-pull receiver's own chunks, "
+                                f"each at most its {slots.size}-byte slots ({mode} {role}, {chunk_size}-byte chunks)")
+        if slots is not None and mode.initiator is Role.RECEIVER and (agent is None or slots.pool.registration is None
                                                      or slots.pool.registration.agent is not agent):
             raise TransferError("a pull's bounded inbox must be registered with the session's agent "
                                 "(SlotPool.register) before READs can land in it")
@@ -101,6 +101,9 @@ class Session:
     def plan(self) -> ChunkPlan:
         return self.ctx.plan
 
+    handed: Region | None = None
+    """The memory of this side that the peer was handed keys to at open (None: none)."""
+
     @property
     def peer_hello(self) -> wire.Hello | None:
         """What the peer handed us at open: the trust model's tests read it."""
@@ -118,13 +121,14 @@ class Session:
             elif ctx.pool.buffer.data_ptr() != ctx.state.buffer.data_ptr():
                 raise TransferError("the pool handed to the session is not the state's buffer")
         offered = self.mover.offer()
+        self.handed = offered.region
         ctx.channel.send(wire.Hello(
             mode=ctx.mode, layout_id=ctx.state.layout_id, nbytes=ctx.state.nbytes,
             agent=ctx.agent.name if ctx.agent else "",
             metadata=wire.b64(offered.metadata) if offered.metadata else "",
             region=wire.RegionMsg.of(offered.region) if offered.region is not None else None,
             data_port=offered.data_port, ticket=wire.b64(offered.ticket) if offered.ticket else "",
-            data_streams=offered.data_streams,
+            data_streams=offered.data_streams, slots=offered.slots,
         ))
         peer = ctx.channel.recv(timeout)
         if isinstance(peer, wire.Refuse):

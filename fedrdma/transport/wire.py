@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,6 +54,9 @@ class Hello(_Msg):
     """tcp-e: base64 bytes the dialing side's data connections present."""
     data_streams: int = Field(default=0, ge=0)
     """tcp-e: how many data connections the dialing side opens."""
+    slots: int = Field(default=0, ge=0)
+    """rdma-e into a bounded inbox: `region` is this many equal landing slots, each WRITEn
+    only where granted (`Grant`); 0: `region` is a whole state, chunk i at its own offset."""
 
 
 class Refuse(_Msg):
@@ -115,6 +118,16 @@ class Status(_Msg):
     """Timings only the verifier knows (the baseline's join and deserialize)."""
 
 
+class Grant(_Msg):
+    """Receiver of a push into slots: you may WRITE one chunk into each of these landing slots."""
+
+    type: Literal["grant"] = "grant"
+    transfer: int = Field(ge=0)
+    generation: int = Field(ge=0)
+    """The connection the grant is for: a sender that reconnected since drops it."""
+    slots: list[int]
+
+
 class Resume(_Msg):
     """Initiator after a reconnect: tell me what you hold verified; older notices are void."""
 
@@ -147,7 +160,7 @@ def register(*kinds: type[_Msg]) -> None:
         _KINDS[name] = kind
 
 
-register(Hello, Refuse, Begin, Stage, Offer, Checksums, Status, Resume, Abort, Bye)
+register(Hello, Refuse, Begin, Stage, Offer, Checksums, Status, Grant, Resume, Abort, Bye)
 
 
 def encode(msg: _Msg) -> bytes:
@@ -180,19 +193,33 @@ NOTICE_TAG = b"fr1"
 """Prefix of our chunk notifications, so a stray notification is recognised and dropped."""
 
 
-def chunk_notice(transfer: int, generation: int, index: int, checksum: int) -> bytes:
-    return b"%s %d %d %d %d" % (NOTICE_TAG, transfer, generation, index, checksum)
+class Notice(NamedTuple):
+    """A chunk notification: which chunk of which transfer landed, in which connection, what it
+    should hash to, and (a push into slots) the landing slot it was written to."""
+
+    transfer: int
+    generation: int
+    index: int
+    checksum: int
+    slot: int | None = None
 
 
-def parse_notice(data: bytes) -> tuple[int, int, int, int]:
-    """(transfer, generation, index, checksum) of a chunk notification."""
+def chunk_notice(transfer: int, generation: int, index: int, checksum: int, slot: int | None = None) -> bytes:
+    fields = (NOTICE_TAG, transfer, generation, index, checksum)
+    if slot is None:
+        return b"%s %d %d %d %d" % fields
+    return b"%s %d %d %d %d %d" % (*fields, slot)
+
+
+def parse_notice(data: bytes) -> Notice:
+    """A chunk notification, parsed strictly: our tag, four or five non-negative integers."""
     parts = data.split()
-    if len(parts) != 5 or parts[0] != NOTICE_TAG:
+    if len(parts) not in (5, 6) or parts[0] != NOTICE_TAG:
         raise ProtocolError(f"not a chunk notification: {data[:40]!r}")
     try:
-        transfer, generation, index, checksum = (int(p) for p in parts[1:])
+        values = [int(p) for p in parts[1:]]
     except ValueError as exc:
         raise ProtocolError(f"chunk notification with a non-integer field: {data[:60]!r}") from exc
-    if min(transfer, generation, index, checksum) < 0:
+    if min(values) < 0:
         raise ProtocolError(f"chunk notification with a negative field: {data[:60]!r}")
-    return transfer, generation, index, checksum
+    return Notice(*values)

@@ -45,6 +45,8 @@ class Offered:
     """tcp-e: what the dialing side's data connections present."""
     data_streams: int = 0
     """tcp-e: how many data connections to open."""
+    slots: int = 0
+    """rdma-e into a bounded inbox: `region` is this many landing slots, WRITEn where granted."""
 
 
 @dataclass
@@ -74,7 +76,8 @@ class Context:
     follow_plan: bool = False
     """A receiver that takes the chunk size each Begin announces (a sweep), not only its own."""
     slots: Slots | None = None
-    """tcp-e or a pull, the receiving side: land chunks in these slots (a bounded inbox), not in `state`."""
+    """The receiving side of tcp-e, a pull or a push: land chunks in these slots (a bounded
+    inbox), not in `state` (a push lands in granted landing slots and is copied into them)."""
     verify: bool = True
     """The receiving side: hash every landed chunk against the holder's checksum (False: the
     fabric's own CRC is trusted, `verify = fabric`); sealed chunks are always checked."""
@@ -161,16 +164,18 @@ class Mover:
         """
         return recv_serving(self.ctx.channel, self.ctx.agent, timeout, pacer or Pacer(floor=IDLE_CAP_S))
 
-    def expect(self, kind: type, timeout: float | None = None) -> wire.Message:
-        """The next message, which must be of `kind`; a Refuse or Abort from the peer becomes an error."""
+    def expect(self, kind: type | tuple[type, ...], timeout: float | None = None) -> wire.Message:
+        """The next message, which must be of `kind` (or one of them); a Refuse or Abort from
+        the peer becomes an error."""
         wait = self.ctx.peer_timeout if timeout is None else timeout
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
         try:
             msg = self.recv(wait)
         except TimeoutError:
-            raise PeerLost(f"the peer sent no {kind.__name__} within {wait:.0f} s; is it alive?") from None
+            raise PeerLost(f"the peer sent no {names} within {wait:.0f} s; is it alive?") from None
         refused(msg)
         if not isinstance(msg, kind):
-            raise ProtocolError(f"expected {kind.__name__} from the peer, got {type(msg).__name__}")
+            raise ProtocolError(f"expected {names} from the peer, got {type(msg).__name__}")
         return msg
 
     def drain(self) -> list[wire.Message | Blob]:

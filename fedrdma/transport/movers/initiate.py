@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+from fedrdma.core.chunks import ChunkPlan
 from fedrdma.core.errors import PeerLost, TransferError
 from fedrdma.core.liveness import Liveness
 from fedrdma.core.scheduler import Scheduler
@@ -40,6 +41,15 @@ class Initiation:
         """The local entry chunk `index` is posted from or lands in (None: its own, in a pool)."""
         return None
 
+    def target(self, index: int) -> int | None:
+        """The peer's entry chunk `index` lands in (None: its own, in the peer's pool); called
+        first for each post, before `notice`."""
+        return None
+
+    def remote_dlist(self, remote: RemotePeer, plan: ChunkPlan) -> object:
+        """Descriptors of the peer's memory that `target` indexes: by default one per chunk."""
+        return remote.dlist(plan)
+
     def kept(self, place: int) -> None:
         """NIXL would not release an operation on local entry `place`: that memory is not ours again."""
 
@@ -63,7 +73,7 @@ def drive(mover: Mover, transfer: int, remote: RemotePeer, local: object, how: I
     assert ctx.agent is not None
     sched = Scheduler(ctx.plan, ctx.window, ctx.policy)
     sched.generation = ctx.generation
-    remote_dlist = remote.dlist(ctx.plan)
+    remote_dlist = how.remote_dlist(remote, ctx.plan)
     ops: dict[int, tuple[Operation, int]] = {}
     zombies: list[Operation] = []
     start = time.monotonic()
@@ -80,8 +90,9 @@ def drive(mover: Mover, transfer: int, remote: RemotePeer, local: object, how: I
             for post in sched.poll(now, how.room(sched)):
                 index = post.chunk.index
                 try:
+                    far = how.target(index)
                     operation = ctx.agent.post(how.op, local, remote_dlist, index, how.notice(index, post.generation),
-                                               how.place(index))
+                                               how.place(index), far)
                 except Exception as exc:  # NIXL raises when the endpoint is gone
                     sched.failed(index, post.generation, now, f"posting failed: {exc}")
                     break
@@ -115,7 +126,7 @@ def drive(mover: Mover, transfer: int, remote: RemotePeer, local: object, how: I
                 zombies.extend(operation for operation, _ in ops.values())
                 ops.clear()
                 _reconnect(mover, transfer, sched, remote, how, zombies)
-                remote_dlist = remote.dlist(ctx.plan)
+                remote_dlist = how.remote_dlist(remote, ctx.plan)
                 liveness.heard(time.monotonic())
             if sched.error:
                 raise TransferError(f"transfer {transfer} failed: {sched.error}")

@@ -17,6 +17,7 @@ from fedrdma.core.receiver import Action, Corrupt, Hash, Lost, Receiver, Status,
 from fedrdma.transport import wire
 from fedrdma.transport.hashing import LandedHashes
 from fedrdma.transport.movers.base import Mover
+from fedrdma.transport.movers.granting import Landing
 from fedrdma.transport.pacing import Pacer
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,13 @@ def send_status(mover: Mover, receiver: Receiver, status: Status, bytes_posted: 
 
 def land(
     mover: Mover, transfer: int, plan: ChunkPlan, view: Callable[[int], memoryview],
-    on_verified: Callable[[int], None],
+    on_verified: Callable[[int], None], landing: Landing | None = None,
 ) -> Receiver:
-    """Receive one pushed transfer until every chunk is verified and the final status sent."""
+    """Receive one pushed transfer until every chunk is verified and the final status sent.
+
+    With `landing` (a push into a bounded inbox) the sender WRITEs into granted landing slots:
+    each landed chunk is copied into the inbox, and `view` and `on_verified` see the copy.
+    """
     ctx = mover.ctx
     assert ctx.agent is not None and ctx.peer is not None
     start = time.monotonic()
@@ -52,8 +57,17 @@ def land(
                 send_status(mover, receiver, action)
             elif isinstance(action, Lost):
                 raise PeerLost(action.reason)
-            elif not isinstance(action, Corrupt):  # a corrupt chunk is reported by the status
+            elif isinstance(action, Corrupt):  # reported by the status; its copy is not kept
+                if landing is not None:
+                    landing.drop(action.index)
+            else:
                 raise AssertionError(f"unknown action {action!r}")
+
+    def noticed(notice: wire.Notice, now: float) -> None:
+        actions = receiver.notice(notice.transfer, notice.generation, notice.index, notice.checksum, now)
+        if landing is not None:
+            landing.settle(notice.index, actions)
+        execute(actions, now)
 
     try:
         while not receiver.complete:
@@ -61,12 +75,21 @@ def land(
             progressed = False
             for note in ctx.agent.notifications(ctx.peer.agent):
                 try:
-                    t, generation, index, checksum = wire.parse_notice(note)
+                    notice = wire.parse_notice(note)
                 except ProtocolError as exc:
                     log.warning("dropping notification from %s: %s", ctx.peer.agent, exc)
                     continue
                 progressed = True
-                execute(receiver.notice(t, generation, index, checksum, now), now)
+                if landing is None:
+                    noticed(notice, now)
+                elif notice.transfer == transfer:  # a late one of an earlier transfer holds no slot now
+                    landing.landed(notice)
+            if landing is not None:
+                for notice in landing.admit():
+                    noticed(notice, now)
+                if landing.waiting_moved():
+                    progressed = True
+                    receiver.heard(now)
             for index, generation, value in hashes.finished():
                 progressed = True
                 execute(receiver.hashed(index, generation, value, now), now)
@@ -75,11 +98,17 @@ def land(
                 if isinstance(msg, wire.Resume):
                     execute(receiver.resume(msg.transfer, msg.generation, now), now)
                     ctx.generation = receiver.generation
+                    if landing is not None:
+                        landing.reconnected(receiver.generation)
                 else:
                     receiver.heard(now)
             execute(receiver.tick(now), now)
+            if landing is not None and not receiver.complete and (fresh := landing.grant()):
+                ctx.channel.send(wire.Grant(transfer=transfer, generation=receiver.generation, slots=fresh))
             mover.check_channel(transfer)
             pacer(progressed)
     finally:
         hashes.close()
+        if landing is not None:
+            landing.close()
     return receiver

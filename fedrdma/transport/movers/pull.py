@@ -59,7 +59,6 @@ class Pulling(Initiation):
         """Slots taken for this turn's posts; what the turn did not use goes back."""
         self._kept: set[int] = set()
         """Numbers of slots NIXL did not let go of: never lent again."""
-        self._lengths = sorted({c.length for c in receiver.plan.chunks}, reverse=True)
         self._pool_moved = slots.pool.moved if slots is not None else 0.0
 
     def local_dlist(self, pool: Pool | None) -> object:
@@ -69,7 +68,7 @@ class Pulling(Initiation):
             assert pool is not None
             return pool.local_dlist(self.receiver.plan)
         assert self.slots.pool.registration is not None
-        return self.slots.pool.registration.slot_dlist(self.slots.size, self._lengths)
+        return self.slots.pool.registration.slot_dlist(self.slots.size, self.receiver.plan.lengths)
 
     def room(self, sched: Scheduler) -> int | None:
         """Slots for as many chunks as the window has room for, if that many are free."""
@@ -84,8 +83,7 @@ class Pulling(Initiation):
             return None
         slot = self._reserve.pop()
         self._placed[index] = slot
-        length = self.receiver.plan.chunks[index].length
-        return self._lengths.index(length) * self.slots.pool.count + slot.number
+        return self.receiver.plan.slot_entry(index, slot.number, self.slots.pool.count)
 
     def kept(self, place: int) -> None:
         if self.slots is not None:
