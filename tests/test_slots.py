@@ -1,4 +1,5 @@
-"""A bounded inbox's slots: one pool shared by every silo, each silo capped at its share."""
+"""A bounded inbox's slots: one pool shared by every silo, each silo capped at its share, a
+silo that waits holding none served before one that holds some."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from fedrdma.core.errors import PeerLost, TransferError
-from fedrdma.transport.slots import SlotPool, Slots
+from fedrdma.transport import slots as slots_module
+from fedrdma.transport.slots import Slot, SlotPool, Slots
 
 SIZE = 64
 
@@ -80,3 +82,56 @@ def test_a_pull_that_waits_on_slots_others_give_back_is_alive_and_one_on_a_stuck
         pool.give(other)
         pulling.close()
     assert pool.free == 1
+
+
+def test_a_silo_that_holds_slots_gets_none_more_while_another_waits_holding_none():
+    """The trickle's side: it took every slot while nobody waited; once another silo waits,
+    the slots it gives back go to that silo, not to it."""
+    pool = SlotPool(3, SIZE)
+    trickle, honest = pool.share(3, lambda off, data: None), pool.share(3, lambda off, data: None)
+    held = [trickle.take_now() for _ in range(3)]
+    assert None not in held and honest.take_now() is None  # it now waits, holding none
+    assert pool.waiting == 1
+    trickle.give(held.pop())
+    assert trickle.take_now() is None, "a slot went back to the silo that holds two while another waits"
+    slot = honest.take_now()
+    assert slot is not None and pool.waiting == 0
+    trickle.give(held.pop())
+    again = trickle.take_now()  # nobody waits now: a free slot is anyone's
+    assert again is not None
+    for s in (*held, again):
+        trickle.give(s)
+    honest.give(slot)
+    assert (trickle.held, honest.held, pool.free) == (0, 0, 3)
+
+
+def test_a_blocked_reader_holding_none_gets_the_next_slot_back_before_a_holder_does():
+    pool = SlotPool(2, SIZE)
+    trickle, honest = pool.share(2, lambda off, data: None), pool.share(2, lambda off, data: None)
+    held = [trickle.take(1.0), trickle.take(1.0)]
+    got: list[Slot] = []
+    reader = threading.Thread(target=lambda: got.append(honest.take(5.0)))
+    reader.start()
+    deadline = time.monotonic() + 5.0
+    while pool.waiting == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    trickle.give(held.pop())
+    assert trickle.take_now() is None  # whether or not the reader has woken yet, the slot is kept for it
+    reader.join(5.0)
+    assert len(got) == 1 and (trickle.held, honest.held) == (1, 1)
+
+
+def test_a_silo_that_stopped_asking_stops_holding_a_slot_back(monkeypatch):
+    monkeypatch.setattr(slots_module, "WAITING_TTL_S", 0.05)
+    pool = SlotPool(2, SIZE)
+    busy, gone = pool.share(2, lambda off, data: None), pool.share(2, lambda off, data: None)
+    first = busy.take_now()
+    second = busy.take_now()
+    assert gone.take_now() is None and pool.waiting == 1  # then its transfer ends
+    busy.give(second)
+    time.sleep(0.1)
+    assert pool.waiting == 0
+    third = busy.take_now()
+    assert third is not None, "a silo no longer asking still held a slot back"
+    for slot in (first, third):
+        busy.give(slot)  # type: ignore[arg-type]

@@ -11,13 +11,20 @@ reader that finds no free slot stops reading its connection, and TCP's flow cont
 that sender: back-pressure, not loss. Each silo may hold at most `cap` slots (`Slots`), so
 one that stalls mid-chunk (slow, or hostile) can hold only its share, and its transfer's own
 liveness (then the round's deadline) ends the stall.
+
+**Waiting silos first.** While a silo that holds no slot waits for one, a silo that holds
+some gets no more, unless more slots are free than silos wait: the next slot that comes
+back goes to the waiting silo. So a silo that serves its chunks slowly (a trickle) cannot
+grow its hold while others wait, and every silo that asks gets a slot as soon as any
+comes back; a trickle holds only what it took while nobody waited, and gives those back
+one by one as its chunks end.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -39,6 +46,11 @@ the window's next READs are already posted."""
 
 WAIT_STEP_S = 0.5
 """How often a reader waiting for a slot looks whether the pool is still moving."""
+
+WAITING_TTL_S = 1.0
+"""A silo counts as waiting this long after it last asked for a slot while holding none. Its
+loop asks again every turn (a pull, a push) or every WAIT_STEP_S (a tcp-e reader), so one
+that stopped asking (its transfer ended or failed) soon stops holding a slot back."""
 
 Consume = Callable[[int, torch.Tensor], None]
 """(offset, the verified chunk's bytes): fold them before returning; the slot is reused after."""
@@ -63,7 +75,7 @@ class SlotPool:
 
     One buffer, allocated untouched: pages fault in as chunks land, so slots never used cost
     address space, not memory. One buffer so that it can be registered once (`register`),
-    for a pull that READs into the slots.
+    for a pull that READs into the slots. Slots are lent by the rule in the module docstring.
     """
 
     def __init__(self, count: int, size: int) -> None:
@@ -71,9 +83,10 @@ class SlotPool:
             raise ValueError(f"a bounded inbox needs at least one slot of at least one byte, not {count} x {size}")
         self.size, self.count = size, count
         self.buffer = torch.empty(count * size, dtype=torch.uint8)
-        self._free: queue.Queue[Slot] = queue.Queue()
-        for number in range(count):
-            self._free.put(Slot(self.buffer[number * size : (number + 1) * size], number))
+        self._free = deque(Slot(self.buffer[n * size : (n + 1) * size], n) for n in range(count))
+        self._cond = threading.Condition()
+        self._waiting: dict[int, float] = {}
+        """id of a share that holds no slot -> when it last asked for one (time.monotonic)."""
         self._moved = time.monotonic()
         """When a slot last came back: a wait restarts on that, not on a fixed clock."""
         self.registration: Pool | None = None
@@ -100,36 +113,62 @@ class SlotPool:
 
     @property
     def free(self) -> int:
-        return self._free.qsize()
+        return len(self._free)
+
+    @property
+    def waiting(self) -> int:
+        """Silos that hold no slot and asked for one within WAITING_TTL_S."""
+        with self._cond:
+            return self._others_waiting(None, time.monotonic())
 
     def share(self, cap: int, consume: Consume) -> Slots:
         """One receiver's use of the pool: at most `cap` slots at once, verified chunks to `consume`."""
         return Slots(self, min(cap, self.count), consume)
 
-    def take(self, timeout: float, since: float) -> Slot:
+    def take(self, timeout: float, since: float, share: Slots | None = None) -> Slot:
         """A free slot, waiting while slots keep coming back; PeerLost once none came back for
         `timeout` (and the wait, begun at `since`, is that old): the pool is stuck."""
-        while True:
-            try:
-                return self._free.get(timeout=WAIT_STEP_S)
-            except queue.Empty:
+        with self._cond:
+            while (slot := self._lend(share)) is None:
+                self._cond.wait(WAIT_STEP_S)
                 now = time.monotonic()
                 if now - max(self._moved, since) > timeout:
                     raise PeerLost(f"no inbox slot came free within {timeout:.0f} s "
                                    f"(all {self.count} hold chunks not yet verified)") from None
+            return slot
 
-    def take_now(self) -> Slot | None:
-        """A free slot if there is one, without waiting (an initiator's loop must not block)."""
-        try:
-            return self._free.get_nowait()
-        except queue.Empty:
-            return None
+    def take_now(self, share: Slots | None = None) -> Slot | None:
+        """A free slot if the rule lends one now, without waiting (an initiator's loop must not block)."""
+        with self._cond:
+            return self._lend(share)
 
-    def give(self, slot: Slot, used: bool = True) -> None:
+    def give(self, slot: Slot, used: bool = True, share: Slots | None = None) -> None:
         """A slot back; `used` False for one taken and returned unused, which is no progress."""
-        if used:
-            self._moved = time.monotonic()
-        self._free.put(slot)
+        with self._cond:
+            if used:
+                self._moved = time.monotonic()
+            if share is not None:
+                share._held -= 1
+            self._free.append(slot)
+            self._cond.notify_all()
+
+    def _lend(self, share: Slots | None) -> Slot | None:
+        """Under the lock: a slot for `share` (None: a caller outside any share) if the rule allows."""
+        now = time.monotonic()
+        holds = share is not None and share._held > 0
+        if self._free and (not holds or len(self._free) > self._others_waiting(share, now)):
+            if share is not None:
+                self._waiting.pop(id(share), None)
+                share._held += 1
+            return self._free.popleft()
+        if share is not None and not holds:
+            self._waiting[id(share)] = now  # it holds none: the next slot back is kept for it
+        return None
+
+    def _others_waiting(self, share: Slots | None, now: float) -> int:
+        for key in [k for k, asked in self._waiting.items() if now - asked > WAITING_TTL_S]:
+            del self._waiting[key]
+        return sum(1 for key in self._waiting if share is None or key != id(share))
 
 
 class Slots:
@@ -142,7 +181,7 @@ class Slots:
         self.size = pool.size
         self._share = threading.BoundedSemaphore(cap)
         self._held = 0
-        self._lock = threading.Lock()
+        """Slots this share holds; changed under the pool's lock."""
 
     @classmethod
     def own(cls, count: int, size: int, consume: Consume) -> Slots:
@@ -162,31 +201,23 @@ class Slots:
             if time.monotonic() - since > timeout:
                 raise PeerLost(f"none of this peer's {self.cap} inbox slots came free within {timeout:.0f} s")
         try:
-            slot = self.pool.take(timeout, since)
+            return self.pool.take(timeout, since, self)
         except BaseException:
             self._share.release()
             raise
-        with self._lock:
-            self._held += 1
-        return slot
 
     def take_now(self) -> Slot | None:
-        """A slot within this receiver's share if one is free now; None without waiting."""
+        """A slot within this receiver's share if the pool lends one now; None without waiting."""
         if not self._share.acquire(blocking=False):
             return None
-        slot = self.pool.take_now()
+        slot = self.pool.take_now(self)
         if slot is None:
             self._share.release()
-            return None
-        with self._lock:
-            self._held += 1
         return slot
 
     def give(self, slot: Slot, used: bool = True) -> None:
         """A slot back, its chunk folded or dropped (`used` False: taken and never lent)."""
-        with self._lock:
-            self._held -= 1
-        self.pool.give(slot, used)
+        self.pool.give(slot, used, self)
         self._share.release()
 
     def fold(self, offset: int, slot: Slot, length: int) -> None:
