@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from fedrdma.bench.procs import PeerProcess, peer_env, start_pair
+
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    # A suite started in the background by a shell without job control runs with SIGINT
+    # ignored, and the processes the tests start would inherit that across exec: Python then
+    # installs no KeyboardInterrupt, and an aggregator a test interrupts would run on. A
+    # handler (unlike an ignored signal) is reset to the default on exec, which is what an
+    # operator's processes have. Not with `preexec_fn`: it forks with gRPC's threads alive
+    # in this process, and grpcio's fork handlers then abort the child before its exec
+    # (epoll_wait: Bad file descriptor; grpc/grpc#43055).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 FAULTY_PEER = "fedrdma.testing.peer"
 """The benchmark's peer with the fault flags the tests use (--corrupt-once, --cut-after, ...)."""

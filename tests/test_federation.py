@@ -42,18 +42,11 @@ def events(path: Path, kind: str) -> list[dict]:
     return [e for e in map(json.loads, path.read_text().splitlines()) if e.get("event") == kind]
 
 
-def _default_sigint() -> None:
-    """A suite started in the background by a shell without job control runs with SIGINT
-    ignored, and children inherit that: Python then installs no KeyboardInterrupt, and an
-    aggregator the tests interrupt would run on. Give each process the default an operator's has."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def start(kind: str, config: Path, log: Path, env_extra: dict[str, str] | None = None, *flags: str) -> subprocess.Popen:
     env = {**os.environ, "UCX_TLS": "tcp", **(env_extra or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "fedrdma.cli", kind, "--config", str(config), *flags],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, preexec_fn=_default_sigint,
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
     )
 
 
@@ -62,7 +55,7 @@ def start_faulty(config: Path, log: Path, fault: str) -> subprocess.Popen:
     env = {**os.environ, "UCX_TLS": "tcp"}
     return subprocess.Popen(
         [sys.executable, "-m", "fedrdma.testing.silo", "--fault", fault, "--config", str(config)],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, preexec_fn=_default_sigint,
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
     )
 
 
