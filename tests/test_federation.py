@@ -270,8 +270,10 @@ def wait_for(what: str, predicate, timeout: float = WAIT_S) -> None:  # type: ig
 
 
 @pytest.mark.parametrize("phase,mode,chunk", [
-    ("broadcast", "rdma-e", 16384), ("train", "rdma-e", 16384), ("upload", "rdma-e", 16384),
-    # READ into the shared slots; chunks small enough for statuses before the last one
+    ("broadcast", "rdma-e", 16384), ("train", "rdma-e", 16384),
+    # WRITE into granted landing slots, or READ into the shared slots; pull chunks small enough
+    # for statuses before the last one
+    ("upload", "rdma-e", 16384),
     ("upload", "rdma-e-pull", 4096),
 ], ids=["broadcast", "train", "upload", "upload-pull"])
 def test_a_hung_silo_is_left_out_on_its_heartbeats_and_rejoins_after_sigcont(tmp_path, phase, mode, chunk):
@@ -298,7 +300,8 @@ def test_a_hung_silo_is_left_out_on_its_heartbeats_and_rejoins_after_sigcont(tmp
     rounds = events(metrics, "round")[1:]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert sorted(rounds[-1]["accepted"]) == sorted(DEMO_SILOS[:3]), "it rejoined after SIGCONT"
-    if mode == "rdma-e-pull":  # its folded chunks could not be read again: the others were, to rebuild the sum
+    if phase == "upload":  # its folded chunks (slots: push or pull) could not be read again: the others were,
+        # to rebuild the sum
         assert [len(events(tmp_path / "silos" / f"{s}.jsonl", "resent")) for s in DEMO_SILOS[:2]] == [1, 1]
 
 
