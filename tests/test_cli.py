@@ -46,6 +46,7 @@ def test_every_command_is_listed():
         (["--rate", "1gbit", "--rtt", "5 minutes"], "rtt"),
         (["--rate", "1gbit", "--loss", "1.5"], "loss"),
         (["--rate", "1gbit", "--mtu", "100"], "mtu"),
+        (["--inbox", "slots", "--modes", "rdma-e,grpc"], "not grpc; run those modes without it"),
     ],
 )
 def test_bench_transfer_refuses_bad_settings_before_starting_anything(args, message):
@@ -71,6 +72,23 @@ def test_bench_transfer_moves_a_lora_state_in_one_chunk_by_default(tmp_path):
     assert saved["chunk_size"] == nbytes
     assert saved["modes"]["rdma-e"]["identical"] is True
 
+
+
+def test_bench_transfer_into_slots_moves_every_mode_bit_identically_through_the_slots(tmp_path):
+    """--inbox slots: the receivers land chunks in a few reused slots, a push in granted landing
+    slots, and copy each verified chunk into their state; the bytes still arrive whole."""
+    import json
+
+    out = tmp_path / "slots.json"
+    result = runner.invoke(app, ["bench", "transfer", "--size-mb", "8", "--chunk-size", str(1 << 20),
+                                 "--modes", "tcp-e,rdma-e,rdma-e-pull", "--inbox", "slots", "--repeat", "1",
+                                 "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert saved["inbox"] == "slots"
+    for mode in ("tcp-e", "rdma-e", "rdma-e-pull"):
+        row = saved["modes"][mode]
+        assert row["identical"] is True and row["vs_raw_same_pair"] is None, (mode, row)
 
 
 def test_bench_transfer_moves_an_int8_state_bit_identically_and_times_both_ends_of_the_codec(tmp_path):

@@ -20,10 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_args
 
+import torch
+
 from fedrdma.bench.certs import DIALER, LISTENER
 from fedrdma.bench.procs import RAW_MODES
 from fedrdma.bench.states import gpt2_layout, make_state, synthetic_layout
-from fedrdma.config import Verify
+from fedrdma.config import Inbox, Verify
 from fedrdma.core.addresses import split_host_port
 from fedrdma.core.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, Region, state_digest
 from fedrdma.core.errors import FedRDMAError, ProtocolError, TransferError
@@ -39,6 +41,7 @@ from fedrdma.transport.agent import Agent
 from fedrdma.transport.channel import Channel, Listener, dial
 from fedrdma.transport.pacing import Pacer, recv_serving
 from fedrdma.transport.session import Session
+from fedrdma.transport.slots import SlotPool, Slots, receiver_share
 from fedrdma.transport.streams import DEFAULT_STREAMS, DataListener
 from fedrdma.transport.tls import Credentials
 
@@ -192,9 +195,33 @@ def parser(prog: str = "python -m fedrdma.bench.peer") -> argparse.ArgumentParse
     p.add_argument("--verify", choices=get_args(Verify), default="xxh3", help="fabric: the receiver takes landed "
                    "chunks as good without hashing them, to measure what xxh3 costs (the runtime allows it only on "
                    "InfiniBand or RoCE)")
+    p.add_argument("--inbox", choices=get_args(Inbox), default="full", help="slots: the receiver lands chunks in "
+                   "a few reused slots (a push in granted landing slots) and copies each verified chunk into its "
+                   "state, as the aggregator folds one (tcp-e, rdma-e, rdma-e-pull)")
     p.add_argument("--paired", action="store_true", help="rdma-e and rdma-e-pull: after each transfer, the same "
                    "bytes in one raw NIXL operation between the same pools (paired_seconds)")
     return p
+
+
+def inbox_slots(args: argparse.Namespace, agent: Agent | None, state: FlatState, chunk_size: int) -> Slots | None:
+    """With --inbox slots, the receiver's bounded inbox: as many slots as the aggregator would
+    give one silo, each verified chunk copied to its offset in `state` (so the digest still
+    says whether the bytes arrived)."""
+    mode = Mode(args.mode)
+    if args.inbox != "slots" or args.role != Role.RECEIVER:
+        return None
+    if not mode.receiver_places or args.cells:
+        raise SystemExit(f"--inbox slots needs tcp-e, rdma-e or rdma-e-pull and no --cells, not {mode}")
+
+    def land(offset: int, data: torch.Tensor) -> None:
+        state.buffer[offset : offset + data.numel()].copy_(data)
+
+    count = receiver_share(mode.one_sided, args.window, args.data_streams)
+    pool = SlotPool(count, min(chunk_size, state.nbytes))
+    if mode.initiator is Role.RECEIVER:
+        assert agent is not None
+        pool.register(agent)  # a pull READs into them
+    return pool.share(count, land)
 
 
 def one_sided(mode: str) -> bool:
@@ -250,6 +277,7 @@ def run(
             policy=RetryPolicy(chunk_timeout_s=args.chunk_timeout), peer_timeout=args.peer_timeout,
             streams=streams, data_streams=args.data_streams, trusted_fabric=args.trusted_fabric,
             follow_plan=bool(args.cells), verify=args.verify != fabric.VERIFY_FABRIC,
+            slots=inbox_slots(args, agent, moved, chunk_size),
         )
         session.open()
         pools = agent.registered_pools if agent else 0

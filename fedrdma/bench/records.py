@@ -70,6 +70,9 @@ class TransferResult(Record):
     data_streams: int | None = Field(None, description="tcp-e's data connections per session; absent in older results")
     verify: Verify = Field("xxh3", description="how receivers checked landed chunks: xxh3, or fabric (taken as "
                                                "good unhashed, to measure what hashing costs)")
+    inbox: Inbox = Field("full", description="where receivers landed chunks: their whole state, or slots (a few "
+                                             "reused chunk-sized slots, copied into the state; tcp-e, rdma-e, "
+                                             "rdma-e-pull)")
     wire: Wire = Field(Wire.FP32, description="what the modes moved (the raw references move the fp32 state); "
                        "goodputs count the fp32 state's bytes")
     ucx_tls: str = ""

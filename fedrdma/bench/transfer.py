@@ -201,14 +201,16 @@ def run_mode(
     data_streams: int = DEFAULT_STREAMS,
     wire: Wire = Wire.FP32,
     verify: str = "xxh3",
+    inbox: str = "full",
 ) -> ModeResult:
     transfers = repeat + WARMUP
     coded = wire.compressed and mode not in RAW_MODES
     # the raw references move the fp32 state: they are the line's ceiling, not a format's
     common = [*size_args, "--chunk-size", str(chunk_size), "--window", str(window), "--transfers", str(transfers),
               "--data-streams", str(data_streams), *(["--wire", wire] if coded else []),
-              *(["--verify", verify] if mode not in RAW_MODES else [])]
-    paired = mode in PAIRED_MODES
+              *(["--verify", verify] if mode not in RAW_MODES else []),
+              *(["--inbox", inbox] if mode not in RAW_MODES and Mode(mode).receiver_places else [])]
+    paired = mode in PAIRED_MODES and inbox != "slots"  # a raw operation needs whole pools on both sides
     rows = run_pair_events(mode, [*common, *(["--paired"] if paired else [])], transfers, env, where, on_transfer, tls)
     s, r = rows["sender"][WARMUP:], rows["receiver"][WARMUP:]
     # The time of a transfer is the initiator's: the raw READ is timed where it is posted.
@@ -256,6 +258,7 @@ def run(
     data_streams: int = DEFAULT_STREAMS,
     wire: Wire = Wire.FP32,
     verify: str = "xxh3",
+    inbox: str = "full",
 ) -> TransferResult:
     """Every mode (and, unless told not to, the raw references) between two fresh processes.
 
@@ -270,11 +273,11 @@ def run(
         for mode in order:
             on_mode(mode)
             res = run_mode(mode, size_args, chunk_size, window, 1 if interleave else repeat, env, on_transfer, where,
-                           tls, data_streams, wire, verify)
+                           tls, data_streams, wire, verify, inbox)
             measured[mode] = measured[mode].extend(res) if turn else res
     result = TransferResult(
         size_bytes=nbytes, chunk_size=chunk_size, window=window, repeat=repeat, interleaved=interleave,
-        data_streams=data_streams, wire=wire, verify=verify,
+        data_streams=data_streams, wire=wire, verify=verify, inbox=inbox,
         ucx_tls=env.get("UCX_TLS", ""), path=where.describe(), **where.fields(),
         modes={Mode(mode): measured[mode].summary(nbytes).model_copy(update={"tls": tls and encrypts(Mode(mode))})
                for mode in modes},

@@ -68,6 +68,9 @@ def bench_transfer(
                                      "seconds are reported per GB of the fp32 state."),
     verify: str = typer.Option("xxh3", help="fabric: receivers take landed chunks as good without hashing them, "
                                "to measure what xxh3 costs (a federation allows it only on InfiniBand or RoCE)."),
+    inbox: str = typer.Option("full", help="slots: receivers land chunks in a few reused slots, as the "
+                              "aggregator does (tcp-e, rdma-e, rdma-e-pull; a push WRITEs into granted landing "
+                              "slots), to measure what that costs against a whole-state pool."),
 ) -> None:
     """Move one state between two processes with each mode and with raw NIXL references.
 
@@ -80,6 +83,10 @@ def bench_transfer(
     out = console()
     mode_list = comma_list(modes, "--modes", mode)
     verify = single(verify, "--verify", one_of("verify", VERIFIES))
+    inbox = single(inbox, "--inbox", one_of("inbox", INBOXES))
+    if inbox == "slots" and (whole := [m.value for m in mode_list if not m.receiver_places]):
+        raise typer.BadParameter(f"--inbox slots lands only tcp-e, rdma-e and rdma-e-pull in slots, not "
+                                 f"{', '.join(whole)}; run those modes without it")
     if size_mb is not None:
         if size_mb <= 0:
             raise typer.BadParameter("--size-mb must be positive")
@@ -106,7 +113,8 @@ def bench_transfer(
     env = transfer.transfer_env()
     out.print(f"[bold]bench transfer[/]: {what}; chunk {chunk_size} B, window {window}, "
               f"{repeat} counted + 1 warm-up per mode; UCX_TLS={env['UCX_TLS']}"
-              + ("; receivers do NOT hash landed chunks (--verify fabric)" if verify == "fabric" else ""))
+              + ("; receivers do NOT hash landed chunks (--verify fabric)" if verify == "fabric" else "")
+              + ("; receivers land chunks in slots (--inbox slots)" if inbox == "slots" else ""))
     total = (len(mode_list) + (2 if references else 0)) * (repeat + transfer.WARMUP)
     out.print(("peers speak mutual TLS (certificates made for this run)" if tls else "peers speak plaintext (--no-tls)")
               + ("; one-sided modes run as a trusted fabric: both peers are this benchmark's own processes"
@@ -120,7 +128,7 @@ def bench_transfer(
                 on_transfer=lambda: bar.advance(task),
                 on_mode=lambda m: bar.update(task, description=f"[cyan]{m}"),
                 env=env, where=where, references=references, tls=tls, data_streams=data_streams,
-                wire=wire_format, verify=verify,
+                wire=wire_format, verify=verify, inbox=inbox,
             )
         except RunError as exc:
             bar.stop()
@@ -313,6 +321,9 @@ def bench_scale(
     chosen = single(mode_name, "--mode", mode)
     single(model, "--model", model_name)
     inbox = single(inbox, "--inbox", one_of("inbox", INBOXES))
+    if inbox == "slots" and (whole := [m.value for m in mode_list if not m.receiver_places]):
+        raise typer.BadParameter(f"--inbox slots lands only tcp-e, rdma-e and rdma-e-pull in slots, not "
+                                 f"{', '.join(whole)}; run those modes without it")
     with progress(out) as bar:
         task = bar.add_task(f"federations of {silos} silos", total=rounds * len(counts))
         try:

@@ -44,7 +44,7 @@ from fedrdma.metrics import mark_runtime, memory_report, reset_peak
 from fedrdma.transport import fabric
 from fedrdma.transport.agent import Agent, Pool
 from fedrdma.transport.session import Session
-from fedrdma.transport.slots import PULL_SPARE_SLOTS, SLOTS_PER_STREAM, SlotPool
+from fedrdma.transport.slots import SlotPool, receiver_share
 from fedrdma.transport.streams import DataListener
 from fedrdma.transport.tls import SERVER, Credentials
 
@@ -179,8 +179,7 @@ class Aggregator:
         if st is None:
             if self.bounded:
                 assert self.slot_pool is not None
-                share = (self.cfg.window + PULL_SPARE_SLOTS if self.mode.one_sided
-                         else self.cfg.data_streams * SLOTS_PER_STREAM)
+                share = receiver_share(self.mode.one_sided, self.cfg.window, self.cfg.data_streams)
                 slots = self.slot_pool.share(share,
                                              lambda off, data, silo=link.silo: self._land(silo, off, data))
                 st = SiloState(link.silo, None, None, slots)

@@ -52,6 +52,13 @@ WAITING_TTL_S = 1.0
 loop asks again every turn (a pull, a push) or every WAIT_STEP_S (a tcp-e reader), so one
 that stopped asking (its transfer ended or failed) soon stops holding a slot back."""
 
+def receiver_share(one_sided: bool, window: int, data_streams: int) -> int:
+    """How many slots one receiver may hold: its window and PULL_SPARE_SLOTS more when its
+    chunks land by one-sided operations (a pull's READs, a push's copies out of its landing
+    slots), SLOTS_PER_STREAM per data connection for tcp-e."""
+    return window + PULL_SPARE_SLOTS if one_sided else data_streams * SLOTS_PER_STREAM
+
+
 Consume = Callable[[int, torch.Tensor], None]
 """(offset, the verified chunk's bytes): fold them before returning; the slot is reused after."""
 
