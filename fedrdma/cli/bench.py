@@ -321,9 +321,6 @@ def bench_scale(
     chosen = single(mode_name, "--mode", mode)
     single(model, "--model", model_name)
     inbox = single(inbox, "--inbox", one_of("inbox", INBOXES))
-    if inbox == "slots" and (whole := [m.value for m in mode_list if not m.receiver_places]):
-        raise typer.BadParameter(f"--inbox slots lands only tcp-e, rdma-e and rdma-e-pull in slots, not "
-                                 f"{', '.join(whole)}; run those modes without it")
     with progress(out) as bar:
         task = bar.add_task(f"federations of {silos} silos", total=rounds * len(counts))
         try:
