@@ -135,3 +135,42 @@ def test_a_silo_that_stopped_asking_stops_holding_a_slot_back(monkeypatch):
     assert third is not None, "a silo no longer asking still held a slot back"
     for slot in (first, third):
         busy.give(slot)  # type: ignore[arg-type]
+
+
+def test_a_silo_that_holds_slots_while_others_wait_and_lands_nothing_is_given_up(monkeypatch):
+    monkeypatch.setattr(slots_module, "HOLD_LIMIT_S", 0.1)
+    pool = SlotPool(2, SIZE)
+    trickle, honest = pool.share(2, lambda off, data: None), pool.share(2, lambda off, data: None)
+    held = [trickle.take_now(), trickle.take_now()]
+    time.sleep(0.15)
+    assert trickle.stalled() is None, "a silo alone may be as slow as its line"
+    assert honest.take_now() is None  # now another waits
+    assert "held 2 inbox slot(s)" in (trickle.stalled() or "")
+    trickle.give(held.pop())  # it landed a chunk: its clock starts again
+    assert trickle.stalled() is None
+    assert honest.take_now() is not None
+
+
+def test_a_pull_that_holds_slots_others_wait_for_and_reads_nothing_is_lost(monkeypatch):
+    """Plain calls into a pull's side of the loop: its READ's slot is held, another silo waits,
+    and the turn after the hold limit gives the pull up."""
+    from fedrdma.core.chunks import ChunkPlan
+    from fedrdma.core.receiver import Receiver
+    from fedrdma.core.scheduler import Scheduler
+    from fedrdma.transport.movers.pull import Pulling
+
+    monkeypatch.setattr(slots_module, "HOLD_LIMIT_S", 0.1)
+    pool = SlotPool(1, SIZE)
+    share = pool.share(2, lambda off, data: None)
+    plan = ChunkPlan.build(4 * SIZE, SIZE)
+    pulling = Pulling(None, Receiver(plan, 1, 0.0, status_interval_s=100.0), share)  # type: ignore[arg-type]
+    sched = Scheduler(plan, 2)
+    reading = share.take_now()  # a READ in flight that the holder serves slowly
+    other = pool.share(1, lambda off, data: None)
+    assert other.take_now() is None
+    pulling.each_turn(sched, 0.0)  # within the limit
+    time.sleep(0.15)
+    other.take_now()  # it keeps asking
+    with pytest.raises(PeerLost, match="without landing a chunk while other silos waited"):
+        pulling.each_turn(sched, 0.2)
+    share.give(reading)  # type: ignore[arg-type]

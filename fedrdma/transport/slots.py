@@ -18,6 +18,10 @@ back goes to the waiting silo. So a silo that serves its chunks slowly (a trickl
 grow its hold while others wait, and every silo that asks gets a slot as soon as any
 comes back; a trickle holds only what it took while nobody waited, and gives those back
 one by one as its chunks end.
+
+**A hold that lands nothing ends.** A silo that holds slots while others wait, and gives
+none of them back for HOLD_LIMIT_S, is given up (`Slots.stalled`, which its transfer's loop
+asks): a trickle may not keep the shared slots through the round.
 """
 
 from __future__ import annotations
@@ -58,6 +62,11 @@ def receiver_share(one_sided: bool, window: int, data_streams: int) -> int:
     slots), SLOTS_PER_STREAM per data connection for tcp-e."""
     return window + PULL_SPARE_SLOTS if one_sided else data_streams * SLOTS_PER_STREAM
 
+
+HOLD_LIMIT_S = 20.0
+"""How long a silo may hold inbox slots while others wait without giving one back: a 4 MiB
+chunk at 1.6 Mbit/s. A silo whose line is that slow cannot upload a model in a round anyway,
+and one that serves chunks slower on purpose holds others' share."""
 
 Consume = Callable[[int, torch.Tensor], None]
 """(offset, the verified chunk's bytes): fold them before returning; the slot is reused after."""
@@ -156,6 +165,8 @@ class SlotPool:
                 self._moved = time.monotonic()
             if share is not None:
                 share._held -= 1
+                if used:
+                    share._since = self._moved
             self._free.append(slot)
             self._cond.notify_all()
 
@@ -166,6 +177,8 @@ class SlotPool:
         if self._free and (not holds or len(self._free) > self._others_waiting(share, now)):
             if share is not None:
                 self._waiting.pop(id(share), None)
+                if share._held == 0:
+                    share._since = now  # its hold begins
                 share._held += 1
             return self._free.popleft()
         if share is not None and not holds:
@@ -189,6 +202,8 @@ class Slots:
         self._share = threading.BoundedSemaphore(cap)
         self._held = 0
         """Slots this share holds; changed under the pool's lock."""
+        self._since = time.monotonic()
+        """When its hold began or last gave a slot back: the hold limit counts from there."""
 
     @classmethod
     def own(cls, count: int, size: int, consume: Consume) -> Slots:
@@ -199,6 +214,16 @@ class Slots:
     def held(self) -> int:
         """Slots this receiver holds now (0 between transfers, once every chunk was folded or dropped)."""
         return self._held
+
+    def stalled(self) -> str | None:
+        """Why this receiver is to be given up, if it held slots for HOLD_LIMIT_S while other
+        receivers waited, without giving one back (None: it is not)."""
+        with self.pool._cond:
+            now = time.monotonic()
+            if self._held == 0 or not self.pool._others_waiting(self, now) or now - self._since <= HOLD_LIMIT_S:
+                return None
+            return (f"held {self._held} inbox slot(s) for {now - self._since:.0f} s without landing a chunk while "
+                    f"other silos waited (the limit is {HOLD_LIMIT_S:.0f} s)")
 
     def take(self, timeout: float) -> Slot:
         """A slot for the next chunk: first this receiver's share, then the pool's; waits as

@@ -106,6 +106,8 @@ class Pulling(Initiation):
         for index, generation, value in finished:
             self._execute(sched, self.receiver.hashed(index, generation, value, now), now)
         self._give_back_reserve()
+        if self.slots is not None and (why := self.slots.stalled()):
+            raise PeerLost(why)
         progressed = bool(finished) or self._waiting_moved(now)
         self._execute(sched, self.receiver.tick(now), now)
         return progressed

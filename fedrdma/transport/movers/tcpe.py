@@ -284,6 +284,8 @@ class TcpMover(Mover):
                         receiver.heard(now)
                 self._execute(receiver, receiver.tick(now), now, pacer)
                 self.check_channel(begin.transfer)
+                if ctx.slots is not None and (why := ctx.slots.stalled()):
+                    raise PeerLost(why)
                 if not progressed:
                     self._wait_event(pacer)
         finally:
