@@ -138,7 +138,7 @@ def test_a_silo_that_stopped_asking_stops_holding_a_slot_back(monkeypatch):
 
 
 def test_a_silo_that_holds_slots_while_others_wait_and_lands_nothing_is_given_up(monkeypatch):
-    monkeypatch.setattr(slots_module, "HOLD_LIMIT_S", 0.1)
+    monkeypatch.setattr(slots_module, "hold_limit", lambda nbytes: 0.1)
     pool = SlotPool(2, SIZE)
     trickle, honest = pool.share(2, lambda off, data: None), pool.share(2, lambda off, data: None)
     held = [trickle.take_now(), trickle.take_now()]
@@ -159,7 +159,7 @@ def test_a_pull_that_holds_slots_others_wait_for_and_reads_nothing_is_lost(monke
     from fedrdma.core.scheduler import Scheduler
     from fedrdma.transport.movers.pull import Pulling
 
-    monkeypatch.setattr(slots_module, "HOLD_LIMIT_S", 0.1)
+    monkeypatch.setattr(slots_module, "hold_limit", lambda nbytes: 0.1)
     pool = SlotPool(1, SIZE)
     share = pool.share(2, lambda off, data: None)
     plan = ChunkPlan.build(4 * SIZE, SIZE)
@@ -174,3 +174,8 @@ def test_a_pull_that_holds_slots_others_wait_for_and_reads_nothing_is_lost(monke
     with pytest.raises(PeerLost, match="without landing a chunk while other silos waited"):
         pulling.each_turn(sched, 0.2)
     share.give(reading)  # type: ignore[arg-type]
+
+
+def test_the_hold_limit_is_what_the_pool_takes_to_drain_at_the_slowest_line_and_never_under_its_floor():
+    assert slots_module.hold_limit(32 << 20) == pytest.approx((32 << 20) * 8 / 10e6)  # about 27 s
+    assert slots_module.hold_limit(1 << 20) == slots_module.HOLD_LIMIT_S

@@ -20,7 +20,7 @@ comes back; a trickle holds only what it took while nobody waited, and gives tho
 one by one as its chunks end.
 
 **A hold that lands nothing ends.** A silo that holds slots while others wait, and gives
-none of them back for HOLD_LIMIT_S, is given up (`Slots.stalled`, which its transfer's loop
+none of them back for `hold_limit`, is given up (`Slots.stalled`, which its transfer's loop
 asks): a trickle may not keep the shared slots through the round.
 """
 
@@ -64,9 +64,18 @@ def receiver_share(one_sided: bool, window: int, data_streams: int) -> int:
 
 
 HOLD_LIMIT_S = 20.0
-"""How long a silo may hold inbox slots while others wait without giving one back: a 4 MiB
-chunk at 1.6 Mbit/s. A silo whose line is that slow cannot upload a model in a round anyway,
-and one that serves chunks slower on purpose holds others' share."""
+"""The least time a silo may hold inbox slots while others wait without giving one back."""
+
+SLOWEST_LINE_BITS_S = 10e6
+"""The slowest aggregator line the hold limit allows for: with every slot busy, each chunk
+moves at this line's rate over the number of slots, so the limit is at least the time the
+whole pool takes to drain at this rate (27 s for the default 32 MiB), or honest silos on
+such a line would be given up."""
+
+
+def hold_limit(pool_bytes: int) -> float:
+    """How long a silo may hold slots of a `pool_bytes` pool while others wait, landing nothing."""
+    return max(HOLD_LIMIT_S, pool_bytes * 8 / SLOWEST_LINE_BITS_S)
 
 Consume = Callable[[int, torch.Tensor], None]
 """(offset, the verified chunk's bytes): fold them before returning; the slot is reused after."""
@@ -216,14 +225,14 @@ class Slots:
         return self._held
 
     def stalled(self) -> str | None:
-        """Why this receiver is to be given up, if it held slots for HOLD_LIMIT_S while other
+        """Why this receiver is to be given up, if it held slots for `hold_limit` while other
         receivers waited, without giving one back (None: it is not)."""
         with self.pool._cond:
-            now = time.monotonic()
-            if self._held == 0 or not self.pool._others_waiting(self, now) or now - self._since <= HOLD_LIMIT_S:
+            now, limit = time.monotonic(), hold_limit(self.pool.nbytes)
+            if self._held == 0 or not self.pool._others_waiting(self, now) or now - self._since <= limit:
                 return None
             return (f"held {self._held} inbox slot(s) for {now - self._since:.0f} s without landing a chunk while "
-                    f"other silos waited (the limit is {HOLD_LIMIT_S:.0f} s)")
+                    f"other silos waited (the limit is {limit:.0f} s)")
 
     def take(self, timeout: float) -> Slot:
         """A slot for the next chunk: first this receiver's share, then the pool's; waits as
