@@ -361,17 +361,23 @@ def test_a_cut_endpoint_under_a_bounded_inbox_resumes_and_gives_every_slot_back(
     assert_folded_once(slots, src, dst)
 
 
-def test_a_pushing_peer_that_names_a_landing_slot_it_was_not_granted_is_refused_and_nothing_is_folded(monkeypatch):
-    """The attacker's side: its notices name a landing slot past the ones it was granted."""
+@pytest.mark.parametrize("lie,refusal", [
+    ("slot", f"landing slot {WINDOW + 2 + 1}, outside the {WINDOW + 2}"),  # past the slots it was granted
+    ("index", f"chunk {SIZE // CHUNK + 3}, outside the plan"),  # a chunk the plan does not have
+])
+def test_a_pushing_peer_whose_notices_lie_is_refused_and_nothing_is_folded(monkeypatch, lie, refusal):
+    """The attacker's side: its notices name a landing slot past the ones it was granted, or a
+    chunk past the plan."""
     def lying(self: push.GrantFollower, index: int, generation: int) -> bytes:
-        return wire.chunk_notice(self.transfer, generation, index, self.checksum(index), self.count + 1)
+        slot = self._slot_of[index] if lie == "index" else self.count + 1
+        told = SIZE // CHUNK + 3 if lie == "index" else index
+        return wire.chunk_notice(self.transfer, generation, told, self.checksum(index), slot)
 
     monkeypatch.setattr(push.GrantFollower, "_notice", lying)
     src, dst = states()
     slots = slotted(None, WINDOW, SIZE)
     sent, got, errors = pair(Mode.RDMA_E, src, dst, slots=slots)
-    assert any(isinstance(e, ProtocolError) and f"landing slot {WINDOW + 2 + 1}, outside" in str(e)
-               for e in errors), errors
+    assert any(isinstance(e, ProtocolError) and refusal in str(e) for e in errors), errors
     assert got == [] and slots.consume.offsets == []  # type: ignore[attr-defined]
     assert slots.pool.free == slots.pool.count
 

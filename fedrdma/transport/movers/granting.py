@@ -73,6 +73,8 @@ class Landing:
         """A chunk's notice: its landing slot is held until the chunk is copied out."""
         if notice.slot is None:
             raise ProtocolError(f"chunk {notice.index}'s notice names no landing slot; this side grants them")
+        if notice.index >= len(self.plan):
+            raise ProtocolError(f"the peer named chunk {notice.index}, outside the plan of {len(self.plan)} chunks")
         if self.grants.claim(notice.generation, notice.slot):
             self._pending.append(notice)
 
