@@ -228,3 +228,16 @@ def test_bench_wire_runs_the_federation_per_format_and_writes_its_ratios_and_plo
     assert out.with_suffix(".png").stat().st_size > 0
     said = " ".join(result.output.split())
     assert "the same federation per wire format" in said and "0.254" in said
+
+
+def test_the_flower_bench_plot_draws_both_ways_from_a_stored_result(tmp_path):
+    """`bench flower --json F` writes F's plot beside it; drawn here from the stored result."""
+    import struct
+
+    from fedrdma.bench.records import FlowerResult
+    from fedrdma.cli.plots import flower_plot
+
+    result = FlowerResult.model_validate_json((REPO / "results" / "flower-gpt2-small.json").read_text())
+    png = flower_plot(result, tmp_path / "flower.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", png[16:24]) == (1100, 450)  # two panels, 11 x 4.5 in at 100 dpi

@@ -396,7 +396,7 @@ def bench_flower(
     app_dir: Path = typer.Option(EXAMPLE_APP, "--app", help="The Flower app to run both ways (it must take the "
                                  "example's run-config keys: fedrdma, timings-path, out-path, ...)."),
     out_dir: Path = typer.Option(Path("runs/bench-flower"), help="Flower's homes, the nodes' directories, logs."),
-    json_path: Path | None = typer.Option(None, "--json", help="Write the results here as JSON."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the results here as JSON (and a plot beside it)."),
 ) -> None:
     """The same Flower app twice, its arrays moved by Flower and by fedrdma nodes: seconds, comm, RSS."""
     from fedrdma.bench.flower import run_flower_bench
@@ -415,7 +415,10 @@ def bench_flower(
     out.print(flower_table(result))
     out.print(f"max |difference| between the two ways' final models: {result.max_abs_diff:.2e}")
     if json_path:
+        from fedrdma.cli.plots import flower_plot
+
         write_record(out, result, json_path)
+        out.print(f"wrote {flower_plot(result, json_path.with_suffix('.png'))}")
 
 
 @app.command("wire")

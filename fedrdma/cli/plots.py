@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fedrdma.lab.units import format_duration, format_rate  # noqa: E402
 
 if TYPE_CHECKING:
-    from fedrdma.bench.records import ScaleResult, WireResult
+    from fedrdma.bench.records import FlowerResult, ScaleResult, WireResult
     from fedrdma.fl.records import AggregatorRound
     from fedrdma.sim.tune import Recommendation
 
@@ -124,4 +124,35 @@ def wire_plot(result: WireResult, path: Path) -> Path:
     ax.set_ylabel("held-out loss")
     ax.set_title(f"{result.model}, {result.mode} on {result.path}: loss per byte")
     ax.legend()
+    return _save(fig, path, 100)
+
+
+def flower_plot(result: FlowerResult, path: Path) -> Path:
+    """The same Flower app both ways: each round's seconds split into communication and the
+    ClientApps' own work, and each process's peak RSS."""
+    ways = {"Flower": (result.flower, "tab:blue"), "fedrdma": (result.fedrdma, "tab:orange")}
+    fig, (time_ax, rss_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    width = 0.4
+    tallest = 0.0
+    for k, (name, (way, color)) in enumerate(ways.items()):
+        xs = [r.round + (k - 0.5) * width for r in way.rounds]
+        comm = [r.comm_seconds for r in way.rounds]
+        time_ax.bar(xs, comm, width, color=color, label=f"{name}: communication")
+        time_ax.bar(xs, [r.app_seconds for r in way.rounds], width, bottom=comm, color=color, alpha=0.35,
+                    label=f"{name}: ClientApp's work")
+        tallest = max([tallest, *(r.seconds for r in way.rounds)])
+    time_ax.set_xticks([r.round for r in result.flower.rounds])
+    time_ax.set_ylim(0, tallest * 1.45)
+    time_ax.set_xlabel("round")
+    time_ax.set_ylabel("seconds")
+    time_ax.set_title(f"{result.model} ({result.state_mb:.0f} MiB state): a round, both ways")
+    time_ax.legend(fontsize=8, ncol=2, loc="upper center")
+    roles = sorted({role for way, _ in ways.values() for role in way.peak_rss_mb})
+    for k, (name, (way, color)) in enumerate(ways.items()):
+        rss_ax.bar([j + (k - 0.5) * width for j in range(len(roles))], [way.peak_rss_mb.get(r, 0.0) for r in roles],
+                   width, color=color, label=name)
+    rss_ax.set_xticks(range(len(roles)), roles, rotation=30, ha="right", fontsize=8)
+    rss_ax.set_ylabel("peak RSS, MiB")
+    rss_ax.set_title("each process's peak RSS")
+    rss_ax.legend()
     return _save(fig, path, 100)
