@@ -346,6 +346,7 @@ class SoakResult(Record):
     silos: int
     seed: int
     model: str
+    mode: Mode | None = Field(None, description="how updates moved; absent in older results (tcp-e)")
     lab: bool = Field(False, description="the processes ran in the WAN lab, each silo on its own shaped path")
     seconds: float
     faults: dict[str, int] = Field(description="faults injected, by kind")

@@ -146,7 +146,7 @@ class Soak:
         from fedrdma.bench.wan import federation_hosts
         from fedrdma.fl.demo import LOCAL, free_port, write_configs
 
-        self.root, self.rounds, self.seed, self.model = root, rounds, seed, model
+        self.root, self.rounds, self.seed, self.model, self.mode = root, rounds, seed, model, mode
         self.names = [f"s{i:02d}" for i in range(silos)]
         self.updates = root / UPDATES_DIR
         self.agg_dir = root / "aggregator"
@@ -321,7 +321,8 @@ class Soak:
                 survived[kind] += 1
         tmp_files = sorted(str(p) for p in self.agg_dir.glob("*.tmp"))
         return SoakResult(
-            rounds=self.rounds, silos=len(self.names), seed=self.seed, model=self.model, lab=self.lab is not None,
+            rounds=self.rounds, silos=len(self.names), seed=self.seed, model=self.model, mode=self.mode,
+            lab=self.lab is not None,
             seconds=seconds,
             faults=tally.faults, survived=survived, rounds_retried=retried,
             mismatched_rounds=sorted(set(mismatched)), stale_updates=stale, double_counted=double_counted,
