@@ -56,6 +56,7 @@ WAITING_TTL_S = 1.0
 loop asks again every turn (a pull, a push) or every WAIT_STEP_S (a tcp-e reader), so one
 that stopped asking (its transfer ended or failed) soon stops holding a slot back."""
 
+
 def receiver_share(one_sided: bool, window: int, data_streams: int) -> int:
     """How many slots one receiver may hold: its window and PULL_SPARE_SLOTS more when its
     chunks land by one-sided operations (a pull's READs, a push's copies out of its landing
@@ -227,9 +228,11 @@ class Slots:
     def stalled(self) -> str | None:
         """Why this receiver is to be given up, if it held slots for `hold_limit` while other
         receivers waited, without giving one back (None: it is not)."""
+        now, limit = time.monotonic(), hold_limit(self.pool.nbytes)
+        if self._held == 0 or now - self._since <= limit:
+            return None  # asked every turn of a transfer's loop: the pool's lock only past these
         with self.pool._cond:
-            now, limit = time.monotonic(), hold_limit(self.pool.nbytes)
-            if self._held == 0 or not self.pool._others_waiting(self, now) or now - self._since <= limit:
+            if self._held == 0 or now - self._since <= limit or not self.pool._others_waiting(self, now):
                 return None
             return (f"held {self._held} inbox slot(s) for {now - self._since:.0f} s without landing a chunk while "
                     f"other silos waited (the limit is {limit:.0f} s)")
