@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 
 from fedrdma.cli import app
 from fedrdma.lab import Lab, LabConfig, LabError, PathShape, delay, netns, probe, shaping
-from fedrdma.lab.lab import _check_ceiling
+from fedrdma.lab.lab import _ceiling_key, _check_ceiling
 from fedrdma.lab.netns import PathLinks
-from fedrdma.lab.state import LabState
+from fedrdma.lab.state import LabState, load_ceiling, store_ceiling
 from fedrdma.lab.units import format_rate, parse_duration, parse_loss, parse_rate
 from fedrdma.testing.lab import failing_at
 from tests.conftest import LAB_GROUP
@@ -294,6 +294,21 @@ def test_loss_observed_near_setting(clean_slate: dict[str, object]) -> None:
 def test_rate_above_ceiling_refused(clean_slate: dict[str, object]) -> None:
     with pytest.raises(LabError, match=r"ceiling of [\d.]+[mgt]bit"):
         Lab.up(_config(rate="300gbit"))
+
+
+@needs_lab
+def test_a_stored_ceiling_too_low_for_the_settings_is_measured_again_before_a_refusal(
+        clean_slate: dict[str, object]) -> None:
+    """A ceiling taken while the host was busy (851 Mbit/s once, against 4.7-8.7 Gbit/s on
+    other runs here) must not refuse every later lab: the refusal rests on a fresh figure."""
+    config = _config(rate="200mbit")
+    store_ceiling(_ceiling_key(config), 1e6)
+    lab = Lab.up(config)
+    try:
+        assert lab.state.ceiling_bps is not None and lab.state.ceiling_bps > 200e6
+        assert load_ceiling(_ceiling_key(config)) == lab.state.ceiling_bps
+    finally:
+        lab.down()
 
 
 @needs_lab

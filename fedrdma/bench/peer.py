@@ -218,7 +218,7 @@ def inbox_slots(args: argparse.Namespace, agent: Agent | None, state: FlatState,
 
     count = receiver_share(mode.one_sided, args.window, args.data_streams)
     pool = SlotPool(count, min(chunk_size, state.nbytes))
-    if mode.initiator is Role.RECEIVER:
+    if mode.registers_slots:
         assert agent is not None
         pool.register(agent)  # a pull READs into them
     return pool.share(count, land)

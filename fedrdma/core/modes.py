@@ -61,6 +61,13 @@ class Mode(enum.StrEnum):
         return self in (Mode.TCP_E, Mode.RDMA_E_PULL, Mode.RDMA_E)
 
     @property
+    def registers_slots(self) -> bool:
+        """A bounded inbox's shared slots are registered with NIXL, because this mode's READs land
+        in them. A push lands in landing slots of its own, granted per chunk, and tcp-e's own code
+        places each chunk, so neither exposes the slots every silo shares to a NIXL peer."""
+        return self.receiver_places and self.one_sided and self.initiator is Role.RECEIVER
+
+    @property
     def seals(self) -> bool:
         """Encrypts and authenticates every chunk on the wire, whatever the fabric."""
         return self is Mode.TCP_E

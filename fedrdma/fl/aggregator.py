@@ -100,7 +100,7 @@ class Aggregator:
         self.slot_pool = (SlotPool(max(1, (cfg.inbox_mb << 20) // self.uploads.chunk_size), self.uploads.chunk_size)
                           if self.bounded else None)
         """The slots every silo's upload lands in, shared: memory follows the line, not the silo count."""
-        if self.slot_pool is not None and self.agent is not None and self.mode.initiator is Role.RECEIVER:
+        if self.slot_pool is not None and self.agent is not None and self.mode.registers_slots:
             self.slot_pool.register(self.agent)  # a pull READs into them
         self.pools: dict[int, Pool] = {}
         self._pool(self.state)

@@ -91,11 +91,6 @@ class Lab:
         needs_delay = any(p.rtt_s > 0 for p in config.paths)
         if needs_delay and config.delay_backend == ELEMENT_BACKEND:
             delay.require_helper()
-        # Refuse from the cache before building anything when the answer is known.
-        if needs_delay and config.delay_backend != NETEM_BACKEND and not remeasure:
-            cached = load_ceiling(_ceiling_key(config))
-            if cached is not None and config.delay_backend == ELEMENT_BACKEND:
-                _check_ceiling(config, cached)
 
         state = LabState(name=config.name, config=config)
         state.save()
@@ -286,8 +281,10 @@ class Lab:
         """What the element carries on this host: one TCP flow through it, no rate limit, no loss."""
         key = _ceiling_key(self.config)
         cached = None if remeasure else load_ceiling(key)
-        if cached is not None:
+        if cached is not None and not _over_ceiling(self.config, cached):
             return cached
+        if cached is not None:  # taken while the host was busy, perhaps: a refusal rests on a fresh figure
+            say(f"the stored ceiling, {format_rate(cached)}, is below these settings: measuring it again")
         delay.require_helper()
         path = max(self.paths, key=lambda p: p.shape.rtt_s)
         say(f"measuring the delay element's ceiling at {format_duration(path.shape.rtt_s)} RTT, "
@@ -316,13 +313,17 @@ def _ceiling_key(config: LabConfig) -> str:
     return ceiling_key(config.mtu, max(p.rtt_s for p in config.paths), delay.helper_path())
 
 
+def _over_ceiling(config: LabConfig, ceiling_bps: float) -> list[str]:
+    """The delayed paths the element cannot carry at `ceiling_bps`, named as errors name them."""
+    return [f"silo{k} unlimited" if p.rate_bps is None else f"silo{k} at {format_rate(p.rate_bps)}"
+            for k, p in enumerate(config.paths, start=1)
+            if p.rtt_s > 0 and (p.rate_bps is None or p.rate_bps > ceiling_bps)]
+
+
 def _check_ceiling(config: LabConfig, ceiling_bps: float) -> None:
-    over = [(k, p) for k, p in enumerate(config.paths, start=1)
-            if p.rtt_s > 0 and p.rate_bps is not None and p.rate_bps > ceiling_bps]
-    unlimited = [k for k, p in enumerate(config.paths, start=1) if p.rtt_s > 0 and p.rate_bps is None]
-    if over or unlimited:
-        which = ", ".join([f"silo{k} at {format_rate(p.rate_bps)}" for k, p in over]
-                          + [f"silo{k} unlimited" for k in unlimited])
+    over = _over_ceiling(config, ceiling_bps)
+    if over:
+        which = ", ".join(over)
         raise LabError(f"rate above the delay element's ceiling of {format_rate(ceiling_bps)} at MTU "
                        f"{config.mtu} ({which}): above it the lab would measure the emulator, not the link. "
                        "Choose a lower --rate, a larger --mtu, or --remeasure if the host was busy when "

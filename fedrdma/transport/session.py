@@ -71,8 +71,8 @@ class Session:
                                   or slots.size < min(chunk_size, state.nbytes)):
             raise TransferError(f"a bounded inbox lands only a tcp-e, rdma-e or rdma-e-pull receiver's own chunks, "
                                 f"each at most its {slots.size}-byte slots ({mode} {role}, {chunk_size}-byte chunks)")
-        if slots is not None and mode.initiator is Role.RECEIVER and (agent is None or slots.pool.registration is None
-                                                     or slots.pool.registration.agent is not agent):
+        if slots is not None and mode.registers_slots and (agent is None or slots.pool.registration is None
+                                                           or slots.pool.registration.agent is not agent):
             raise TransferError("a pull's bounded inbox must be registered with the session's agent "
                                 "(SlotPool.register) before READs can land in it")
         self.ctx = Context(
