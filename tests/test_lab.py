@@ -47,9 +47,10 @@ PROBE_S = 2.0
 
 PROBE_TRIES = 5
 """Transfers a shaped rate gets to reach its line. On a shared 2-core host the delay element
-is a userspace process, and other tenants' load only ever lowers what one transfer sees (a
-1 Gbit/s line measured 790 Mbit/s once in CI): the best of a few is the shaper's rate, while
-every transfer is held to the ceiling, so a shaper that lets too much through still fails."""
+is a userspace process, and other tenants' load only ever lowers what a transfer sees (CI
+measured a 1 Gbit/s line at 790 Mbit/s once, and a 200 Mbit/s one at 137-179 Mbit/s in five
+runs' means): the best one-second interval of a few transfers is the shaper's rate, while
+every transfer's mean is held to the ceiling, so a shaper that lets too much through still fails."""
 
 
 # --- pure: parsing and validation ------------------------------------------------------------
@@ -234,11 +235,12 @@ def test_shaped_rate_and_rtt_match_settings(clean_slate: dict[str, object]) -> N
             assert line is not None
             seen: list[float] = []
             while len(seen) < PROBE_TRIES and (not seen or max(seen) < (1 - RATE_TOLERANCE) * line):
-                got = probe.tcp_transfer(lab.paths[0].links, PROBE_S).bits_per_second
-                assert got <= (1 + RATE_TOLERANCE) * line, f"{format_rate(got)} through a {rate} shaper"
-                seen.append(got)
+                got = probe.tcp_transfer(lab.paths[0].links, PROBE_S)
+                assert got.bits_per_second <= (1 + RATE_TOLERANCE) * line, (
+                    f"{format_rate(got.bits_per_second)} through a {rate} shaper")
+                seen.append(got.peak_bits_per_second)
             assert max(seen) >= (1 - RATE_TOLERANCE) * line, (
-                f"best of {', '.join(format_rate(r) for r in seen)} on a {rate} line")
+                f"best seconds of {', '.join(format_rate(r) for r in seen)} on a {rate} line")
     finally:
         lab.down()
 

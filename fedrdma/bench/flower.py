@@ -121,12 +121,13 @@ def run_flower_bench(app: Path, model: str, rounds: int, out_dir: Path | None = 
                 runs = {}
                 for way in batch:
                     timings[way].unlink(missing_ok=True)
+                    outs[way].unlink(missing_ok=True)  # its appearance ends the wait below
                     say(f"{_label(way)}: {rounds} round(s) of {app.name} ({model})")
                     runs[way] = feds[way].submit(app, {**config, "fedrdma": way, "out-path": str(outs[way]),
                                                        "timings-path": str(timings[way]),
                                                        "fedrdma-runtime-dir": str(root / f"node-{SERVER_SITE}")})
                 for way in batch:
-                    status = feds[way].wait(runs[way], RUN_TIMEOUT_S)
+                    status = feds[way].wait(runs[way], RUN_TIMEOUT_S, last_file=outs[way])
                     if status != "finished:completed":
                         raise RunError(f"the {_label(way)} run ended {status}:\n"
                                        f"{feds[way].run_log()}")

@@ -29,7 +29,16 @@ LINK_TIMEOUT_S = 60.0
 """The SuperLink answers on its port within a few seconds of starting."""
 
 POLL_S = 1.0
-"""How often a run's status is asked for."""
+"""How often a run's status is asked for once its app's last file is there (or none is named)."""
+
+IDLE_POLL_S = 15.0
+"""How often it is asked for before that file appears. Each ask is a `flwr ls` process of about
+1.4 CPU-seconds: asked every second it took half of one of two cores from the apps it watched,
+and a round's replies in CI came too late for their timeout. A crashed ServerApp writes no file
+and is seen within this long."""
+
+FILE_POLL_S = 0.2
+"""How often the last file is looked for: a stat, nothing to spare."""
 
 STOP_TIMEOUT_S = 10.0
 """A SuperNode or SuperLink stops in about 2 s after SIGTERM; then it is killed."""
@@ -99,9 +108,9 @@ class Federation:
     def log(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace") if name in self.logs else ""
 
-    def run(self, app: Path, config: Mapping[str, object], timeout: float) -> str:
+    def run(self, app: Path, config: Mapping[str, object], timeout: float, last_file: Path | None = None) -> str:
         """Submit `app` with run-config overrides; returns the run's final status (`finished:completed`, ...)."""
-        return self.wait(self.submit(app, config), timeout)
+        return self.wait(self.submit(app, config), timeout, last_file)
 
     def submit(self, app: Path, config: Mapping[str, object]) -> int:
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in config.items())
@@ -112,8 +121,11 @@ class Federation:
         except (ValueError, KeyError):
             raise RunError(f"flwr run did not submit {app}:\n{submitted.stdout}\n{submitted.stderr}") from None
 
-    def wait(self, run_id: int, timeout: float) -> str:
-        """Until run `run_id` finished; its status, with its ServerApp's output kept in `server_log`."""
+    def wait(self, run_id: int, timeout: float, last_file: Path | None = None) -> str:
+        """Until run `run_id` finished; its status, with its ServerApp's output kept in `server_log`.
+
+        `last_file`, if the app writes one as it ends, is looked for between the asks, which
+        are then rare until it appears (IDLE_POLL_S)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             listed = subprocess.run([_tool("flwr"), "ls", "local", "--run-id", str(run_id), "--format", "json"],
@@ -127,7 +139,7 @@ class Federation:
                                        text=True, env=self.env, timeout=60)
                 self.server_log = shown.stdout + shown.stderr
                 return status
-            time.sleep(POLL_S)
+            _pause(last_file, deadline)
         subprocess.run([_tool("flwr"), "stop", str(run_id), "local"], capture_output=True, env=self.env, timeout=60)
         raise RunError(f"run {run_id} did not finish within {timeout:.0f} s")
 
@@ -145,3 +157,11 @@ class Federation:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 9)
                 proc.wait()
+
+
+def _pause(last_file: Path | None, deadline: float) -> None:
+    """Until the next ask for a run's status: POLL_S after `last_file` exists, or IDLE_POLL_S at most."""
+    until = min(deadline, time.monotonic() + IDLE_POLL_S)
+    while last_file is not None and not last_file.exists() and time.monotonic() < until:
+        time.sleep(FILE_POLL_S)
+    time.sleep(POLL_S)
