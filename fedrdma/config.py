@@ -291,6 +291,9 @@ class SiloConfig(RuntimeSettings):
         return self
 
 
+HOST_PATTERN = r"^[A-Za-z0-9._:-]{1,253}$"
+"""A DNS name or an IP address, no port and no brackets: what a certificate's names can match."""
+
 DEFAULT_NODE_LISTEN = f"{LOOPBACK_HOST}:7710"
 """Where a serving node (the aggregator's site) takes peer nodes: loopback until an operator widens it."""
 
@@ -308,6 +311,9 @@ class NodeConfig(SecuritySettings):
                            "arrive on (0: any free one; fix it for a firewall)")
     data_streams: int = Field(DEFAULT_STREAMS, ge=1, le=MAX_STREAMS, description="tcp-e: data connections per "
                               "transfer")
+    peer_host: str | None = Field(None, pattern=HOST_PATTERN, description="dial the serving node at this host, "
+                                  "on the port its descriptors name: for a site that reaches the aggregator's "
+                                  "site by another name than the one it announces (one listening on 0.0.0.0)")
     chunk_size: int = Field(DEFAULT_CHUNK_SIZE, gt=0, multiple_of=CHUNK_ALIGN,
                             description=f"bytes per chunk, a multiple of {CHUNK_ALIGN}")
     window: int = Field(DEFAULT_WINDOW, ge=1, le=MAX_WINDOW)

@@ -23,8 +23,10 @@ from fedrdma.bench.records import FlowerResult
 from fedrdma.core.layout import Layout
 from fedrdma.flower.descriptor import RECORD, Offer
 from fedrdma.flower.mod import RUNTIME_KEY, SITE_KEY, fedrdma_mod
+from fedrdma.lab.config import PathShape
 from fedrdma.node.client import NodeClient
 from fedrdma.node.process import NodeProcess, start_node
+from tests.conftest import LAB_GROUP, needs_root
 from tests.flower_app.flowerapp.client_app import trained
 
 APP = Path(__file__).parent / "flower_app"
@@ -63,6 +65,26 @@ def test_both_ways_end_on_the_same_model_with_a_clientapp_killed_in_the_last_rou
             assert np.abs(saved["w"] - expected).max() <= 1e-5, label
     assert result.max_abs_diff <= 1e-5
     assert FlowerResult.model_validate_json(result.model_dump_json()) == result
+
+
+@LAB_GROUP
+@needs_root
+def test_both_ways_cross_a_lab_path_per_site_under_tls(tmp_path: Path) -> None:
+    """`bench flower --rate --rtt`: the SuperLink, ServerApp and aggregator's node in the lab's
+    aggregator namespace, each site's SuperNode, ClientApps and node in its silo's. Nothing in a
+    namespace reaches another but through the shaped paths, so a finished round crossed them."""
+    result = run_flower_bench(APP, "numpy", 1, tmp_path, parallel=True, shape=PathShape.of("1gbit", "20ms"))
+    assert result.path == "lab path per site, 1gbit, 20ms RTT, loss 0, MTU 9000"
+    for way in (result.flower, result.fedrdma):
+        assert [(r.round, r.replies) for r in way.rounds] == [(1, 2)]
+    assert result.max_abs_diff <= 1e-5
+    start = np.random.default_rng(0).standard_normal((512, 600)).astype(np.float32)
+    expected = ((10 * trained(start, 0).astype(np.float64) + 20 * trained(start, 1)) / 30).astype(np.float32)
+    with np.load(tmp_path / "final-fedrdma.npz") as saved:
+        assert np.abs(saved["w"] - expected).max() <= 1e-5
+    for label in ("flower", "fedrdma"):  # Flower warns of --insecure in its log; under TLS it may not
+        log = (tmp_path / f"flwr-home-{label}" / "superlink.log").read_text()
+        assert "insecure" not in log.lower(), log[-2000:]
 
 
 # -- the mod against real node processes, refusing from the ClientApp's side ------------------

@@ -284,6 +284,32 @@ def test_an_insecure_node_works_on_loopback_and_refuses_other_hosts(tmp_path: Pa
         client.stop()
 
 
+def test_a_node_serving_every_address_is_dialed_at_the_peer_host_and_without_one_refused_by_name(
+        nodes: dict[str, NodeProcess], certs: Path, tmp_path: Path) -> None:
+    """A serving node on 0.0.0.0 (a lab's aggregator, one address per silo path) announces no host
+    anyone can dial: a site names its own with --peer-host, and one that does not is told to."""
+    server = process.start_node("agg", tmp_path / "agg", certs, serve=True, listen="0.0.0.0:0")
+    told = process.start_node("hospital", tmp_path / "hospital", certs, extra=["--peer-host", "127.0.0.1"])
+    try:
+        assert server.address.startswith("0.0.0.0:")
+        with NodeClient.attach("agg", tmp_path / "agg") as s, \
+                NodeClient.attach("hospital", tmp_path / "hospital") as c, \
+                NodeClient.attach("bank", nodes["bank"].runtime_dir) as untold:
+            sent = filled(s.pool("global", LAYOUT), seed=4)
+            offer = s.publish("global", 1, token())
+            assert offer.address == server.address
+            c.pool("global", LAYOUT)
+            c.fetch("global", offer)
+            assert bytes(c.pools["global"].state.memoryview()) == sent
+            untold.pool("global", LAYOUT).buffer.zero_()
+            with pytest.raises(NodeRefused, match=r"announces 0\.0\.0\.0:\d+, every address .* --peer-host HOST"):
+                untold.fetch("global", offer)
+            assert not any(untold.pools["global"].state.memoryview())
+    finally:
+        server.stop()
+        told.stop()
+
+
 # -- the layout an app announces (pure) ------------------------------------------------------
 def test_an_announced_layout_is_rebuilt_not_trusted() -> None:
     assert Layout.from_json(LAYOUT.to_json()) == LAYOUT

@@ -5,6 +5,10 @@ Real processes throughout: a SuperLink and a SuperNode per site (`flower.deploy`
 training step's timing (`flower.timing.Timed`); a sampler reads every process's RSS from
 /proc, by role, while a run goes. The two ways run one after the other, so neither slows
 the other's figures (`parallel` is for tests, which check values, not times).
+
+With a `shape` each site sits on its own lab path of that shape (root): the SuperLink, the
+ServerApp and the aggregator's node in the aggregator's namespace, a site's SuperNode,
+ClientApps and node in its silo's. Both ways then run under TLS with a CA of the run's own.
 """
 
 from __future__ import annotations
@@ -20,11 +24,17 @@ import numpy as np
 import psutil
 
 from fedrdma.bench.records import FlowerResult, FlowerRound, FlowerWay
+from fedrdma.bench.wan import BENCH_LAB_NAME, LOOPBACK_PATH, federation_hosts
+from fedrdma.control.certs import DEFAULT_HOSTS, init_ca, issue
 from fedrdma.core.errors import RunError
-from fedrdma.flower.deploy import Federation
+from fedrdma.fl.demo import LOCAL, Hosts
+from fedrdma.flower.deploy import Federation, LinkTLS
 from fedrdma.flower.mod import RUNTIME_KEY, SITE_KEY
+from fedrdma.lab.config import DEFAULT_MTU, LabConfig, PathShape
+from fedrdma.lab.lab import lab as running_lab
 from fedrdma.metrics import peak_rss_bytes
 from fedrdma.node.process import NodeProcess, start_node
+from fedrdma.transport.tls import CLIENT, SERVER
 
 SITES = ("hospital", "bank")
 """The example's two sites: partitions 0 and 1 of the shipped corpus."""
@@ -93,22 +103,49 @@ class RssSampler:
                         self.peak[role] = max(self.peak.get(role, 0.0), rss)
 
 
+def make_certs(directory: Path, hosts: Hosts) -> Path:
+    """A CA of the run's own; the aggregator's site's pair (its node's and the SuperLink's) named
+    for every address a silo dials and for loopback, where the ServerApp and the CLI reach it;
+    one pair per site."""
+    init_ca(directory, force=True)
+    issue(directory, SERVER_SITE, SERVER, hosts=sorted({*DEFAULT_HOSTS, *hosts.dial_hosts}), force=True)
+    for site in SITES:
+        issue(directory, site, CLIENT, force=True)
+    return directory
+
+
 def run_flower_bench(app: Path, model: str, rounds: int, out_dir: Path | None = None, parallel: bool = False,
-                     say: Callable[[str], None] = lambda _: None,
-                     extra: dict[str, object] | None = None) -> FlowerResult:
-    started = time.time()
+                     say: Callable[[str], None] = lambda _: None, extra: dict[str, object] | None = None,
+                     shape: PathShape | None = None, mtu: int = DEFAULT_MTU) -> FlowerResult:
+    """On loopback, or with `shape` on a lab of one such path per site (up for the run, down after)."""
     root = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="fedrdma-bench-flower-"))
     root.mkdir(parents=True, exist_ok=True)
+    if shape is None:
+        return _run(app, model, rounds, root, parallel, say, extra, LOCAL, None)
+    with running_lab(LabConfig(name=BENCH_LAB_NAME, mtu=mtu, paths=(shape,) * len(SITES)), say) as lab:
+        hosts = federation_hosts(lab)
+        certs = make_certs(root / "certs", hosts)
+        result = _run(app, model, rounds, root, parallel, say, extra, hosts, certs)
+    return result.model_copy(update={"path": f"lab path per site, {shape.describe()}, MTU {mtu}"})
+
+
+def _run(app: Path, model: str, rounds: int, root: Path, parallel: bool, say: Callable[[str], None],
+         extra: dict[str, object] | None, hosts: Hosts, certs: Path | None) -> FlowerResult:
+    started = time.time()
     nodes: dict[str, NodeProcess] = {}
-    feds = {way: Federation(root / f"flwr-home-{_label(way)}") for way in (False, True)}
+    tls = LinkTLS.of(certs, SERVER_SITE) if certs else None
+    feds = {way: Federation(root / f"flwr-home-{_label(way)}", hosts, tls) for way in (False, True)}
     try:
-        nodes[SERVER_SITE] = start_node(SERVER_SITE, root / f"node-{SERVER_SITE}", None, serve=True)
-        for site in SITES:
-            nodes[site] = start_node(site, root / f"node-{site}", None)
+        nodes[SERVER_SITE] = start_node(SERVER_SITE, root / f"node-{SERVER_SITE}", certs, serve=True,
+                                        listen=f"{hosts.listen_host}:0", prefix=hosts.agg_prefix)
+        for k, site in enumerate(SITES):
+            prefix, dial = hosts.silo(k)  # a lab's aggregator listens on all its paths and names none of them
+            nodes[site] = start_node(site, root / f"node-{site}", certs, prefix=prefix,
+                                     extra=["--peer-host", dial] if hosts.dial_hosts else ())
         for fed in feds.values():
             fed.start_link()
             for k, site in enumerate(SITES):
-                fed.start_node(site, {"partition-id": k, SITE_KEY: site, RUNTIME_KEY: str(root / f"node-{site}")})
+                fed.start_node(site, {"partition-id": k, SITE_KEY: site, RUNTIME_KEY: str(root / f"node-{site}")}, k)
         config = {"model": model, "num-server-rounds": rounds, "min-nodes": len(SITES), **(extra or {})}
         ways: dict[bool, FlowerWay] = {}
         outs = {way: root / f"final-{_label(way)}.npz" for way in feds}
@@ -139,7 +176,7 @@ def run_flower_bench(app: Path, model: str, rounds: int, out_dir: Path | None = 
             diff = max(float(np.abs(a[k] - b[k]).max()) for k in a.files)
             state_mb = sum(a[k].nbytes for k in a.files) / 2**20
         return FlowerResult(app=str(app), model=model, rounds_asked=rounds, state_mb=state_mb, flower=ways[False],
-                            fedrdma=ways[True], max_abs_diff=diff, time=started)
+                            fedrdma=ways[True], max_abs_diff=diff, time=started, path=LOOPBACK_PATH)
     finally:
         for fed in feds.values():
             fed.stop()

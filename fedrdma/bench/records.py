@@ -393,6 +393,7 @@ class FlowerResult(Record):
     fedrdma: FlowerWay
     max_abs_diff: float = Field(description="largest difference between the two ways' final models")
     time: float
+    path: str = Field("loopback", description="loopback, or the lab path each site sat on (--rate/--rtt)")
 
 
 class WireRound(Record):

@@ -397,6 +397,11 @@ def bench_flower(
                                  "example's run-config keys: fedrdma, timings-path, out-path, ...)."),
     out_dir: Path = typer.Option(Path("runs/bench-flower"), help="Flower's homes, the nodes' directories, logs."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the results here as JSON (and a plot beside it)."),
+    rate: str = typer.Option(None, help="Run each site on a lab path of this line rate (1gbit), under TLS; needs "
+                             "root."),
+    rtt: str = typer.Option(None, help="With --rate: round-trip time the path adds (20ms); default 0."),
+    loss: str = typer.Option(None, help="With --rate: drop probability per packet each way; default 0."),
+    mtu: int = typer.Option(None, help="With --rate: MTU of the lab links; default the lab's (9000)."),
 ) -> None:
     """The same Flower app twice, its arrays moved by Flower and by fedrdma nodes: seconds, comm, RSS."""
     from fedrdma.bench.flower import run_flower_bench
@@ -407,9 +412,11 @@ def bench_flower(
         out.print(f"[red]bench flower:[/] --app {app_dir} holds no Flower app (no pyproject.toml)")
         raise typer.Exit(1)
     single(model, "--model", model_name)
+    shape = _path_shape(rate, rtt, loss, mtu)
     try:
-        result = run_flower_bench(app_dir, model, rounds, out_dir, say=lambda text: out.print(f"  {text}"))
-    except RunError as exc:
+        result = run_flower_bench(app_dir, model, rounds, out_dir, say=lambda text: out.print(f"  {text}"),
+                                  shape=shape, mtu=mtu or DEFAULT_MTU)
+    except (RunError, LabError) as exc:
         out.print(f"[red]bench flower failed:[/] {exc}")
         raise typer.Exit(1) from None
     out.print(flower_table(result))

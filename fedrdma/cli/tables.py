@@ -138,7 +138,7 @@ def scale_table(result: ScaleResult) -> Table:
 
 def flower_table(result: FlowerResult) -> Table:
     table = _table(f"{result.app.rsplit('/', 1)[-1]} ({result.model}, {result.state_mb:.1f} MiB state), 2 sites on "
-                   "loopback: the same Flower app, its arrays moved by Flower and by fedrdma",
+                   f"{result.path}: the same Flower app, its arrays moved by Flower and by fedrdma",
                    ["round", "flower s", "flower comm s", "fedrdma s", "fedrdma comm s", "of which nodes s",
                     "comm ratio"])
     for a, b in zip(result.flower.rounds, result.fedrdma.rounds):

@@ -16,6 +16,19 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def join_host_port(host: str, port: int) -> str:
+    """The inverse of `split_host_port`: an IPv6 host goes in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_unspecified(host: str) -> bool:
+    """Whether `host` is a bind-to-every-address host (0.0.0.0, ::), which nobody can dial."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 def is_loopback(host: str) -> bool:
     """Whether `host` names this machine only (127.0.0.0/8, ::1 or `localhost`)."""
     if host == "localhost":

@@ -7,6 +7,12 @@ lives in the federation's own FLWR_HOME, so a user's `~/.flwr` is never touched.
 
 A run's status comes from `flwr ls`, not from `flwr run`'s exit code: a ServerApp that
 crashed still lets `flwr run --stream` exit 0.
+
+On a lab (`hosts` from `bench.wan.federation_hosts`) the SuperLink, the `flwr` CLI and so the
+ServerApps run in the aggregator's namespace, each SuperNode and its ClientApps in its silo's,
+and Flower's traffic crosses the shaped paths under TLS (`tls`): the CA's `ca.pem` and the
+SuperLink's pair, named for every address the silos dial and for loopback, where the CLI
+and the ServerApps reach it.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from pathlib import Path
 
 from fedrdma.core.addresses import LOOPBACK_HOST
 from fedrdma.core.errors import RunError
-from fedrdma.fl.demo import free_port
+from fedrdma.fl.demo import LOCAL, Hosts, free_port
+from fedrdma.transport.tls import CA_FILE, cert_file, key_file
 
 LINK_TIMEOUT_S = 60.0
 """The SuperLink answers on its port within a few seconds of starting."""
@@ -60,11 +67,33 @@ def toml_value(value: object) -> str:
     return json.dumps(str(value))
 
 
+LISTEN_PROBE = ("import socket, sys; s = socket.socket(); s.settimeout(1); "
+                "sys.exit(s.connect_ex(('127.0.0.1', int(sys.argv[1]))))")
+"""Run where the SuperLink runs (its namespace): exit 0 once something listens on its port."""
+
+
+@dataclass(frozen=True)
+class LinkTLS:
+    """The SuperLink's certificate and key, and the CA the SuperNodes and the CLI check it against."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def of(cls, certs: Path, name: str) -> LinkTLS:
+        """`name`'s pair in a `fedrdma certs` directory: a server certificate for the aggregator's hosts."""
+        return cls(certs / CA_FILE, cert_file(certs, name), key_file(certs, name))
+
+
 @dataclass
 class Federation:
-    """A SuperLink and SuperNodes on loopback; `run` submits an app and waits for its end."""
+    """A SuperLink and SuperNodes, on loopback or in a lab's namespaces; `run` submits an app and waits."""
 
     home: Path
+    hosts: Hosts = LOCAL
+    tls: LinkTLS | None = None
+    """Without it Flower runs `--insecure`, which only loopback may carry."""
     link_port: int = 0
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
@@ -79,24 +108,37 @@ class Federation:
     def start_link(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         self.link_port = free_port()
-        (self.home / "config.toml").write_text(
+        security = (f'root-certificates = "{self.tls.ca}"\n' if self.tls else "insecure = true\n")
+        (self.home / "config.toml").write_text(  # the CLI runs beside the SuperLink, so loopback reaches it
             f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{LOOPBACK_HOST}:{self.link_port}"\n'
-            "insecure = true\n")
-        self._spawn("superlink", [_tool("flower-superlink"), "--insecure", "--port", str(self.link_port),
+            + security)
+        tls = (["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert),
+                "--ssl-keyfile", str(self.tls.key)] if self.tls else ["--insecure"])
+        self._spawn("superlink", [*self.hosts.agg_prefix, _tool("flower-superlink"), *tls,
+                                  "--host", self.hosts.listen_host, "--port", str(self.link_port),
                                   "--disable-runtime-dependency-installation"])
         deadline = time.monotonic() + LINK_TIMEOUT_S
         while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex((LOOPBACK_HOST, self.link_port)) == 0:
-                    return
+            if self._listening():
+                return
             if self.procs["superlink"].poll() is not None:
                 break
             time.sleep(0.2)
         raise RunError(f"flower-superlink did not listen on port {self.link_port}:\n{self.log('superlink')}")
 
-    def start_node(self, name: str, node_config: Mapping[str, object]) -> None:
+    def _listening(self) -> bool:
+        if not self.hosts.agg_prefix:
+            with socket.socket() as s:
+                return s.connect_ex((LOOPBACK_HOST, self.link_port)) == 0
+        probe = [*self.hosts.agg_prefix, sys.executable, "-c", LISTEN_PROBE, str(self.link_port)]
+        return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+
+    def start_node(self, name: str, node_config: Mapping[str, object], silo: int = 0) -> None:
+        """SuperNode `name` where silo `silo` (0-based) of `hosts` runs, dialing the SuperLink as it does."""
         config = " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())
-        self._spawn(name, [_tool("flower-supernode"), "--insecure", "--superlink", f"{LOOPBACK_HOST}:{self.link_port}",
+        prefix, host = self.hosts.silo(silo)
+        tls = ["--root-certificates", str(self.tls.ca)] if self.tls else ["--insecure"]
+        self._spawn(name, [*prefix, _tool("flower-supernode"), *tls, "--superlink", f"{host}:{self.link_port}",
                            "--port", str(free_port()), "--node-config", config])
 
     def _spawn(self, name: str, args: list[str]) -> None:
@@ -104,6 +146,11 @@ class Federation:
         with self.logs[name].open("wb") as out:
             self.procs[name] = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                                 stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def _flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """The `flwr` CLI, run beside the SuperLink."""
+        return subprocess.run([*self.hosts.agg_prefix, _tool("flwr"), *args], capture_output=True, text=True,
+                              env=self.env, timeout=timeout)
 
     def log(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace") if name in self.logs else ""
@@ -114,8 +161,7 @@ class Federation:
 
     def submit(self, app: Path, config: Mapping[str, object]) -> int:
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in config.items())
-        submitted = subprocess.run([_tool("flwr"), "run", str(app), "local", "--format", "json", "-c", overrides],
-                                   capture_output=True, text=True, env=self.env, timeout=120)
+        submitted = self._flwr("run", str(app), "local", "--format", "json", "-c", overrides, timeout=120)
         try:
             return int(json.loads(submitted.stdout)["run-id"])
         except (ValueError, KeyError):
@@ -128,19 +174,17 @@ class Federation:
         are then rare until it appears (IDLE_POLL_S)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            listed = subprocess.run([_tool("flwr"), "ls", "local", "--run-id", str(run_id), "--format", "json"],
-                                    capture_output=True, text=True, env=self.env, timeout=60)
+            listed = self._flwr("ls", "local", "--run-id", str(run_id), "--format", "json")
             try:
                 status = json.loads(listed.stdout)["runs"][0]["status"]
             except (ValueError, KeyError, IndexError):
                 status = ""
             if status.startswith("finished"):
-                shown = subprocess.run([_tool("flwr"), "log", str(run_id), "local", "--show"], capture_output=True,
-                                       text=True, env=self.env, timeout=60)
+                shown = self._flwr("log", str(run_id), "local", "--show")
                 self.server_log = shown.stdout + shown.stderr
                 return status
             _pause(last_file, deadline)
-        subprocess.run([_tool("flwr"), "stop", str(run_id), "local"], capture_output=True, env=self.env, timeout=60)
+        self._flwr("stop", str(run_id), "local")
         raise RunError(f"run {run_id} did not finish within {timeout:.0f} s")
 
     def run_log(self) -> str:

@@ -12,7 +12,7 @@ import threading
 import time
 
 from fedrdma.config import NodeConfig
-from fedrdma.core.addresses import is_loopback, split_host_port
+from fedrdma.core.addresses import is_loopback, is_unspecified, join_host_port, split_host_port
 from fedrdma.core.errors import FedRDMAError, PeerLost, ProtocolError
 from fedrdma.core.modes import Mode, Role
 from fedrdma.node import messages as m
@@ -69,14 +69,26 @@ class Peers:
         if pool.layout.layout_id != d.layout_id:
             raise NodeError(f"the descriptor is for layout {d.layout_id}; pool {msg.pool!r} holds "
                             f"{pool.layout.layout_id}")
-        if self.credentials is None and not is_loopback(split_host_port(d.address)[0]):
-            raise NodeError(f"this node runs without certificates and dials loopback only, not {d.address}: "
+        address = self._peer_address(d.address)
+        if self.credentials is None and not is_loopback(split_host_port(address)[0]):
+            raise NodeError(f"this node runs without certificates and dials loopback only, not {address}: "
                             "start it with --certs DIR")
         fetch = isinstance(msg, m.Fetch)
-        channel = dial(d.address, CONNECT_TIMEOUT_S, self.credentials)
+        channel = dial(address, CONNECT_TIMEOUT_S, self.credentials)
         channel.send(m.Want(kind=m.FETCH if fetch else m.DELIVER, site=self.cfg.site, round=d.round,
                             layout_id=d.layout_id, token=d.token))
         return _run(self._session(pool, channel, Role.RECEIVER if fetch else Role.SENDER, None), fetch)
+
+    def _peer_address(self, announced: str) -> str:
+        """Where to dial the node a descriptor names: its host, or this node's --peer-host."""
+        host, port = split_host_port(announced)
+        if self.cfg.peer_host:
+            return join_host_port(self.cfg.peer_host, port)
+        if is_unspecified(host):
+            raise NodeError(f"the serving node announces {announced}, every address of its host, which names "
+                            "none to dial: start this node with --peer-host HOST, the host it reaches that "
+                            "node at")
+        return announced
 
     def _session(self, pool: SharedPool, channel: Channel, role: Role, streams: DataListener | None) -> Session:
         cfg = self.cfg
