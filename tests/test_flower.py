@@ -69,21 +69,26 @@ def test_both_ways_end_on_the_same_model_with_a_clientapp_killed_in_the_last_rou
 
 @LAB_GROUP
 @needs_root
-def test_both_ways_cross_a_lab_path_per_site_under_tls(tmp_path: Path) -> None:
+def test_both_ways_cross_a_lab_path_per_site_under_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`bench flower --rate --rtt`: the SuperLink, ServerApp and aggregator's node in the lab's
     aggregator namespace, each site's SuperNode, ClientApps and node in its silo's. Nothing in a
-    namespace reaches another but through the shaped paths, so a finished round crossed them."""
-    result = run_flower_bench(APP, "numpy", 1, tmp_path, parallel=True, shape=PathShape.of("1gbit", "20ms"))
-    assert result.path == "lab path per site, 1gbit, 20ms RTT, loss 0, MTU 9000"
+    namespace reaches another but through the shaped paths, so a finished round crossed them.
+
+    The out dir is relative, as the CLI's default is: Flower takes no relative certificate path."""
+    monkeypatch.chdir(tmp_path)
+    result = run_flower_bench(APP.resolve(), "numpy", 1, Path("bench"), parallel=True,
+                              shape=PathShape.of("1gbit", "20ms"))
+    out = tmp_path / "bench"
+    assert result.path == "a lab path each, 1gbit, 20ms RTT, loss 0, MTU 9000"
     for way in (result.flower, result.fedrdma):
         assert [(r.round, r.replies) for r in way.rounds] == [(1, 2)]
     assert result.max_abs_diff <= 1e-5
     start = np.random.default_rng(0).standard_normal((512, 600)).astype(np.float32)
     expected = ((10 * trained(start, 0).astype(np.float64) + 20 * trained(start, 1)) / 30).astype(np.float32)
-    with np.load(tmp_path / "final-fedrdma.npz") as saved:
+    with np.load(out / "final-fedrdma.npz") as saved:
         assert np.abs(saved["w"] - expected).max() <= 1e-5
     for label in ("flower", "fedrdma"):  # Flower warns of --insecure in its log; under TLS it may not
-        log = (tmp_path / f"flwr-home-{label}" / "superlink.log").read_text()
+        log = (out / f"flwr-home-{label}" / "superlink.log").read_text()
         assert "insecure" not in log.lower(), log[-2000:]
 
 

@@ -118,15 +118,15 @@ def run_flower_bench(app: Path, model: str, rounds: int, out_dir: Path | None = 
                      say: Callable[[str], None] = lambda _: None, extra: dict[str, object] | None = None,
                      shape: PathShape | None = None, mtu: int = DEFAULT_MTU) -> FlowerResult:
     """On loopback, or with `shape` on a lab of one such path per site (up for the run, down after)."""
-    root = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="fedrdma-bench-flower-"))
-    root.mkdir(parents=True, exist_ok=True)
+    root = (Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="fedrdma-bench-flower-"))).resolve()
+    root.mkdir(parents=True, exist_ok=True)  # absolute: Flower's config takes no relative certificate path
     if shape is None:
         return _run(app, model, rounds, root, parallel, say, extra, LOCAL, None)
     with running_lab(LabConfig(name=BENCH_LAB_NAME, mtu=mtu, paths=(shape,) * len(SITES)), say) as lab:
         hosts = federation_hosts(lab)
         certs = make_certs(root / "certs", hosts)
         result = _run(app, model, rounds, root, parallel, say, extra, hosts, certs)
-    return result.model_copy(update={"path": f"lab path per site, {shape.describe()}, MTU {mtu}"})
+    return result.model_copy(update={"path": f"a lab path each, {shape.describe()}, MTU {mtu}"})
 
 
 def _run(app: Path, model: str, rounds: int, root: Path, parallel: bool, say: Callable[[str], None],

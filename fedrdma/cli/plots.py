@@ -155,4 +155,5 @@ def flower_plot(result: FlowerResult, path: Path) -> Path:
     rss_ax.set_ylabel("peak RSS, MiB")
     rss_ax.set_title("each process's peak RSS")
     rss_ax.legend()
+    fig.suptitle(f"two sites on {result.path}", fontsize=10)
     return _save(fig, path, 100)
