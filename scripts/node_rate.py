@@ -4,7 +4,8 @@
 loopback (mutual TLS with a CA made for the run), maps a pool in this process as an app
 would, and times fetches (server to client) and deliveries (client to server) as the app
 sees them: from its request to the node's answer. It prints GB/s per transfer and each
-node's peak RSS above the pools it holds.
+node's peak RSS above the pools it holds. With `--aggregate` the serving node averages each
+round's delivery into a second pool (FedAvg with its update checks) instead of handing it over.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--mb", type=float, default=GPT2_SMALL_BYTES / 2**20)
+    ap.add_argument("--aggregate", action="store_true", help="average each delivery in the serving node")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedrdma-node-rate-"))
     init_ca(work / "certs")
@@ -48,7 +50,9 @@ def main() -> None:
     try:
         with NodeClient.attach("agg", server.runtime_dir) as s, NodeClient.attach("hospital", client.runtime_dir) as c:
             glob = s.pool("global", layout)
-            glob.buffer.copy_(torch.randint(0, 256, (layout.nbytes,), dtype=torch.uint8))
+            glob.buffer.view(torch.float32).normal_()  # finite values: --aggregate checks them
+            if args.aggregate:
+                s.pool("next", layout)
             local = c.pool("model", layout)
             rates: dict[str, list[float]] = {"fetch": [], "deliver": []}
             for rnd in range(1, args.repeat + 1):
@@ -59,6 +63,10 @@ def main() -> None:
                     call("model", desc)
                     rates[kind].append(layout.nbytes / (time.perf_counter() - started) / 1e9)
                 assert torch.equal(local.buffer, glob.buffer), "the fetched pool differs from the global"
+                if args.aggregate:
+                    result = s.aggregate(rnd, "global", "next", {"hospital": 1}, min_sites=1)
+                    assert list(result.accepted) == ["hospital"], result
+                    continue
                 inbox = s.take(rnd, layout)["hospital"]
                 assert torch.equal(inbox.buffer, glob.buffer), "the delivery differs from what was fetched"
                 del inbox
@@ -66,8 +74,9 @@ def main() -> None:
             print(f"state {layout.nbytes / 1e6:.0f} MB, {args.repeat} rounds, loopback, tcp-e between node processes")
             for kind, r in rates.items():
                 print(f"  {kind:8} {', '.join(f'{x:.2f}' for x in r)} GB/s (median {statistics.median(r):.2f})")
+            held = ("global + next + one inbox", 3) if args.aggregate else ("global + one inbox", 2)
             print(f"  serving node peak RSS {peak_rss_mb(server.pid):.0f} MiB "
-                  f"(pools: global + one inbox = {2 * pools_mb:.0f} MiB)")
+                  f"(pools: {held[0]} = {held[1] * pools_mb:.0f} MiB)")
             print(f"  dialing node peak RSS {peak_rss_mb(client.pid):.0f} MiB (pool: {pools_mb:.0f} MiB)")
     finally:
         server.stop()

@@ -22,10 +22,11 @@ import pytest
 import torch
 
 from fedrdma.control.certs import init_ca, issue
-from fedrdma.core.errors import LayoutError
+from fedrdma.core import folds
+from fedrdma.core.errors import LayoutError, NotEnoughSilos
 from fedrdma.core.layout import FlatState, Layout
+from fedrdma.node import holdings, process, unix
 from fedrdma.node import messages as m
-from fedrdma.node import process, unix
 from fedrdma.node.client import NodeClient, NodeRefused
 from fedrdma.node.paths import NodePaths, NodeUnavailable
 from fedrdma.node.process import NodeProcess
@@ -357,6 +358,66 @@ def test_a_round_is_averaged_in_the_node_with_the_aggregators_checks(nodes: dict
         with pytest.raises(NodeRefused, match="update contains NaN or Inf"):
             server.aggregate(12, "avg-global", "avg-next", {"bank": 300}, min_sites=1)
         assert bytes(glob.memoryview()) == before, "a refused round touched the global"
+
+
+def test_the_serving_node_folds_a_delivery_a_slice_at_a_time_into_the_same_mean(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process, pure logic over real shared memory: the fold's private copy and float room are
+    a slice, not the state (two 475 MiB buffers for GPT-2 small), and slices that cut through a
+    tensor give the mean the whole fold gave; a NaN in the last slice still rejects its site."""
+    slice_bytes = 64 << 10
+    monkeypatch.setattr(holdings, "FOLD_SLICE_BYTES", slice_bytes)
+    largest = {"copy": 0, "floats": 0}
+    copy, floats = folds.Scratch.copy, folds.Scratch.floats
+
+    def spy_copy(self: folds.Scratch, source: torch.Tensor) -> torch.Tensor:
+        largest["copy"] = max(largest["copy"], source.numel())
+        return copy(self, source)
+
+    def spy_floats(self: folds.Scratch, numel: int) -> torch.Tensor:
+        largest["floats"] = max(largest["floats"], numel)
+        return floats(self, numel)
+
+    monkeypatch.setattr(folds.Scratch, "copy", spy_copy)
+    monkeypatch.setattr(folds.Scratch, "floats", spy_floats)
+    layout = Layout.from_shapes([("w", torch.float32, (300, 1000)), ("b", torch.float32, (1000,))])
+    held = holdings.Holdings("agg", serve=True)
+    glob, into = held.open_pool("g", layout), held.open_pool("n", layout)
+    torch.manual_seed(5)
+    glob.state.buffer.view(torch.float32).normal_()
+
+    def deliver(rnd: int, t: str, deltas: dict[str, float]) -> dict[str, torch.Tensor]:
+        held.collect(rnd, layout.layout_id, t, sites=len(deltas))
+        sent = {}
+        for site, delta in deltas.items():
+            want = m.Want(kind="deliver", site=site, round=rnd, layout_id=layout.layout_id, token=t)
+            collection, inbox = held.inbox_for(want)
+            for name, view in inbox.state.views.items():
+                view.copy_(glob.state.views[name] + delta * torch.randn(view.shape))
+            sent[site] = {name: view.clone() for name, view in inbox.state.views.items()}
+            held.landed(collection, site, inbox)
+        return sent
+
+    t = token()
+    sent = deliver(1, t, {"hospital": 0.01, "bank": 0.03})
+    result = held.aggregate(1, "g", "n", {"hospital": 100, "bank": 300}, min_sites=2)
+    assert list(result.accepted) == ["bank", "hospital"]
+    for name, view in into.state.views.items():
+        expected = (100 * sent["hospital"][name].double() + 300 * sent["bank"][name].double()) / 400
+        assert torch.allclose(view.double(), expected, atol=1e-6), name
+    assert layout.nbytes > 10 * slice_bytes
+    assert largest == {"copy": slice_bytes, "floats": slice_bytes // 4}
+
+    before = bytes(glob.state.memoryview())
+    held.collect(2, layout.layout_id, t, sites=1)
+    collection, inbox = held.inbox_for(m.Want(kind="deliver", site="bank", round=2, layout_id=layout.layout_id,
+                                              token=t))
+    inbox.state.buffer.copy_(glob.state.buffer)
+    inbox.state.views["b"][-1] = float("nan")
+    held.landed(collection, "bank", inbox)
+    with pytest.raises(NotEnoughSilos, match="update contains NaN or Inf"):
+        held.aggregate(2, "g", "n", {"bank": 300}, min_sites=1)
+    assert bytes(glob.state.memoryview()) == before
 
 
 def test_a_delivery_whose_reply_never_came_is_not_counted(nodes: dict[str, NodeProcess]) -> None:

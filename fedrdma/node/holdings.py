@@ -23,6 +23,11 @@ MAX_POOLS = 16
 MAX_ROUNDS = 4
 """Rounds collected at once: the current one and stragglers of a few before."""
 
+FOLD_SLICE_BYTES = 16 << 20
+"""A delivery is folded this much at a time (a multiple of CHUNK_ALIGN). The fold takes a
+private copy of what it is given and float room for its delta: given a whole GPT-2-small
+delivery at once, that was two 475 MiB buffers the serving node kept for its lifetime."""
+
 
 class NodeError(FedRDMAError):
     """A request this node refuses; the reason goes back to the app or peer that asked."""
@@ -135,7 +140,8 @@ class Holdings:
                 if inbox is None:
                     agg.reject(site, f"no delivery of round {rnd} landed from site {site!r}")
                     continue
-                agg.fold(site, inbox.state, 0, layout.nbytes)
+                for offset in range(0, layout.nbytes, FOLD_SLICE_BYTES):
+                    agg.fold(site, inbox.state, offset, min(FOLD_SLICE_BYTES, layout.nbytes - offset))
             return agg.finish(target.state, min_silos=min_sites, norm_factor=norm_factor,
                               weight_factor=weight_factor)
         finally:
