@@ -420,6 +420,34 @@ def test_the_serving_node_folds_a_delivery_a_slice_at_a_time_into_the_same_mean(
     assert bytes(glob.state.memoryview()) == before
 
 
+def shared_mib(pid: int) -> float:
+    """The shared memory this process maps and has resident (`RssShmem`): a node's pools."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssShmem:")) / 1024
+
+
+def test_a_rounds_inbox_is_unmapped_when_the_round_is_averaged(nodes: dict[str, NodeProcess]) -> None:
+    """The serving node's resident shared memory after a round is its pools', not theirs plus
+    every inbox the rounds landed in (each stayed mapped until the collector ran)."""
+    layout = Layout.from_shapes([("w", torch.float32, (8 << 20,))])
+    inbox_mib = layout.nbytes / 2**20
+    with NodeClient.attach("agg", nodes["agg"].runtime_dir) as server, \
+            NodeClient.attach("hospital", nodes["hospital"].runtime_dir) as hospital:
+        server.pool("mem-global", layout).views["w"].normal_()
+        server.pool("mem-next", layout)
+        local = hospital.pool("mem", layout)
+        seen = []
+        for rnd in (31, 32, 33):
+            t = token()
+            offer, upload = server.publish("mem-global", rnd, t), server.collect(rnd, layout.layout_id, t, sites=1)
+            hospital.fetch("mem", offer)
+            local.views["w"].add_(0.01)
+            hospital.deliver("mem", upload)
+            assert list(server.aggregate(rnd, "mem-global", "mem-next", {"hospital": 1}).accepted) == ["hospital"]
+            seen.append(shared_mib(nodes["agg"].pid))
+    assert seen[2] - seen[0] < inbox_mib / 2, f"resident shared MiB after each round: {seen}"
+
+
 def test_a_delivery_whose_reply_never_came_is_not_counted(nodes: dict[str, NodeProcess]) -> None:
     """Both sites deliver; only hospital's app replied (bank's was killed after delivering)."""
     layout = Layout.from_shapes([("w", torch.float32, (100, 300))])

@@ -6,6 +6,7 @@ methods, each under the one lock, so a request from either side sees one consist
 
 from __future__ import annotations
 
+import gc
 import threading
 from dataclasses import dataclass, field
 
@@ -147,6 +148,12 @@ class Holdings:
         finally:
             for inbox in inboxes.values():
                 inbox.close()
+            del inboxes, landed
+            # An inbox's mapping goes with the last view into it, and in the node process views
+            # of a landed delivery stay referenced from garbage cycles until the collector runs,
+            # which an idle node may not do for rounds: each round's inbox stayed mapped beside
+            # the next one's (a 2221 MiB peak for GPT-2 small; 1746 MiB collected here).
+            gc.collect()
 
     # -- the peer door --------------------------------------------------------------------
     def offered(self, want: m.Want) -> SharedPool:
