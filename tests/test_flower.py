@@ -35,31 +35,31 @@ LAYOUT = Layout.from_shapes([("w", torch.float32, (64, 100)), ("b", torch.float3
 OTHER = Layout.from_shapes([("w", torch.float32, (64, 99))])
 
 
-KILL_ROUND_TIMEOUT_S = 60.0
-"""How long a round waits for the killed site's reply. The live site's comes within seconds on
-an idle host, and took more than 30 s once in CI, with the other worker's tests beside it."""
+KILL_ROUND_TIMEOUT_S = 45.0
+"""How long a round waits for the killed site's reply. The live site's took 10-13 s a round in
+CI with the other worker's tests beside it, and more than 30 s once while `Federation.wait`
+still ran `flwr ls` every second."""
 
 
 def test_both_ways_end_on_the_same_model_with_a_clientapp_killed_in_the_last_round(tmp_path: Path) -> None:
     """`bench flower`'s own run on the test app, both ways at once (Flower's 3 s polling is most
     of a run), in one federation: it costs minutes, so one run shows both things.
 
-    Site 1's ClientApp dies in round 3's training, after the global reached it: that round is
+    Site 1's ClientApp dies in round 2's training, after the global reached it: that round is
     the other site's update alone, as Flower's FedAvg has it when a reply does not come. The
     last round, because a SuperNode whose ClientApp was killed takes 10-15 s, and longer under
     load, before it runs the next one: a round after the kill could time out too."""
-    result = run_flower_bench(APP, "numpy", 3, tmp_path, parallel=True,
-                              extra={"kill-partition": 1, "kill-round": 3, "round-timeout": KILL_ROUND_TIMEOUT_S})
+    result = run_flower_bench(APP, "numpy", 2, tmp_path, parallel=True,
+                              extra={"kill-partition": 1, "kill-round": 2, "round-timeout": KILL_ROUND_TIMEOUT_S})
     for way in (result.flower, result.fedrdma):
-        assert [(r.round, r.replies) for r in way.rounds] == [(1, 2), (2, 2), (3, 1)]
+        assert [(r.round, r.replies) for r in way.rounds] == [(1, 2), (2, 1)]
         assert all(0 < r.comm_seconds <= r.seconds for r in way.rounds)
         assert {"serverapp", "clientapp", "superlink", "supernode"} <= set(way.peak_rss_mb), way.peak_rss_mb
     assert all(r.node_seconds is None for r in result.flower.rounds)
     assert all(r.node_seconds is not None and r.node_seconds > 0 for r in result.fedrdma.rounds)
-    model = np.random.default_rng(0).standard_normal((512, 600)).astype(np.float32)
-    for _ in range(2):
-        model = ((10 * trained(model, 0).astype(np.float64) + 20 * trained(model, 1)) / 30).astype(np.float32)
-    expected = trained(model, 0)
+    start = np.random.default_rng(0).standard_normal((512, 600)).astype(np.float32)
+    first = ((10 * trained(start, 0).astype(np.float64) + 20 * trained(start, 1)) / 30).astype(np.float32)
+    expected = trained(first, 0)
     for label in ("flower", "fedrdma"):
         with np.load(tmp_path / f"final-{label}.npz") as saved:
             assert np.abs(saved["w"] - expected).max() <= 1e-5, label
