@@ -25,16 +25,14 @@ import psutil
 
 from fedrdma.bench.records import FlowerResult, FlowerRound, FlowerWay
 from fedrdma.bench.wan import BENCH_LAB_NAME, LOOPBACK_PATH, federation_hosts
-from fedrdma.control.certs import DEFAULT_HOSTS, init_ca, issue
 from fedrdma.core.errors import RunError
-from fedrdma.fl.demo import LOCAL, Hosts
+from fedrdma.fl.demo import LOCAL, Hosts, make_certs
 from fedrdma.flower.deploy import Federation, LinkTLS
 from fedrdma.flower.mod import RUNTIME_KEY, SITE_KEY
 from fedrdma.lab.config import DEFAULT_MTU, LabConfig, PathShape
 from fedrdma.lab.lab import lab as running_lab
 from fedrdma.metrics import peak_rss_bytes
 from fedrdma.node.process import NodeProcess, start_node
-from fedrdma.transport.tls import CLIENT, SERVER
 
 SITES = ("hospital", "bank")
 """The example's two sites: partitions 0 and 1 of the shipped corpus."""
@@ -103,17 +101,6 @@ class RssSampler:
                         self.peak[role] = max(self.peak.get(role, 0.0), rss)
 
 
-def make_certs(directory: Path, hosts: Hosts) -> Path:
-    """A CA of the run's own; the aggregator's site's pair (its node's and the SuperLink's) named
-    for every address a silo dials and for loopback, where the ServerApp and the CLI reach it;
-    one pair per site."""
-    init_ca(directory, force=True)
-    issue(directory, SERVER_SITE, SERVER, hosts=sorted({*DEFAULT_HOSTS, *hosts.dial_hosts}), force=True)
-    for site in SITES:
-        issue(directory, site, CLIENT, force=True)
-    return directory
-
-
 def run_flower_bench(app: Path, model: str, rounds: int, out_dir: Path | None = None, parallel: bool = False,
                      say: Callable[[str], None] = lambda _: None, extra: dict[str, object] | None = None,
                      shape: PathShape | None = None, mtu: int = DEFAULT_MTU) -> FlowerResult:
@@ -124,7 +111,7 @@ def run_flower_bench(app: Path, model: str, rounds: int, out_dir: Path | None = 
         return _run(app, model, rounds, root, parallel, say, extra, LOCAL, None)
     with running_lab(LabConfig(name=BENCH_LAB_NAME, mtu=mtu, paths=(shape,) * len(SITES)), say) as lab:
         hosts = federation_hosts(lab)
-        certs = make_certs(root / "certs", hosts)
+        certs = make_certs(root / "certs", SITES, hosts, server=SERVER_SITE)  # the node's and the SuperLink's pair
         result = _run(app, model, rounds, root, parallel, say, extra, hosts, certs)
     return result.model_copy(update={"path": f"a lab path each, {shape.describe()}, MTU {mtu}"})
 

@@ -94,12 +94,13 @@ class Hosts:
 LOCAL = Hosts()
 
 
-def make_certs(directory: Path, silos: Sequence[str], hosts: Hosts = LOCAL) -> Path:
-    """A CA of the run's own, a certificate for the aggregator at every host silos dial, one per silo."""
+def make_certs(directory: Path, silos: Sequence[str], hosts: Hosts = LOCAL, server: str = AGGREGATOR_CERT) -> Path:
+    """A CA of the run's own, a certificate named `server` for the aggregator at every host silos
+    dial (and loopback), one per silo."""
     if not (directory / CA_FILE).exists():
         init_ca(directory)
     names = {*DEFAULT_HOSTS, *hosts.dial_hosts, *([hosts.listen_host] if hosts.listen_host != ANY_HOST else [])}
-    issue(directory, AGGREGATOR_CERT, SERVER, hosts=sorted(names), force=True)
+    issue(directory, server, SERVER, hosts=sorted(names), force=True)
     for silo in silos:
         issue(directory, silo, CLIENT, force=True)
     return directory
