@@ -55,24 +55,27 @@ EVENT_WAIT_S = 10e-3
 
 
 class Links:
-    """A session's data connections, replaced whole whenever the endpoint is rebuilt."""
+    """A session's data connections, replaced whole whenever the endpoint is rebuilt.
 
-    def __init__(self, mover: Mover) -> None:
-        self.mover = mover
+    The mover is handed in on each call, not kept: a mover holding its links holding it
+    back would be a cycle that keeps the session's state, often a mapped inbox, alive until
+    the collector runs, which in a node idle between rounds may be never."""
+
+    def __init__(self) -> None:
         self.socks: list[socket.socket] = []
         self.epoch = 0
 
-    def establish(self) -> list[socket.socket]:
+    def establish(self, mover: TcpMover) -> list[socket.socket]:
         """Close what there is, then dial the peer's data port or take what it dialed."""
-        ctx = self.mover.ctx
+        ctx = mover.ctx
         self.close()
         if ctx.channel.dialed:
             peer = ctx.peer
             assert peer is not None
             self.socks = dial(ctx.channel.host, peer.data_port, wire.unb64(peer.ticket), peer.data_streams)
         else:
-            assert ctx.streams is not None and self.mover.arrivals is not None
-            self.socks = list(take(self.mover.arrivals, self.mover.count, ctx.peer_timeout))
+            assert ctx.streams is not None and mover.arrivals is not None
+            self.socks = list(take(mover.arrivals, mover.count, ctx.peer_timeout))
         self.epoch += 1
         return self.socks
 
@@ -101,7 +104,7 @@ class TcpMover(Mover):
 
     def __init__(self, ctx) -> None:  # type: ignore[no-untyped-def]
         super().__init__(ctx)
-        self.links = Links(self)
+        self.links = Links()
         self.arrivals: queue.Queue[socket.socket] | None = None
         self.ticket = b""
         self.count = 0
@@ -128,7 +131,7 @@ class TcpMover(Mover):
     def connect(self, peer: wire.Hello) -> None:
         if self.ctx.channel.dialed and (not peer.data_port or not peer.ticket or not 1 <= peer.data_streams <= MAX_STREAMS):
             raise ProtocolError("the peer offered no data port, ticket or connection count for tcp-e")
-        self.links.establish()
+        self.links.establish(self)
         if self.ctx.role is self.mode.initiator.other:
             self._start_readers()
 
@@ -238,7 +241,7 @@ class TcpMover(Mover):
         if sched.error:
             return
         ctx.channel.send(wire.Resume(transfer=transfer, generation=sched.generation))
-        self.links.establish()
+        self.links.establish(self)
         while True:  # the receiver's first status of the new generation says what it holds
             msg = self.expect(wire.Status)
             assert isinstance(msg, wire.Status)
@@ -274,7 +277,7 @@ class TcpMover(Mover):
                     progressed = True
                     if isinstance(msg, wire.Resume) and msg.transfer == begin.transfer and msg.generation > receiver.generation:
                         self._stop_readers()
-                        self.links.establish()
+                        self.links.establish(self)
                         ctx.generation = msg.generation
                         resumed = receiver.resume(msg.transfer, msg.generation, now)
                         self._admit(receiver, key)
