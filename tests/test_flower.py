@@ -63,7 +63,7 @@ def test_both_ways_end_on_the_same_model_with_a_clientapp_killed_in_the_last_rou
     for label in ("flower", "fedrdma"):
         with np.load(tmp_path / f"final-{label}.npz") as saved:
             assert np.abs(saved["w"] - expected).max() <= 1e-5, label
-    assert result.max_abs_diff <= 1e-5
+    assert result.max_abs_diff == 0.0, "the node wrote the mean with FedAvg's own arithmetic: the same bits"
     assert FlowerResult.model_validate_json(result.model_dump_json()) == result
 
 
@@ -82,7 +82,7 @@ def test_both_ways_cross_a_lab_path_per_site_under_tls(tmp_path: Path, monkeypat
     assert result.path == "a lab path each, 1gbit, 20ms RTT, loss 0, MTU 9000"
     for way in (result.flower, result.fedrdma):
         assert [(r.round, r.replies) for r in way.rounds] == [(1, 2)]
-    assert result.max_abs_diff <= 1e-5
+    assert result.max_abs_diff == 0.0, "the node wrote the mean with FedAvg's own arithmetic: the same bits"
     start = np.random.default_rng(0).standard_normal((512, 600)).astype(np.float32)
     expected = ((10 * trained(start, 0).astype(np.float64) + 20 * trained(start, 1)) / 30).astype(np.float32)
     with np.load(out / "final-fedrdma.npz") as saved:
@@ -189,3 +189,64 @@ def test_arrays_go_into_a_pool_and_come_back_equal() -> None:
     lying = Array(dtype="float32", shape=(64, 100), stype=record["w"].stype, data=Array(given["w"][:32]).data)
     with pytest.raises(LayoutError, match=r"array 'w' holds shape \(32, 100\), it announced \(64, 100\)"):
         records.write(ArrayRecord({"w": lying, "b": record["b"]}), state)
+
+
+# -- the mean Flower's FedAvg makes, made by the node ---------------------------------------
+def test_the_nodes_flower_mean_is_flowers_fedavg_to_the_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process over real shared memory, against Flower's own `aggregate_arrayrecords`: three
+    sites in reply order, a float16 tensor beside the float32 ones, slices that cut through a
+    tensor. The node's own mean (sum, then one division) differs from it in the last bit."""
+    from flwr.app import Array, ArrayRecord
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from fedrdma.node import holdings
+    from fedrdma.node import messages as m
+
+    monkeypatch.setattr(holdings, "FOLD_SLICE_BYTES", 64 << 10)
+    layout = Layout.from_shapes([("w", torch.float32, (300, 1000)), ("h", torch.float16, (5000,)),
+                                 ("b", torch.float32, (1000,))])
+    held = holdings.Holdings("agg", serve=True)
+    glob, into = held.open_pool("g", layout), held.open_pool("n", layout)
+    rng = np.random.default_rng(3)
+    for view in glob.state.views.values():
+        view.copy_(torch.from_numpy(rng.standard_normal(view.shape).astype(view.numpy().dtype)))
+    weights = {"bank": 30, "clinic": 17, "hospital": 23}  # reply order, not sorted; none capped
+    updates = {site: {name: (view.numpy() + 0.01 * rng.standard_normal(view.shape)).astype(view.numpy().dtype)
+                      for name, view in glob.state.views.items()} for site in weights}
+    replies = [RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in updates[site].items()}),
+                           "metrics": MetricRecord({"num-examples": weights[site]})}) for site in weights]
+    flowers = aggregate_arrayrecords(replies, "num-examples")
+
+    def average(rnd: int, mean: m.Mean) -> dict[str, np.ndarray]:
+        t = secrets.token_hex(16)
+        held.collect(rnd, layout.layout_id, t, sites=len(weights))
+        for site in weights:
+            collection, inbox = held.inbox_for(m.Want(kind="deliver", site=site, round=rnd,
+                                                      layout_id=layout.layout_id, token=t))
+            for name, view in inbox.state.views.items():
+                view.copy_(torch.from_numpy(updates[site][name]))
+            held.landed(collection, site, inbox)
+        result = held.aggregate(rnd, "g", "n", weights, min_sites=3, mean=mean)
+        assert sorted(result.accepted) == sorted(weights) and result.rejected == {} and result.capped == {}
+        return {name: view.numpy().copy() for name, view in into.state.views.items()}
+
+    own, flower = average(1, "sum-then-divide"), average(2, "flower")
+    for name in flower:
+        assert flower[name].dtype == flowers[name].numpy().dtype
+        assert np.array_equal(flower[name], flowers[name].numpy()), name
+        ulps = 1e-2 if name == "h" else 1e-5  # a few last bits of values near 3, in float16 or float32
+        assert np.abs(own[name].astype(np.float64) - flower[name]).max() <= ulps, name
+    assert any(not np.array_equal(own[n], flower[n]) for n in own), "the two means agreed to the bit: no test"
+
+
+def test_a_strategy_that_aggregates_its_own_way_is_refused_by_name() -> None:
+    """FedAdam steps a server optimizer in its aggregate_train; the node's mean would drop it."""
+    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+    from fedrdma.core.errors import AggregationError
+    from fedrdma.flower.strategy import FedRDMA
+
+    with pytest.raises(AggregationError, match="FedAdam aggregates its own way.*wrap FedAvg, FedProx"):
+        FedRDMA(FedAdam(), site="agg")
+    for fine in (FedAvg(), FedProx(proximal_mu=0.1)):
+        assert FedRDMA(fine, site="agg").inner is fine

@@ -7,8 +7,12 @@ is where the arrays go:
   not already there), publish it for this step with a fresh token, and send each node a
   descriptor (`descriptor.Offer`) in place of the ArrayRecord;
 - `aggregate_train` reads each reply's receipt (site, publication) and weight, has the node
-  average the deliveries with fedrdma's update checks (`node.holdings.Holdings.aggregate`),
-  and reads the new global back into an ArrayRecord for Flower's loop.
+  average the deliveries with fedrdma's update checks (`node.holdings.Holdings.aggregate`)
+  and FedAvg's own arithmetic in reply order, and reads the new global back into an
+  ArrayRecord for Flower's loop.
+
+Only strategies that average as FedAvg does can be wrapped: one with its own aggregate step
+(FedAdam's server optimizer, FedMedian, Krum) is refused, as the node's mean would replace it.
 
 The global is double-buffered in two pools, as the aggregator's is: the average of round r
 is summed in the spare pool, which then becomes the global.
@@ -26,7 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from fedrdma.core.errors import FedRDMAError
+from fedrdma.core.errors import AggregationError, FedRDMAError
 from fedrdma.core.layout import Layout
 from fedrdma.flower import records
 from fedrdma.flower.descriptor import RECORD, Offer, Receipt
@@ -37,6 +41,10 @@ log = logging.getLogger(__name__)
 POOLS = ("flower-global-a", "flower-global-b")
 """The two halves of the double-buffered global in the node."""
 
+FLOWER_MEAN = "flower"
+"""The node writes the mean with FedAvg's own arithmetic in reply order (`node.flowermean`):
+the wrapped strategy's model is the one Flower would have made, to the bit."""
+
 TOKEN_BYTES = 16
 """A publication's token: 128 random bits, one per configure step."""
 
@@ -46,6 +54,11 @@ class FedRDMA(Strategy):
 
     def __init__(self, strategy: FedAvg, site: str, runtime_dir: Path | str | None = None,
                  min_sites: int = 1) -> None:
+        if not isinstance(strategy, FedAvg) or type(strategy).aggregate_train is not FedAvg.aggregate_train:
+            raise AggregationError(
+                f"FedRDMA wraps strategies that average as FedAvg does; {type(strategy).__name__} aggregates its "
+                "own way (a server optimizer, a median, a trimmed or Krum mean), which the node's weighted mean "
+                "would silently replace: wrap FedAvg, FedProx, or a subclass that keeps FedAvg's aggregate_train")
         self.inner = strategy
         self.site = site
         self.runtime_dir = Path(runtime_dir) if runtime_dir else None
@@ -108,7 +121,7 @@ class FedRDMA(Strategy):
             return None, None
         glob, spare = POOLS[self._current], POOLS[1 - self._current]
         try:
-            result = node.aggregate(self._train_seq, glob, spare, weights, self.min_sites)
+            result = node.aggregate(self._train_seq, glob, spare, weights, self.min_sites, mean=FLOWER_MEAN)
         except FedRDMAError as exc:
             log.warning("round %d: no new global, the old one stays: %s", server_round, exc)
             return None, None

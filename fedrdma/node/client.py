@@ -108,13 +108,14 @@ class NodeClient:
                                 f"of layout {reply.layout_id} (expected {layout.layout_id})")
         return {d.site: SharedPool(fd, layout, f"inbox-{rnd}-{d.site}").state for d, fd in zip(reply.deliveries, fds)}
 
-    def aggregate(self, rnd: int, glob: str, into: str, weights: dict[str, int], min_sites: int = 1) -> m.Aggregated:
+    def aggregate(self, rnd: int, glob: str, into: str, weights: dict[str, int], min_sites: int = 1,
+                  mean: m.Mean = "sum-then-divide") -> m.Aggregated:
         """FedAvg of the round's deliveries, checked as the aggregator checks them, into pool `into`.
 
         Closes the round's collection; the deliveries' memory is the node's again after.
         """
-        return self._ask(m.Aggregate(round=rnd, glob=glob, into=into, weights=weights, min_sites=min_sites),
-                         m.Aggregated)[0]
+        return self._ask(m.Aggregate(round=rnd, glob=glob, into=into, weights=weights, min_sites=min_sites,
+                                     mean=mean), m.Aggregated)[0]
 
     # -- dialing side ---------------------------------------------------------------------
     def fetch(self, pool: str, descriptor: m.Descriptor) -> m.Done:

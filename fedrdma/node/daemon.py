@@ -198,7 +198,7 @@ class Node:
                     reply = self.peers.move(msg)
             elif isinstance(msg, m.Aggregate):
                 with self._working(conn, lock):
-                    result = h.aggregate(msg.round, msg.glob, msg.into, msg.weights, msg.min_sites)
+                    result = h.aggregate(msg.round, msg.glob, msg.into, msg.weights, msg.min_sites, mean=msg.mean)
                 reply = m.Aggregated(accepted=list(result.accepted), rejected=result.rejected,
                                      weights=result.weights, capped=result.capped)
             else:

@@ -14,6 +14,7 @@ from fedrdma.core.fedavg import RoundAggregate, RoundResult
 from fedrdma.core.layout import Layout
 from fedrdma.core.rules import NORM_FACTOR, WEIGHT_FACTOR
 from fedrdma.node import messages as m
+from fedrdma.node.flowermean import flower_mean
 from fedrdma.node.paths import same_token
 from fedrdma.node.shm import PoolError, SharedPool
 
@@ -113,7 +114,8 @@ class Holdings:
             return collection.layout, sorted(collection.landed.items())
 
     def aggregate(self, rnd: int, glob: str, into: str, weights: dict[str, int], min_sites: int,
-                  norm_factor: float = NORM_FACTOR, weight_factor: float = WEIGHT_FACTOR) -> RoundResult:
+                  norm_factor: float = NORM_FACTOR, weight_factor: float = WEIGHT_FACTOR,
+                  mean: m.Mean = "sum-then-divide") -> RoundResult:
         """FedAvg of round `rnd`'s deliveries from the sites in `weights` into pool `into`.
 
         The update checks are the aggregator's (`core.fedavg`): whole, finite, a delta norm
@@ -122,6 +124,9 @@ class Holdings:
         not in `weights` (its app's reply never came) is not counted. Fewer than `min_sites`
         accepted: NotEnoughSilos, and `glob` is untouched. `into` is the spare half of a double
         buffer: an all-float32 layout sums in it in place, so it holds nothing usable after a refusal.
+        `mean="flower"`: the accepted sites' mean is then written again with Flower's FedAvg
+        arithmetic, in the order of `weights` (`flowermean`), so a wrapped Flower strategy's
+        model is the one Flower itself would have made.
         """
         base, target = self.pool(glob), self.pool(into)
         if base is target:
@@ -142,8 +147,12 @@ class Holdings:
                     continue
                 for offset in range(0, layout.nbytes, FOLD_SLICE_BYTES):
                     agg.fold(site, inbox.state, offset, min(FOLD_SLICE_BYTES, layout.nbytes - offset))
-            return agg.finish(target.state, min_silos=min_sites, norm_factor=norm_factor,
-                              weight_factor=weight_factor)
+            result = agg.finish(target.state, min_silos=min_sites, norm_factor=norm_factor,
+                                weight_factor=weight_factor)
+            if mean == "flower":
+                counted = [(inboxes[s].state, result.capped.get(s, weights[s])) for s in weights if s in result.accepted]
+                flower_mean(counted, target.state, FOLD_SLICE_BYTES)
+            return result
         finally:
             for inbox in inboxes.values():
                 inbox.close()  # its mapping goes with the last view, as this call returns

@@ -106,6 +106,12 @@ class Take(wire._Msg):
     round: int = Field(ge=0, le=MAX_ROUND)
 
 
+Mean = Literal["sum-then-divide", "flower"]
+"""How a round's mean is computed: every update times its weight, summed and divided once
+(`core.fedavg`), or each times its share, summed in the order of `weights` in the arrays'
+own dtype, as Flower's FedAvg does (`node.flowermean`)."""
+
+
 class Aggregate(wire._Msg):
     """FedAvg of round `round`'s deliveries from the sites in `weights` (global `glob`) into pool `into`."""
 
@@ -116,6 +122,7 @@ class Aggregate(wire._Msg):
     weights: dict[Annotated[str, StringConstraints(pattern=SITE)], int] = Field(min_length=1, max_length=MAX_SITES)
     """Each site's FedAvg weight (its sample count, or the consortium's agreed figure)."""
     min_sites: int = Field(default=1, ge=1)
+    mean: Mean = "sum-then-divide"
 
 
 # -- node to app ---------------------------------------------------------------------------
