@@ -42,11 +42,18 @@ def events(path: Path, kind: str) -> list[dict]:
     return [e for e in map(json.loads, path.read_text().splitlines()) if e.get("event") == kind]
 
 
+def _sigint_as_at_a_terminal() -> None:
+    """A suite started in the background (`nohup ... &`, no job control) hands every child
+    SIGINT ignored, and Python then installs no handler: an interrupted aggregator would run
+    on to its last round and exit 0. The processes here get SIGINT as Ctrl-C sends it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(kind: str, config: Path, log: Path, env_extra: dict[str, str] | None = None, *flags: str) -> subprocess.Popen:
     env = {**os.environ, "UCX_TLS": "tcp", **(env_extra or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "fedrdma.cli", kind, "--config", str(config), *flags],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, preexec_fn=_sigint_as_at_a_terminal,
     )
 
 
