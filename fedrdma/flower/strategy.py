@@ -25,6 +25,7 @@ import logging
 import secrets
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Final
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 POOLS = ("flower-global-a", "flower-global-b")
 """The two halves of the double-buffered global in the node."""
 
-FLOWER_MEAN = "flower"
+FLOWER_MEAN: Final = "flower"
 """The node writes the mean with FedAvg's own arithmetic in reply order (`node.flowermean`):
 the wrapped strategy's model is the one Flower would have made, to the bit."""
 
