@@ -191,6 +191,45 @@ def test_arrays_go_into_a_pool_and_come_back_equal() -> None:
         records.write(ArrayRecord({"w": lying, "b": record["b"]}), state)
 
 
+def _shared_resident_mib() -> float:
+    """This process's resident shared-memory pages (`RssShmem`), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssShmem:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssShmem in /proc/self/status")
+
+
+def test_an_app_lets_go_of_a_pools_pages_behind_its_copy() -> None:
+    """The pages of a pool an app copied out of, or into, leave its resident set; the bytes stay."""
+    from flwr.app import Array, ArrayRecord
+
+    from fedrdma.flower import records
+    from fedrdma.node.shm import SharedPool
+
+    rng = np.random.default_rng(2)
+    given = {f"w{i}": rng.standard_normal((1024, 2048)).astype(np.float32) for i in range(4)}  # 4 x 8 MiB
+    record = ArrayRecord({k: Array(v) for k, v in given.items()})
+    pool = SharedPool.create("release-test", records.layout_of(record))
+    try:
+        before = _shared_resident_mib()
+        records.write(record, pool.state)
+        assert _shared_resident_mib() - before >= 30  # without release, the 32 MiB written stay resident
+        pool.release()
+        assert _shared_resident_mib() - before < 1
+        back = records.read(pool.state, pool.release)  # each array's pages go once it is copied
+        assert _shared_resident_mib() - before < 1
+        assert all(np.array_equal(back[k].numpy(), v) for k, v in given.items())
+        pool.state.buffer.zero_()
+        pool.release()
+        records.write(record, pool.state, pool.release)
+        assert _shared_resident_mib() - before < 1
+        again = records.read(pool.state)  # the bytes written and let go are in the memfd
+        assert all(np.array_equal(again[k].numpy(), v) for k, v in given.items())
+        assert _shared_resident_mib() - before >= 30
+    finally:
+        pool.close()
+
+
 # -- the mean Flower's FedAvg makes, made by the node ---------------------------------------
 def test_the_nodes_flower_mean_is_flowers_fedavg_to_the_bit(monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process over real shared memory, against Flower's own `aggregate_arrayrecords`: three

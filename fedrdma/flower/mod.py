@@ -53,16 +53,17 @@ def _through_node(msg: Message, context: Context, call_next: ClientAppCallable, 
     with NodeClient.attach(site, str(runtime) if runtime else None) as node:
         name = f"flower-{layout.layout_id}"
         pool = node.pool(name, layout)
+        release = node.pools[name].release  # the pool's pages are not carried through training
         moved = node.fetch(name, offer.fetch).seconds
         del msg.content[RECORD]
-        msg.content[offer.arrays_key] = records.read(pool)
+        msg.content[offer.arrays_key] = records.read(pool, release)
         reply = call_next(msg, context)
         if offer.deliver is None or reply.has_error():
             return reply
         arrays = list(reply.content.array_records.items())
         if len(arrays) != 1:
             raise DescriptorError(f"the ClientApp replied with {len(arrays)} ArrayRecords; fedrdma moves exactly one")
-        records.write(arrays[0][1], pool)
+        records.write(arrays[0][1], pool, release)
         moved += node.deliver(name, offer.deliver).seconds
         del reply.content[arrays[0][0]]
         for metrics in reply.content.metric_records.values():

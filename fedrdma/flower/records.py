@@ -3,12 +3,15 @@
 An `Array` holds its values as `.npy` bytes; they are written into the pool straight from
 those bytes (the header parsed, the values viewed where they lie), so the one copy is the
 one into shared memory. Reading a pool back into an ArrayRecord copies once, into the
-bytes Flower's records are made of.
+bytes Flower's records are made of. With `release`, a shared pool's pages are let go of
+array by array behind the copy (`SharedPool.release`), so an app holds one array's pages of
+the pool at a time, not the state's.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -37,15 +40,26 @@ def _values(array: Array) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell()).reshape(shape)
 
 
-def write(arrays: ArrayRecord, state: FlatState) -> None:
+Release = Callable[[int, int], None]
+"""Told each array's byte span once it is copied: `SharedPool.release`."""
+
+
+def write(arrays: ArrayRecord, state: FlatState, release: Release | None = None) -> None:
     if layout_of(arrays).layout_id != state.layout_id:
         raise LayoutError(f"these arrays have layout {layout_of(arrays).layout_id}; the pool holds {state.layout_id}")
-    for name, array in arrays.items():
+    for spec, (name, array) in zip(state.layout.specs, arrays.items()):
         values, view = _values(array), state.views[name].numpy()
         if values.shape != view.shape:  # the Array's own header against what it announced
             raise LayoutError(f"array {name!r} holds shape {values.shape}, it announced {view.shape}")
         np.copyto(view, values)
+        if release is not None:
+            release(spec.offset, spec.offset + spec.nbytes)
 
 
-def read(state: FlatState) -> ArrayRecord:
-    return ArrayRecord({name: Array(view.numpy()) for name, view in state.views.items()})
+def read(state: FlatState, release: Release | None = None) -> ArrayRecord:
+    arrays = {}
+    for spec in state.layout.specs:
+        arrays[spec.name] = Array(state.views[spec.name].numpy())
+        if release is not None:
+            release(spec.offset, spec.offset + spec.nbytes)
+    return ArrayRecord(arrays)

@@ -129,7 +129,7 @@ class FedRDMA(Strategy):
         for site, reason in result.rejected.items():
             log.warning("round %d: site %s rejected: %s", server_round, site, reason)
         self._current = 1 - self._current
-        self._held = records.read(node.pools[spare].state)
+        self._held = records.read(node.pools[spare].state, node.pools[spare].release)
         metrics = self.inner.train_metrics_aggr_fn([contents[s] for s in result.accepted], key)
         return self._held, metrics
 
@@ -152,7 +152,7 @@ class FedRDMA(Strategy):
                 node.pool(name, self._layout)
         glob = POOLS[self._current]
         if arrays is not self._held:  # the initial arrays, or ones the app changed between steps
-            records.write(arrays, node.pools[glob].state)
+            records.write(arrays, node.pools[glob].state, node.pools[glob].release)
             self._held = arrays
         self._seq += 1
         token = secrets.token_hex(TOKEN_BYTES)

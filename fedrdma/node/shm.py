@@ -57,6 +57,19 @@ class SharedPool:
     def layout(self) -> Layout:
         return self.state.layout
 
+    def release(self, start: int = 0, end: int | None = None) -> None:
+        """Stop holding the pages of bytes `start:end` in this process's resident set.
+
+        The bytes stay in the memfd, for the node and for this process's next access, which
+        maps them again: an app that has copied its arrays out of a pool (or into it) need not
+        carry a state's worth of shared pages through training, or through a round. Pages at
+        either end that the span only shares are let go too; touching them again costs a fault.
+        """
+        end = self.layout.nbytes if end is None else min(end, self.layout.nbytes)
+        start -= start % PAGE
+        if end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
         """Give the descriptor back; the mapping goes with the last view into it."""
         if self.fd >= 0:
