@@ -55,6 +55,9 @@ def test_both_ways_end_on_the_same_model_with_a_clientapp_killed_in_the_last_rou
         assert [(r.round, r.replies) for r in way.rounds] == [(1, 2), (2, 1)]
         assert all(0 < r.comm_seconds <= r.seconds for r in way.rounds)
         assert {"serverapp", "clientapp", "superlink", "supernode"} <= set(way.peak_rss_mb), way.peak_rss_mb
+        assert {"serverapp", "superlink", "supernode", "node-agg"} <= set(way.baseline_rss_mb) and \
+            "clientapp" not in way.baseline_rss_mb, way.baseline_rss_mb
+        assert all(0 < way.baseline_rss_mb[r] <= way.peak_rss_mb[r] for r in way.baseline_rss_mb), way
     assert all(r.node_seconds is None for r in result.flower.rounds)
     assert all(r.node_seconds is not None and r.node_seconds > 0 for r in result.fedrdma.rounds)
     start = np.random.default_rng(0).standard_normal((512, 600)).astype(np.float32)

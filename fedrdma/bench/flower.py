@@ -17,7 +17,7 @@ import json
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -63,19 +63,31 @@ def _label(way: bool) -> str:
     return "fedrdma" if way else "flower"
 
 
+PER_MESSAGE_ROLES = ("serverapp", "clientapp")
+"""Processes Flower starts for a run or a message: none is idle before the arrays move."""
+
+
 class RssSampler:
     """The largest peak RSS of every process under the given roots, by role, until stopped.
 
     Each sample reads the kernel's high-water mark (`metrics.peak_rss_bytes`), so a spike
-    between samples is not missed; a process that lives less than a sample is."""
+    between samples is not missed; a process that lives less than a sample is. As it starts
+    it notes the resident memory of the long-lived processes, idle then: their baselines."""
 
     def __init__(self, roots: list[int]) -> None:
         self.roots = roots
         self.peak: dict[str, float] = {}
+        self.baseline: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
 
     def __enter__(self) -> RssSampler:
+        for role, proc in self._procs():
+            if role not in PER_MESSAGE_ROLES and role not in self.baseline:
+                try:
+                    self.baseline[role] = proc.memory_info().rss / 2**20
+                except psutil.Error:
+                    continue
         self._thread.start()
         return self
 
@@ -83,22 +95,29 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
 
+    def _procs(self) -> Iterator[tuple[str, psutil.Process]]:
+        for root in self.roots:
+            try:
+                parent = psutil.Process(root)
+                procs = [parent, *parent.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+            for proc in procs:
+                try:
+                    role = _role(" ".join(proc.cmdline()))
+                except psutil.Error:
+                    continue
+                if role is not None:
+                    yield role, proc
+
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_S):
-            for root in self.roots:
+            for role, proc in self._procs():
                 try:
-                    parent = psutil.Process(root)
-                    procs = [parent, *parent.children(recursive=True)]
-                except psutil.NoSuchProcess:
-                    continue
-                for proc in procs:
-                    try:
-                        role = _role(" ".join(proc.cmdline()))
-                        rss = peak_rss_bytes(proc.pid) / 2**20
-                    except (psutil.NoSuchProcess, psutil.AccessDenied, OSError, RuntimeError):
-                        continue  # gone, or a zombie: its status has no VmHWM any more
-                    if role is not None:
-                        self.peak[role] = max(self.peak.get(role, 0.0), rss)
+                    rss = peak_rss_bytes(proc.pid) / 2**20
+                except (OSError, RuntimeError):
+                    continue  # gone, or a zombie: its status has no VmHWM any more
+                self.peak[role] = max(self.peak.get(role, 0.0), rss)
 
 
 def run_flower_bench(app: Path, model: str, rounds: int, out_dir: Path | None = None, parallel: bool = False,
@@ -158,7 +177,10 @@ def _run(app: Path, model: str, rounds: int, root: Path, parallel: bool, say: Ca
                 seconds = time.perf_counter() - t0
             for way in batch:
                 rows = [FlowerRound(**json.loads(line)) for line in timings[way].read_text().splitlines()]
-                ways[way] = FlowerWay(rounds=rows, peak_rss_mb=dict(sorted(sampler.peak.items())), seconds=seconds)
+                first = rows[0].rss_mb if rows else None
+                baseline = {**sampler.baseline, **({"serverapp": first} if first is not None else {})}
+                ways[way] = FlowerWay(rounds=rows, peak_rss_mb=dict(sorted(sampler.peak.items())),
+                                      baseline_rss_mb=dict(sorted(baseline.items())), seconds=seconds)
         with np.load(outs[False]) as a, np.load(outs[True]) as b:
             diff = max(float(np.abs(a[k] - b[k]).max()) for k in a.files)
             state_mb = sum(a[k].nbytes for k in a.files) / 2**20

@@ -371,6 +371,9 @@ class FlowerRound(Record):
     node_seconds: float | None = Field(None, description="fedrdma only: the slowest site's fetch plus delivery, "
                                                          "as its node timed them")
     replies: int = Field(description="replies that were not errors")
+    rss_mb: float | None = Field(None, description="the ServerApp's resident memory (VmRSS) as the step began; "
+                                                   "round 1's is its baseline")
+    peak_rss_mb: float | None = Field(None, description="the ServerApp's high-water mark (VmHWM) as the step ended")
 
 
 class FlowerWay(Record):
@@ -379,7 +382,17 @@ class FlowerWay(Record):
     rounds: list[FlowerRound]
     peak_rss_mb: dict[str, float] = Field(description="per role (serverapp, clientapp, superlink, supernode, "
                                                       "node-SITE): the largest high-water mark sampled")
+    baseline_rss_mb: dict[str, float] = Field(
+        default_factory=dict, description="per role, the resident memory before any array moved: the serverapp's "
+                                          "as round 1 began; a long-lived process's (superlink, supernode, node-SITE) "
+                                          "idle, as the run was submitted. None for the clientapp, a process per "
+                                          "message that holds the arrays as its own code first runs")
     seconds: float = Field(description="the whole run, submitted to finished")
+
+    def above_baseline_mb(self) -> dict[str, float]:
+        """Per role with a baseline: its peak less that baseline, what the run added on top."""
+        return {role: self.peak_rss_mb[role] - base for role, base in self.baseline_rss_mb.items()
+                if role in self.peak_rss_mb}
 
 
 class FlowerResult(Record):

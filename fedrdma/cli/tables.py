@@ -150,6 +150,13 @@ def flower_table(result: FlowerResult) -> Table:
     for role in sorted({*result.flower.peak_rss_mb, *result.fedrdma.peak_rss_mb}):
         table.add_row(f"peak RSS {role}", f"{result.flower.peak_rss_mb.get(role, 0):.0f} MiB", "",
                       f"{result.fedrdma.peak_rss_mb.get(role, 0):.0f} MiB", "", "", "")
+    above = {way: result_way.above_baseline_mb() for way, result_way in (("flower", result.flower),
+                                                                         ("fedrdma", result.fedrdma))}
+    if any(above.values()):
+        table.add_section()
+        for role in sorted({*above["flower"], *above["fedrdma"]}):
+            cells = [f"{above[way][role]:.0f} MiB" if role in above[way] else "" for way in above]
+            table.add_row(f"above baseline {role}", cells[0], "", cells[1], "", "", "")
     return table
 
 

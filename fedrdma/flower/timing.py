@@ -4,7 +4,10 @@ A step is timed from `configure_train`'s start (a wrapped `FedRDMA` publishes th
 there) to `aggregate_train`'s end (where it averages): everything the arrays' travel costs,
 both ways, plus the sites' own work, which each ClientApp reports as `APP_SECONDS` (the time
 inside its train function). Communication is the step less the slowest site's own work:
-what Flower's messages, or fedrdma's nodes, add around the training.
+what Flower's messages, or fedrdma's nodes, add around the training. Each step also notes
+the ServerApp's resident memory as it begins and its high-water mark as it ends: the first
+step's start is the app's baseline (its imports, its model and the initial arrays, before
+any array moved), so the bench can say what moving the arrays added on top.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedrdma.metrics import peak_rss_bytes, rss_bytes
+
 APP_SECONDS = "app-seconds"
 """The metric a ClientApp reports: seconds inside its train function (model, arrays, steps)."""
 
@@ -30,13 +35,14 @@ class Timed(Strategy):
         self.inner = strategy
         self.path = Path(path)
         self._started = 0.0
+        self._rss = 0
 
     def summary(self) -> None:
         self.inner.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._started = time.perf_counter()
+        self._started, self._rss = time.perf_counter(), rss_bytes()
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int,
@@ -50,7 +56,8 @@ class Timed(Strategy):
         with self.path.open("a") as out:
             out.write(json.dumps({"round": server_round, "seconds": seconds, "comm_seconds": seconds - app,
                                   "app_seconds": app, "node_seconds": max(node) if node else None,
-                                  "replies": len(metrics)}) + "\n")
+                                  "replies": len(metrics), "rss_mb": self._rss / 2**20,
+                                  "peak_rss_mb": peak_rss_bytes() / 2**20}) + "\n")
         return result
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
