@@ -194,6 +194,35 @@ def test_arrays_go_into_a_pool_and_come_back_equal() -> None:
         records.write(ArrayRecord({"w": lying, "b": record["b"]}), state)
 
 
+def test_a_pool_read_into_the_last_record_refills_it_in_place() -> None:
+    """The next global goes into the record returned the round before, array by array, in its
+    order, as the bytes `np.save` writes; a record of another layout is refused untouched."""
+    from flwr.app import Array, ArrayRecord
+
+    from fedrdma.core.errors import LayoutError
+    from fedrdma.core.layout import FlatState
+    from fedrdma.flower import records
+
+    rng = np.random.default_rng(3)
+    shapes = {"wte": (50, 16), "ln.b": (16,), "scale": (), "h.0.w": (16, 4, 2)}
+    first = ArrayRecord({k: Array(rng.standard_normal(v).astype(np.float32)) for k, v in shapes.items()})
+    state = FlatState.allocate(records.layout_of(first))
+    record = records.read(state)  # zeros
+    old = dict(record.items())
+    nxt = {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+    records.write(ArrayRecord({k: Array(v) for k, v in nxt.items()}), state)
+    assert records.read(state, into=record) is record
+    assert list(record) == list(shapes)
+    for name, values in nxt.items():
+        assert record[name] is not old[name], name
+        assert record[name].data == Array(values).data, name  # what np.save writes, header and all
+        assert record[name].shape == values.shape and np.array_equal(record[name].numpy(), values), name
+    other = ArrayRecord({"wte": Array(np.zeros((50, 16), np.float32))})
+    with pytest.raises(LayoutError, match="the record to fill has layout"):
+        records.read(state, into=other)
+    assert list(other) == ["wte"] and not other["wte"].numpy().any()
+
+
 def _shared_resident_mib() -> float:
     """This process's resident shared-memory pages (`RssShmem`), in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():

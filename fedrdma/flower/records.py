@@ -3,9 +3,11 @@
 An `Array` holds its values as `.npy` bytes; they are written into the pool straight from
 those bytes (the header parsed, the values viewed where they lie), so the one copy is the
 one into shared memory. Reading a pool back into an ArrayRecord copies once, into the
-bytes Flower's records are made of. With `release`, a shared pool's pages are let go of
-array by array behind the copy (`SharedPool.release`), so an app holds one array's pages of
-the pool at a time, not the state's.
+bytes Flower's records are made of, array by array (`_npy`: the `.npy` header and the values
+joined, one copy). With `release`, a shared pool's pages are let go of array by array behind
+the copy (`SharedPool.release`), so an app holds one array's pages of the pool at a time, not
+the state's; with `into`, the arrays replace those of a record of the same layout one by one,
+so the old record's bytes go as the new ones come.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
 
 from fedrdma.core.errors import LayoutError
 from fedrdma.core.layout import FlatState, Layout, torch_dtype
@@ -56,10 +59,33 @@ def write(arrays: ArrayRecord, state: FlatState, release: Release | None = None)
             release(spec.offset, spec.offset + spec.nbytes)
 
 
-def read(state: FlatState, release: Release | None = None) -> ArrayRecord:
-    arrays = {}
+def read(state: FlatState, release: Release | None = None, into: ArrayRecord | None = None) -> ArrayRecord:
+    if into is not None and layout_of(into).layout_id != state.layout_id:
+        raise LayoutError(f"the record to fill has layout {layout_of(into).layout_id}; the pool holds "
+                          f"{state.layout_id}")
+    record = ArrayRecord() if into is None else into
     for spec in state.layout.specs:
-        arrays[spec.name] = Array(state.views[spec.name].numpy())
+        record[spec.name] = _npy(state.views[spec.name].numpy())
         if release is not None:
             release(spec.offset, spec.offset + spec.nbytes)
-    return ArrayRecord(arrays)
+    return record
+
+
+def _npy(values: np.ndarray) -> Array:
+    """An `Array` of `values` as `.npy` bytes, made with one copy: the header and the values joined.
+
+    `Array(ndarray)` saves into a BytesIO and takes its value, holding an array's bytes twice
+    for a moment, and a state's largest array is a few hundred MiB. For a pool's views, which are
+    C-ordered, these are the bytes `np.save` writes, so every reader of Flower's arrays reads them.
+    """
+    if not values.flags.c_contiguous:
+        values = values.copy(order="C")
+    header = io.BytesIO()
+    fields = np.lib.format.header_data_from_array_1_0(values)
+    try:
+        np.lib.format.write_array_header_1_0(header, fields)
+    except ValueError:  # a header past 64 KiB: an array of very many dimensions
+        header = io.BytesIO()
+        np.lib.format.write_array_header_2_0(header, fields)
+    data = b"".join((header.getvalue(), memoryview(values.reshape(-1).view(np.uint8))))
+    return Array(dtype=str(values.dtype), shape=tuple(int(d) for d in values.shape), stype=SType.NUMPY, data=data)

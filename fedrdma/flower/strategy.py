@@ -9,7 +9,10 @@ is where the arrays go:
 - `aggregate_train` reads each reply's receipt (site, publication) and weight, has the node
   average the deliveries with fedrdma's update checks (`node.holdings.Holdings.aggregate`)
   and FedAvg's own arithmetic in reply order, and reads the new global back into an
-  ArrayRecord for Flower's loop.
+  ArrayRecord for Flower's loop. From round 2 that is the record it returned the round
+  before, refilled array by array (`in_place`): Flower's `start` holds the initial record and
+  the current one while the next is made, and each is a copy of the state, so a fresh record
+  each round would be a third.
 
 Only strategies that average as FedAvg does can be wrapped: one with its own aggregate step
 (FedAdam's server optimizer, FedMedian, Krum) is refused, as the node's mean would replace it.
@@ -54,7 +57,9 @@ class FedRDMA(Strategy):
     """`FedRDMA(FedAvg(...), site="agg")`: the wrapped strategy, its arrays moved by `fedrdma node`."""
 
     def __init__(self, strategy: FedAvg, site: str, runtime_dir: Path | str | None = None,
-                 min_sites: int = 1) -> None:
+                 min_sites: int = 1, in_place: bool = True) -> None:
+        """`in_place=False` gives each round's global a new ArrayRecord, for an app that keeps a
+        round's record (from `evaluate_fn`, say) past the next round's aggregate step."""
         if not isinstance(strategy, FedAvg) or type(strategy).aggregate_train is not FedAvg.aggregate_train:
             raise AggregationError(
                 f"FedRDMA wraps strategies that average as FedAvg does; {type(strategy).__name__} aggregates its "
@@ -64,12 +69,15 @@ class FedRDMA(Strategy):
         self.site = site
         self.runtime_dir = Path(runtime_dir) if runtime_dir else None
         self.min_sites = min_sites
+        self.in_place = in_place
         self._node: NodeClient | None = None
         self._layout: Layout | None = None
         self._current = 0
         """Which of POOLS holds the global."""
         self._held: ArrayRecord | None = None
         """The ArrayRecord the global pool holds, so it is not written again."""
+        self._made: ArrayRecord | None = None
+        """The record the last aggregate step returned: the next global may refill it."""
         self._seq = 0
         self._train_seq = -1
 
@@ -129,7 +137,8 @@ class FedRDMA(Strategy):
         for site, reason in result.rejected.items():
             log.warning("round %d: site %s rejected: %s", server_round, site, reason)
         self._current = 1 - self._current
-        self._held = records.read(node.pools[spare].state, node.pools[spare].release)
+        into = self._held if self.in_place and self._held is self._made else None  # never the app's own
+        self._held = self._made = records.read(node.pools[spare].state, node.pools[spare].release, into)
         metrics = self.inner.train_metrics_aggr_fn([contents[s] for s in result.accepted], key)
         return self._held, metrics
 
