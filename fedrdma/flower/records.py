@@ -43,6 +43,9 @@ def _values(array: Array) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell()).reshape(shape)
 
 
+_GONE = Array(np.empty(0, dtype=np.uint8))
+"""Holds an array's place in a record being refilled, between its old bytes and its new ones."""
+
 Release = Callable[[int, int], None]
 """Told each array's byte span once it is copied: `SharedPool.release`."""
 
@@ -65,6 +68,8 @@ def read(state: FlatState, release: Release | None = None, into: ArrayRecord | N
                           f"{state.layout_id}")
     record = ArrayRecord() if into is None else into
     for spec in state.layout.specs:
+        if into is not None:
+            record[spec.name] = _GONE  # the old bytes go before the new ones are made, the key keeps its place
         record[spec.name] = _npy(state.views[spec.name].numpy())
         if release is not None:
             release(spec.offset, spec.offset + spec.nbytes)
