@@ -298,6 +298,11 @@ DEFAULT_NODE_LISTEN = f"{LOOPBACK_HOST}:7710"
 """Where a serving node (the aggregator's site) takes peer nodes: loopback until an operator widens it."""
 
 
+NodeMode = Literal["auto", "tcp-e", "rdma-e"]
+"""A node moves a whole pool one way per transfer: the two FedRDMA-E modes whose receiver places
+the bytes, pushed by whoever holds them."""
+
+
 class NodeConfig(SecuritySettings):
     """`fedrdma node`: one site's data plane, for apps that attach over its Unix socket."""
 
@@ -317,6 +322,9 @@ class NodeConfig(SecuritySettings):
     chunk_size: int = Field(DEFAULT_CHUNK_SIZE, gt=0, multiple_of=CHUNK_ALIGN,
                             description=f"bytes per chunk, a multiple of {CHUNK_ALIGN}")
     window: int = Field(DEFAULT_WINDOW, ge=1, le=MAX_WINDOW)
+    mode: NodeMode = Field(AUTO, description="how nodes move pools: auto (rdma-e where the fabric enforces remote "
+                           "keys, tcp-e elsewhere), tcp-e or rdma-e; the serving node's descriptors name its mode, "
+                           "and a dialing node running another refuses them by name")
     runtime_dir: Path | None = Field(None, description="where the node's socket and token live (default "
                                      "$XDG_RUNTIME_DIR/fedrdma, else /tmp/fedrdma-UID); only this user may enter it")
 

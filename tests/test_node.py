@@ -466,3 +466,51 @@ def test_a_delivery_whose_reply_never_came_is_not_counted(nodes: dict[str, NodeP
         result = server.aggregate(21, "late-global", "late-next", {"hospital": 10})
         assert result.accepted == ["hospital"] and result.rejected == {}
         assert bool((into.views["w"] == 2.0).all()), "bank's delivery was counted without its reply"
+
+
+# -- rdma-e between nodes ------------------------------------------------------------------------
+RDMA_E = ["--chunk-size", str(CHUNK), "--mode", "rdma-e", "--trusted-fabric"]
+"""UCX over TCP here enforces no remote keys: rdma-e needs the operator's word for it."""
+
+
+def test_nodes_move_pools_as_rdma_e_and_a_node_of_another_mode_is_refused_by_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real NIXL WRITEs between two node processes (UCX over TCP on loopback), both ways; a tcp-e
+    node handed an rdma-e descriptor is told the mode to start with, and fetches nothing."""
+    monkeypatch.setenv("UCX_TLS", os.environ.get("UCX_TLS", "tcp"))
+    made = {"agg": process.start_node("agg", tmp_path / "agg", None, serve=True, extra=RDMA_E),
+            "hospital": process.start_node("hospital", tmp_path / "hospital", None, extra=RDMA_E),
+            "bank": start_node("bank", tmp_path / "bank", None)}
+    try:
+        with NodeClient.attach("agg", tmp_path / "agg") as server, \
+                NodeClient.attach("hospital", tmp_path / "hospital") as hospital, \
+                NodeClient.attach("bank", tmp_path / "bank") as bank:
+            sent = filled(server.pool("global", LAYOUT), seed=7)
+            t = token()
+            offer = server.publish("global", 1, t)
+            upload = server.collect(1, LAYOUT.layout_id, t, sites=1)
+            assert (offer.mode, upload.mode) == ("rdma-e", "rdma-e")
+            local = hospital.pool("global", LAYOUT)
+            assert hospital.fetch("global", offer).nbytes == LAYOUT.nbytes
+            assert bytes(local.memoryview()) == sent
+            update = filled(local, seed=8)
+            assert hospital.deliver("global", upload).nbytes == LAYOUT.nbytes
+            assert bytes(server.take(1, LAYOUT)["hospital"].memoryview()) == update
+            zeros = bytes(bank.pool("global", LAYOUT).memoryview())
+            with pytest.raises(NodeRefused, match="moves its pools as rdma-e and this node as tcp-e: start this "
+                                                  "node with --mode rdma-e"):
+                bank.fetch("global", offer)
+            assert bytes(bank.pools["global"].state.memoryview()) == zeros
+    finally:
+        for node in made.values():
+            node.stop()
+
+
+def test_an_rdma_e_node_over_tcp_without_trusted_fabric_exits_naming_the_setting(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "fedrdma.cli", "node", "--site", "agg", "--runtime-dir",
+                          str(tmp_path / "agg"), "--insecure", "--serve", "--mode", "rdma-e"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "UCX_TLS": "tcp"})
+    assert run.returncode == 1, run.stdout + run.stderr
+    said = " ".join((run.stdout + run.stderr).split())
+    assert "mode rdma-e needs a fabric that enforces remote keys" in said and "--trusted-fabric" in said, said
+    assert not (tmp_path / "agg" / "agg.sock").exists()

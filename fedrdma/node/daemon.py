@@ -213,7 +213,8 @@ class Node:
                 p.close()
 
     def _done(self, rnd: int, layout_id: str, token: str) -> m.Done:
-        return m.Done(descriptor=m.Descriptor(address=self.address, round=rnd, layout_id=layout_id, token=token))
+        return m.Done(descriptor=m.Descriptor(address=self.address, round=rnd, layout_id=layout_id, token=token,
+                                              mode=self.peers.mode.value))
 
     @contextmanager
     def _working(self, conn: socket.socket, lock: threading.Lock) -> Iterator[None]:

@@ -45,6 +45,8 @@ class Descriptor(BaseModel):
     round: int = Field(ge=0, le=MAX_ROUND)
     layout_id: str = Field(pattern=LAYOUT_ID)
     token: str = Field(pattern=TOKEN)
+    mode: Literal["tcp-e", "rdma-e"] = "tcp-e"
+    """The serving node's: a dialing node moves the pool this way or refuses by name."""
 
 
 # -- app to node ---------------------------------------------------------------------------

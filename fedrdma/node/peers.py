@@ -1,13 +1,17 @@
 """A node's other door: peer nodes, over mutual TLS, and this node dialing them.
 
 A peer's site is the name in its certificate; its first message (`Want`) says what it wants,
-and `Holdings` decides whether it may have it. Then a `tcp-e` session moves one whole pool,
-and its waits are the session's own, which follow progress.
+and `Holdings` decides whether it may have it. Then a session moves one whole pool, and its
+waits are the session's own, which follow progress. The session is `tcp-e`, or `rdma-e` where
+the fabric enforces remote keys (or the operator said every peer may reach every process,
+`--trusted-fabric`): the node's NIXL agent registers the pool for the transfer, and the
+holder WRITEs it into the other node's pool.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -18,7 +22,8 @@ from fedrdma.core.modes import Mode, Role
 from fedrdma.node import messages as m
 from fedrdma.node.holdings import Holdings, NodeError
 from fedrdma.node.shm import SharedPool
-from fedrdma.transport import wire
+from fedrdma.transport import fabric, wire
+from fedrdma.transport.agent import Agent
 from fedrdma.transport.channel import Channel, Listener, dial
 from fedrdma.transport.session import REFUSE_LINGER_S, Session
 from fedrdma.transport.streams import DataListener
@@ -44,13 +49,19 @@ class Peers:
         self.cfg = cfg
         self.credentials = credentials
         self.holdings = holdings
+        here = fabric.detect()
+        self.mode = fabric.resolve(cfg.mode, here)
+        fabric.require_trust(self.mode, cfg.trusted_fabric, here)  # before the agent exists
+        fabric.require_checks(cfg.verify, self.mode, here)
+        self.agent = Agent(f"fedrdma-node-{cfg.site}-{os.getpid()}") if self.mode.one_sided else None
         self.listener: Listener | None = None
         self.streams: DataListener | None = None
         self.address = ""
 
     def listen(self, stop: threading.Event) -> threading.Thread:
         self.listener = Listener(self.cfg.listen, self.credentials, max_streams=MAX_PEERS)
-        self.streams = DataListener(split_host_port(self.cfg.listen)[0], self.cfg.data_port)
+        if self.mode is Mode.TCP_E:  # rdma-e's bytes travel on the agent's own connections
+            self.streams = DataListener(split_host_port(self.cfg.listen)[0], self.cfg.data_port)
         self.address = self.listener.address
         t = threading.Thread(target=self._accept, args=(stop,), daemon=True, name="node-peers")
         t.start()
@@ -61,6 +72,8 @@ class Peers:
             self.listener.close()
         if self.streams is not None:
             self.streams.close()
+        if self.agent is not None:
+            self.agent.close()
 
     # -- this node dials ------------------------------------------------------------------
     def move(self, msg: m.Fetch | m.Deliver) -> m.Done:
@@ -69,6 +82,10 @@ class Peers:
         if pool.layout.layout_id != d.layout_id:
             raise NodeError(f"the descriptor is for layout {d.layout_id}; pool {msg.pool!r} holds "
                             f"{pool.layout.layout_id}")
+        if d.mode != self.mode.value:
+            raise NodeError(f"the serving node moves its pools as {d.mode} and this node as {self.mode}: start this "
+                            f"node with --mode {d.mode}" + (" (and --trusted-fabric where the fabric does not enforce "
+                                                            "remote keys)" if d.mode != Mode.TCP_E.value else ""))
         address = self._peer_address(d.address)
         if self.credentials is None and not is_loopback(split_host_port(address)[0]):
             raise NodeError(f"this node runs without certificates and dials loopback only, not {address}: "
@@ -93,8 +110,9 @@ class Peers:
     def _session(self, pool: SharedPool, channel: Channel, role: Role, streams: DataListener | None) -> Session:
         cfg = self.cfg
         chunk_size = min(cfg.chunk_size, pool.layout.nbytes)  # a state smaller than a chunk is one chunk
-        return Session(None, pool.state, channel, Mode.TCP_E, role, chunk_size, cfg.window,
-                       streams=streams, data_streams=cfg.data_streams)
+        return Session(self.agent, pool.state, channel, self.mode, role, chunk_size, cfg.window,
+                       streams=streams if self.mode is Mode.TCP_E else None, data_streams=cfg.data_streams,
+                       trusted_fabric=cfg.trusted_fabric, verify=cfg.verify != fabric.VERIFY_FABRIC)
 
     # -- peers dial this node -------------------------------------------------------------
     def _accept(self, stop: threading.Event) -> None:
