@@ -145,6 +145,13 @@ class Agent:
         for pool in list(self._pools):
             pool.close()
 
+    def _forget(self, pool: Pool) -> None:
+        """A closed pool leaves the agent's list: a long-lived agent that registers per
+        transfer (a node's) would otherwise keep every buffer it ever registered alive."""
+        with self._lock:
+            if pool in self._pools:
+                self._pools.remove(pool)
+
     @property
     def registered_pools(self) -> int:
         return sum(1 for p in self._pools if p.registered)
@@ -204,6 +211,7 @@ class Pool:
         self._slot_lists.clear()
         self.agent.nixl.deregister_memory(self.reg_descs)
         self.registered = False
+        self.agent._forget(self)
 
 
 class Staging:
