@@ -1,7 +1,8 @@
 """How fast two `fedrdma node` processes move a GPT-2-small-sized state, and what they hold.
 
-`python scripts/node_rate.py [--repeat N] [--mb MB]` starts a serving node and a dialing one on
-loopback (mutual TLS with a CA made for the run), maps a pool in this process as an app
+`python scripts/node_rate.py [--repeat N] [--mb MB] [--modes tcp-e,rdma-e]` starts a serving node
+and a dialing one on loopback per mode, one mode after the other (mutual TLS with a CA made for
+the run; rdma-e over UCX TCP, with `--trusted-fabric`), maps a pool in this process as an app
 would, and times fetches (server to client) and deliveries (client to server) as the app
 sees them: from its request to the node's answer. It prints GB/s per transfer and each
 node's peak RSS above the pools it holds. With `--aggregate` the serving node averages each
@@ -11,6 +12,7 @@ round's delivery into a second pool (FedAvg with its update checks) instead of h
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import statistics
 import tempfile
@@ -29,6 +31,9 @@ from fedrdma.transport.tls import CLIENT, SERVER
 GPT2_SMALL_BYTES = 497_759_232
 """GPT-2 small's float32 state, as the runtime moves it."""
 
+MODE_FLAGS = {"tcp-e": ["--mode", "tcp-e"], "rdma-e": ["--mode", "rdma-e", "--trusted-fabric"]}
+"""UCX over TCP enforces no remote keys: rdma-e here needs the operator's word."""
+
 
 def peak_rss_mb(pid: int) -> float:
     return peak_rss_bytes(pid) / 2**20
@@ -39,13 +44,20 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--mb", type=float, default=GPT2_SMALL_BYTES / 2**20)
     ap.add_argument("--aggregate", action="store_true", help="average each delivery in the serving node")
+    ap.add_argument("--modes", default="tcp-e", help="comma-separated: tcp-e, rdma-e")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedrdma-node-rate-"))
     init_ca(work / "certs")
     issue(work / "certs", "agg", SERVER, hosts=["127.0.0.1"])
     issue(work / "certs", "hospital", CLIENT)
-    server = start_node("agg", work / "agg", work / "certs", serve=True)
-    client = start_node("hospital", work / "hospital", work / "certs")
+    os.environ.setdefault("UCX_TLS", "tcp")
+    for mode in args.modes.split(","):
+        rate(mode, work / mode, work / "certs", args)
+
+
+def rate(mode: str, work: Path, certs: Path, args: argparse.Namespace) -> None:
+    server = start_node("agg", work / "agg", certs, serve=True, extra=MODE_FLAGS[mode])
+    client = start_node("hospital", work / "hospital", certs, extra=MODE_FLAGS[mode])
     layout = synthetic_layout(int(args.mb * 2**20) // 4 * 4)
     try:
         with NodeClient.attach("agg", server.runtime_dir) as s, NodeClient.attach("hospital", client.runtime_dir) as c:
@@ -71,7 +83,7 @@ def main() -> None:
                 assert torch.equal(inbox.buffer, glob.buffer), "the delivery differs from what was fetched"
                 del inbox
             pools_mb = layout.nbytes / 2**20
-            print(f"state {layout.nbytes / 1e6:.0f} MB, {args.repeat} rounds, loopback, tcp-e between node processes")
+            print(f"state {layout.nbytes / 1e6:.0f} MB, {args.repeat} rounds, loopback, {mode} between node processes")
             for kind, r in rates.items():
                 print(f"  {kind:8} {', '.join(f'{x:.2f}' for x in r)} GB/s (median {statistics.median(r):.2f})")
             held = ("global + next + one inbox", 3) if args.aggregate else ("global + one inbox", 2)
