@@ -129,7 +129,8 @@ def wire_plot(result: WireResult, path: Path) -> Path:
 
 def flower_plot(result: FlowerResult, path: Path) -> Path:
     """The same Flower app both ways: each round's seconds split into communication and the
-    ClientApps' own work, and each process's peak RSS."""
+    ClientApps' own work, and each process's peak RSS split into its baseline (what it held
+    before any array moved, where there is one) and what the run added on top."""
     ways = {"Flower": (result.flower, "tab:blue"), "fedrdma": (result.fedrdma, "tab:orange")}
     fig, (time_ax, rss_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
     width = 0.4
@@ -149,11 +150,15 @@ def flower_plot(result: FlowerResult, path: Path) -> Path:
     time_ax.legend(fontsize=8, ncol=2, loc="upper center")
     roles = sorted({role for way, _ in ways.values() for role in way.peak_rss_mb})
     for k, (name, (way, color)) in enumerate(ways.items()):
-        rss_ax.bar([j + (k - 0.5) * width for j in range(len(roles))], [way.peak_rss_mb.get(r, 0.0) for r in roles],
-                   width, color=color, label=name)
+        xs = [j + (k - 0.5) * width for j in range(len(roles))]
+        peaks = [way.peak_rss_mb.get(r, 0.0) for r in roles]
+        bases = [min(way.baseline_rss_mb.get(r, 0.0), peak) for r, peak in zip(roles, peaks)]
+        rss_ax.bar(xs, bases, width, color=color, alpha=0.35, label=f"{name}: baseline")
+        rss_ax.bar(xs, [peak - base for peak, base in zip(peaks, bases)], width, bottom=bases, color=color,
+                   label=f"{name}: above it")
     rss_ax.set_xticks(range(len(roles)), roles, rotation=30, ha="right", fontsize=8)
     rss_ax.set_ylabel("peak RSS, MiB")
-    rss_ax.set_title("each process's peak RSS")
-    rss_ax.legend()
+    rss_ax.set_title("each process's peak RSS (light: held before any array moved)", fontsize=10)
+    rss_ax.legend(fontsize=8)
     fig.suptitle(f"two sites on {result.path}", fontsize=10)
     return _save(fig, path, 100)
