@@ -24,8 +24,13 @@ def _status_kib(field: str, pid: int | None = None) -> int:
     raise RuntimeError(f"{field} missing from {path}")
 
 
-def rss_bytes() -> int:
-    return _status_kib("VmRSS") * 1024
+def rss_bytes(pid: int | None = None) -> int:
+    return _status_kib("VmRSS", pid) * 1024
+
+
+def shared_rss_bytes(pid: int | None = None) -> int:
+    """Resident pages of shared memory (`RssShmem`): a node's pools, or the part of them an app maps."""
+    return _status_kib("RssShmem", pid) * 1024
 
 
 def peak_rss_bytes(pid: int | None = None) -> int:

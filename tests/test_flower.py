@@ -24,6 +24,7 @@ from fedrdma.core.layout import Layout
 from fedrdma.flower.descriptor import RECORD, Offer
 from fedrdma.flower.mod import RUNTIME_KEY, SITE_KEY, fedrdma_mod
 from fedrdma.lab.config import PathShape
+from fedrdma.metrics import shared_rss_bytes
 from fedrdma.node.client import NodeClient
 from fedrdma.node.process import NodeProcess, start_node
 from tests.conftest import LAB_GROUP, needs_root
@@ -224,11 +225,7 @@ def test_a_pool_read_into_the_last_record_refills_it_in_place() -> None:
 
 
 def _shared_resident_mib() -> float:
-    """This process's resident shared-memory pages (`RssShmem`), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssShmem:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no RssShmem in /proc/self/status")
+    return shared_rss_bytes() / 2**20
 
 
 def test_an_app_lets_go_of_a_pools_pages_behind_its_copy() -> None:

@@ -25,6 +25,7 @@ from fedrdma.control.certs import init_ca, issue
 from fedrdma.core import folds
 from fedrdma.core.errors import LayoutError, NotEnoughSilos
 from fedrdma.core.layout import FlatState, Layout
+from fedrdma.metrics import shared_rss_bytes
 from fedrdma.node import holdings, process, unix
 from fedrdma.node import messages as m
 from fedrdma.node.client import NodeClient, NodeRefused
@@ -421,9 +422,7 @@ def test_the_serving_node_folds_a_delivery_a_slice_at_a_time_into_the_same_mean(
 
 
 def shared_mib(pid: int) -> float:
-    """The shared memory this process maps and has resident (`RssShmem`): a node's pools."""
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("RssShmem:")) / 1024
+    return shared_rss_bytes(pid) / 2**20
 
 
 def test_a_rounds_inbox_is_unmapped_when_the_round_is_averaged(nodes: dict[str, NodeProcess]) -> None:

@@ -31,7 +31,7 @@ from fedrdma.flower.deploy import Federation, LinkTLS
 from fedrdma.flower.mod import RUNTIME_KEY, SITE_KEY
 from fedrdma.lab.config import DEFAULT_MTU, LabConfig, PathShape
 from fedrdma.lab.lab import lab as running_lab
-from fedrdma.metrics import peak_rss_bytes
+from fedrdma.metrics import peak_rss_bytes, rss_bytes
 from fedrdma.node.process import NodeProcess, start_node
 
 SITES = ("hospital", "bank")
@@ -85,9 +85,9 @@ class RssSampler:
         for role, proc in self._procs():
             if role not in PER_MESSAGE_ROLES and role not in self.baseline:
                 try:
-                    self.baseline[role] = proc.memory_info().rss / 2**20
-                except psutil.Error:
-                    continue
+                    self.baseline[role] = rss_bytes(proc.pid) / 2**20
+                except (OSError, RuntimeError):
+                    continue  # gone before it was read
         self._thread.start()
         return self
 

@@ -111,7 +111,7 @@ class Peers:
         cfg = self.cfg
         chunk_size = min(cfg.chunk_size, pool.layout.nbytes)  # a state smaller than a chunk is one chunk
         return Session(self.agent, pool.state, channel, self.mode, role, chunk_size, cfg.window,
-                       streams=streams if self.mode is Mode.TCP_E else None, data_streams=cfg.data_streams,
+                       streams=streams, data_streams=cfg.data_streams,
                        trusted_fabric=cfg.trusted_fabric, verify=cfg.verify != fabric.VERIFY_FABRIC)
 
     # -- peers dial this node -------------------------------------------------------------
