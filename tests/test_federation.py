@@ -22,13 +22,13 @@ from fedrdma.core.rules import WEIGHT_FACTOR
 from fedrdma.fl import checkpoint
 from fedrdma.fl.demo import (
     DEMO_SILOS,
-    free_port,
     max_abs_diff,
     run_federation,
     write_configs,
 )
 from fedrdma.fl.inputs import CERTS_DIR
 from fedrdma.fl.records import AggregatorRound, DemoResult, SiloRoundRecord
+from fedrdma.transport.ports import free_port
 from fedrdma.transport.tls import CLIENT
 
 MODEL = "gpt2-tiny"
@@ -228,7 +228,7 @@ def test_a_killed_silo_is_left_out_and_rejoins(tmp_path):
                 "--min-silos", "2", "--round-deadline-s", "60", "--gather-s", "60")
     steady = [start("silo", c, tmp_path / f"steady{i}.log") for i, c in enumerate(silo_cfgs[:2])]
     victim = start_faulty(silo_cfgs[2], tmp_path / "victim.log", "exit-after-broadcast:1")
-    assert wait(victim) == 17  # died in round 1, after the broadcast
+    assert wait(victim) == 17, (tmp_path / "victim.log").read_text()  # died in round 1, after the broadcast
     again = start("silo", silo_cfgs[2], tmp_path / "again.log")
     assert wait(agg) == 0, (tmp_path / "agg.log").read_text()
     for s in (*steady, again):

@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 from fedrdma.bench.soak import TOLERANCE, update_path
 from fedrdma.core.chunks import DEFAULT_WINDOW
 from fedrdma.fl import checkpoint
-from fedrdma.fl.demo import DEMO_SILOS, free_port, write_configs
+from fedrdma.fl.demo import DEMO_SILOS, write_configs
 from fedrdma.testing.silo import EXIT_CODE
 from fedrdma.transport.movers.granting import GRANT_SPARE_SLOTS
+from fedrdma.transport.ports import free_port
 from tests.test_federation import MODEL, events, start, start_faulty, wait
 
 CHUNK = 1 << 16

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedrdma.fl.demo import free_port
+from fedrdma.transport.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"

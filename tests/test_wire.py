@@ -20,10 +20,11 @@ from fedrdma.core.layout import FlatState
 from fedrdma.core.modes import Mode, Wire
 from fedrdma.fl import checkpoint
 from fedrdma.fl.broadcasts import Broadcasts
-from fedrdma.fl.demo import DEMO_SILOS, free_port, write_configs
+from fedrdma.fl.demo import DEMO_SILOS, write_configs
 from fedrdma.fl.records import AggregatorRound
 from fedrdma.fl.silo import perturb
 from fedrdma.fl.state import build_trainable
+from fedrdma.transport.ports import free_port
 
 MODEL = "gpt2-tiny"
 SILOS = (*DEMO_SILOS, "clinic")

@@ -20,7 +20,8 @@ from pathlib import Path
 from fedrdma.bench.records import ScaleResult, ScaleRound, ScaleRun
 from fedrdma.core.errors import RunError
 from fedrdma.core.modes import Mode
-from fedrdma.fl.demo import forget_run, free_port, read_rounds, write_configs
+from fedrdma.fl.demo import forget_run, read_rounds, write_configs
+from fedrdma.transport.ports import free_port
 
 DEFAULT_COUNTS = (4, 16, 64)
 """The silo counts the issue asks for: a small consortium, a large one, and the ceiling."""

@@ -144,7 +144,8 @@ class Soak:
     def __init__(self, root: Path, rounds: int, silos: int, seed: int, mode: Mode, model: str,
                  lab: Lab | None = None) -> None:
         from fedrdma.bench.wan import federation_hosts
-        from fedrdma.fl.demo import LOCAL, free_port, write_configs
+        from fedrdma.fl.demo import LOCAL, write_configs
+        from fedrdma.transport.ports import free_port
 
         self.root, self.rounds, self.seed, self.model, self.mode = root, rounds, seed, model, mode
         self.names = [f"s{i:02d}" for i in range(silos)]

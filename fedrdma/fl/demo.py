@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from fedrdma.core.modes import Mode, Wire
 from fedrdma.fl import checkpoint
 from fedrdma.fl.inputs import CERTS_DIR, DEMO_EVAL, DEMO_MODES, DEMO_SILOS, demo_corpus
 from fedrdma.fl.records import AggregatorRound, DemoMode, DemoResult
+from fedrdma.transport.ports import free_port
 from fedrdma.transport.tls import CA_FILE, CLIENT, SERVER
 
 DEMO_MODEL = "gpt2-small"
@@ -49,12 +49,6 @@ AGGREGATOR_CERT = "aggregator"
 
 ANY_HOST = "0.0.0.0"
 """A listen address that is no host name: not one a certificate can name."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK_HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def _toml(values: dict[str, Any]) -> str:

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from fedrdma.core.addresses import LOOPBACK_HOST
 from fedrdma.core.errors import RunError
-from fedrdma.fl.demo import LOCAL, Hosts, free_port
+from fedrdma.fl.demo import LOCAL, Hosts
+from fedrdma.transport.ports import free_port
 from fedrdma.transport.tls import CA_FILE, cert_file, key_file
 
 LINK_TIMEOUT_S = 60.0

@@ -73,6 +73,10 @@ GRPC_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS),
 ]
 
+SERVER_OPTIONS = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
+"""gRPC binds with SO_REUSEPORT unless told not to: a second aggregator on the same port would
+then start without an error and take a share of the silos' connections from the first."""
+
 _JSON = b"J"
 _BLOB = b"B"
 _CLOSED = object()
@@ -328,16 +332,20 @@ class Listener:
         self._accepted: queue.Queue[Channel] = queue.Queue()
         # One thread per stream, and no more streams than threads: a stream beyond them is
         # refused at once (RESOURCE_EXHAUSTED) instead of waiting behind the others.
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_streams), options=GRPC_OPTIONS,
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_streams), options=SERVER_OPTIONS,
                                    maximum_concurrent_rpcs=max_streams)
         handler = grpc.stream_stream_rpc_method_handler(self._session)
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Session": handler}),))
-        if credentials is None:
-            self.port = self._server.add_insecure_port(bind)
-        else:
-            self.port = self._server.add_secure_port(bind, _server_credentials(credentials))
+        try:
+            if credentials is None:
+                self.port = self._server.add_insecure_port(bind)
+            else:
+                self.port = self._server.add_secure_port(bind, _server_credentials(credentials))
+        except RuntimeError:  # gRPC's "Failed to bind"; older releases returned port 0 instead
+            self.port = 0
         if self.port == 0:
-            raise PeerLost(f"cannot listen on {bind}: address in use or not local")
+            raise PeerLost(f"cannot listen on {bind}: another process listens on that port, or the host is not "
+                           "this machine's; stop the other process or choose another port")
         host = bind.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
         self.tls = credentials is not None
