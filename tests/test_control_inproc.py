@@ -3,7 +3,10 @@ real strangers dialing it, each attack made from the attacker's side of a real c
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import socket
+import threading
 import time
 
 import pytest
@@ -15,7 +18,7 @@ from fedrdma.control.link import AggregatorLink, JoinRefused
 from fedrdma.core.errors import PeerLost
 from fedrdma.core.modes import Mode, Wire
 from fedrdma.transport import wire
-from fedrdma.transport.channel import HandshakeRefused, dial
+from fedrdma.transport.channel import REFUSAL_REPEATS, HandshakeRefused, dial
 from fedrdma.transport.tls import CLIENT, SERVER, Credentials
 
 LAYOUT, NBYTES = "layout-a", 4096
@@ -154,6 +157,60 @@ def test_a_certificate_the_federation_did_not_issue_for_a_silo_gets_no_stream(hu
         dial(hub.address, 5, bad)
     assert server_says in capfd.readouterr().err, "the aggregator's log names why (gRPC's TLS layer)"
     assert hub.links == {}
+
+
+class Cutter:
+    """A TCP relay in front of `target` that cuts its first `cuts` connections as they open,
+    as a lossy path or a peer going down cuts a handshake; later ones it relays."""
+
+    def __init__(self, target: str, cuts: int) -> None:
+        self.target, self.cuts, self.cut = target, cuts, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            if self.cut < self.cuts:
+                self.cut += 1
+                conn.close()
+                continue
+            host, port = self.target.rsplit(":", 1)
+            upstream = socket.create_connection((host, int(port)))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_handshake_cut_once_is_dialed_again_and_one_cut_every_time_is_named(hub, certs):
+    once = Cutter(hub.address, cuts=1)
+    try:
+        channel = dial(once.address, 15, creds(certs[0], "hospital"))
+        channel.close()
+        assert once.cut == 1
+    finally:
+        once.close()
+    always = Cutter(hub.address, cuts=1000)
+    try:
+        with pytest.raises(HandshakeRefused, match="does not speak TLS"):  # what a cut looks like from here
+            dial(always.address, 15, creds(certs[0], "hospital"))
+        assert always.cut == REFUSAL_REPEATS
+    finally:
+        always.close()
 
 
 def test_a_plaintext_client_against_a_tls_aggregator_is_refused_on_both_sides(hub, capfd):

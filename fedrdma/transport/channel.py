@@ -63,6 +63,13 @@ SERVER_THREADS = 16
 CONNECT_POLL_S = 0.02
 """How often a dialing side looks at its channel's state while it connects."""
 
+REFUSAL_REPEATS = 3
+"""A failed handshake is taken for a refusal once it fails so on this many fresh connections
+in a row: a refusal repeats, while a handshake cut by a lossy path or a peer going down does not."""
+
+REFUSAL_PAUSE_S = 0.3
+"""Between those connections."""
+
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_FRAME_BYTES),
     ("grpc.max_receive_message_length", MAX_FRAME_BYTES),
@@ -72,6 +79,10 @@ GRPC_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS),
 ]
+
+CLIENT_OPTIONS = [*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+"""A channel with a connection of its own: a fresh one after a failed handshake must dial
+again, not inherit the failed connection of the one before."""
 
 SERVER_OPTIONS = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
 """gRPC binds with SO_REUSEPORT unless told not to: a second aggregator on the same port would
@@ -249,22 +260,30 @@ class ClientChannel(Channel):
     def __init__(self, target: str, connect_timeout: float, credentials: Credentials | None = None) -> None:
         super().__init__(target)  # the listening side is who we chose to dial: its frames are not capped low
         self.host = split_host_port(target)[0]
-        if credentials is None:
-            self._grpc = grpc.insecure_channel(target, options=GRPC_OPTIONS)
-        else:
-            self._grpc = grpc.secure_channel(target, _channel_credentials(credentials), options=GRPC_OPTIONS)
-        try:
-            self._connect(target, connect_timeout, credentials is not None)
-        except BaseException:
-            self._grpc.close()
-            raise
+        deadline = time.monotonic() + connect_timeout
+        for attempt in range(1, REFUSAL_REPEATS + 1):
+            if credentials is None:
+                self._grpc = grpc.insecure_channel(target, options=CLIENT_OPTIONS)
+            else:
+                self._grpc = grpc.secure_channel(target, _channel_credentials(credentials), options=CLIENT_OPTIONS)
+            try:
+                self._connect(target, deadline - time.monotonic(), credentials is not None)
+                break
+            except HandshakeRefused:
+                self._grpc.close()
+                if attempt == REFUSAL_REPEATS or time.monotonic() + REFUSAL_PAUSE_S >= deadline:
+                    raise
+                time.sleep(REFUSAL_PAUSE_S)
+            except BaseException:
+                self._grpc.close()
+                raise
         call = self._grpc.stream_stream(METHOD)
         self._call = call(self._frames_out())
         self._reader = threading.Thread(target=self._read, args=(self._call,), daemon=True, name="channel-read")
         self._reader.start()
 
     def _connect(self, target: str, timeout: float, tls: bool) -> None:
-        """Wait until the channel is ready; a refused handshake is named at once, not after the timeout."""
+        """Wait until the channel is ready; a failed handshake is raised at once, not after the timeout."""
         states: list[grpc.ChannelConnectivity] = []
         watch = states.append
         self._grpc.subscribe(watch, try_to_connect=True)
