@@ -25,13 +25,17 @@ from fedrdma.control.certs import init_ca, issue
 from fedrdma.core import folds
 from fedrdma.core.errors import LayoutError, NotEnoughSilos
 from fedrdma.core.layout import FlatState, Layout
+from fedrdma.core.modes import Role
 from fedrdma.metrics import shared_rss_bytes
 from fedrdma.node import holdings, process, unix
 from fedrdma.node import messages as m
 from fedrdma.node.client import NodeClient, NodeRefused
 from fedrdma.node.paths import NodePaths, NodeUnavailable
+from fedrdma.node.peers import Registrations
 from fedrdma.node.process import NodeProcess
+from fedrdma.node.shm import SharedPool
 from fedrdma.transport import wire
+from fedrdma.transport.agent import Agent
 from fedrdma.transport.channel import dial
 from fedrdma.transport.tls import CLIENT, SERVER, Credentials
 from tests.conftest import needs_root
@@ -432,22 +436,26 @@ def test_a_rounds_inbox_is_unmapped_when_the_round_is_averaged(nodes: dict[str, 
 
 
 def assert_inboxes_unmapped(agg: NodeProcess, site: NodeProcess) -> None:
-    """Three rounds published, fetched, delivered and averaged: the serving node's resident
-    shared memory grows by less than half an inbox from the first to the last."""
+    """Three rounds published, fetched, delivered and averaged, each mean the site's update of
+    that round: the serving node's resident shared memory grows by less than half an inbox
+    from the first to the last."""
     layout = Layout.from_shapes([("w", torch.float32, (8 << 20,))])
     inbox_mib = layout.nbytes / 2**20
     with NodeClient.attach("agg", agg.runtime_dir) as server, NodeClient.attach(site.site, site.runtime_dir) as hospital:
-        server.pool("mem-global", layout).views["w"].normal_()
-        server.pool("mem-next", layout)
+        glob = server.pool("mem-global", layout).views["w"]
+        glob.normal_()
+        mean = server.pool("mem-next", layout).views["w"]
         local = hospital.pool("mem", layout)
         seen = []
         for rnd in (31, 32, 33):
             t = token()
             offer, upload = server.publish("mem-global", rnd, t), server.collect(rnd, layout.layout_id, t, sites=1)
             hospital.fetch("mem", offer)
-            local.views["w"].add_(0.01)
+            assert torch.equal(local.views["w"], glob)
+            local.views["w"].add_(0.01 * rnd)
             hospital.deliver("mem", upload)
             assert list(server.aggregate(rnd, "mem-global", "mem-next", {site.site: 1}).accepted) == [site.site]
+            assert torch.allclose(mean, local.views["w"], rtol=0, atol=1e-5), f"round {rnd}'s mean is not its update"
             seen.append(shared_mib(agg.pid))
     assert seen[2] - seen[0] < inbox_mib / 2, f"resident shared MiB after each round: {seen}"
 
@@ -506,9 +514,47 @@ def test_nodes_move_pools_as_rdma_e_and_a_node_of_another_mode_is_refused_by_nam
                 bank.fetch("global", offer)
             assert bytes(bank.pools["global"].state.memoryview()) == zeros
         assert_inboxes_unmapped(made["agg"], made["hospital"])  # each transfer's registration is let go too
+        # ... but a pool a node only sends from is registered once, however many rounds it sends;
+        # one it also receives into is registered again after each receive
+        for node, counts in ((made["agg"], {"global": 1, "mem-global": 1}), (made["hospital"], {"global": 1, "mem": 3})):
+            said = " ".join("".join(node.output).split())
+            assert {name: said.count(f"pool {name!r} registered for sending") for name in counts} == counts, said
     finally:
         for node in made.values():
             node.stop()
+
+
+def test_a_pool_sent_from_keeps_one_registration_and_is_never_registered_twice() -> None:
+    """`peers.Registrations` with a real NIXL agent: sends share the kept registration; a
+    receive lets it go first and registers on its own; sending and receiving one pool at
+    once is refused both ways; an inbox is left to its session."""
+    agent = Agent(f"test-registrations-{os.getpid()}")
+    try:
+        held = holdings.Holdings("agg", serve=True)
+        pool = held.open_pool("g", LAYOUT)
+        leases = Registrations(agent, held)
+        first, second = leases.lease(pool, Role.SENDER), leases.lease(pool, Role.SENDER)
+        assert first is second and first is not None and agent.registered_pools == 1
+        with pytest.raises(holdings.NodeError, match="pool 'g' is being sent from: move it again once"):
+            leases.lease(pool, Role.RECEIVER)
+        leases.end(pool, Role.SENDER)
+        leases.end(pool, Role.SENDER)
+        assert leases.lease(pool, Role.RECEIVER) is None  # its session registers the pool for itself
+        assert not first.registered and agent.registered_pools == 0
+        with pytest.raises(holdings.NodeError, match="pool 'g' is being received into"):
+            leases.lease(pool, Role.SENDER)
+        with pytest.raises(holdings.NodeError, match="pool 'g' is being received into"):
+            leases.lease(pool, Role.RECEIVER)
+        leases.end(pool, Role.RECEIVER)
+        again = leases.lease(pool, Role.SENDER)
+        assert again is not None and again is not first and again.registered and agent.registered_pools == 1
+        inbox = SharedPool.create("g", LAYOUT)  # an inbox may bear any name: it is not the node's pool
+        assert leases.lease(inbox, Role.RECEIVER) is None and leases.lease(inbox, Role.SENDER) is None
+        leases.end(inbox, Role.RECEIVER)
+        assert leases.senders == {"g": 1} and leases.receiving == set() and agent.registered_pools == 1
+        inbox.close()
+    finally:
+        agent.close()
 
 
 def test_an_rdma_e_node_over_tcp_without_trusted_fabric_exits_naming_the_setting(tmp_path: Path) -> None:

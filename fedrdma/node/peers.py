@@ -4,8 +4,9 @@ A peer's site is the name in its certificate; its first message (`Want`) says wh
 and `Holdings` decides whether it may have it. Then a session moves one whole pool, and its
 waits are the session's own, which follow progress. The session is `tcp-e`, or `rdma-e` where
 the fabric enforces remote keys (or the operator said every peer may reach every process,
-`--trusted-fabric`): the node's NIXL agent registers the pool for the transfer, and the
-holder WRITEs it into the other node's pool.
+`--trusted-fabric`): the holder WRITEs its pool into the other node's. A pool this node
+sends from is registered on its first transfer and kept (`Registrations`); a pool a peer
+WRITEs into is registered for that transfer alone, so the keys the peer was handed die with it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from fedrdma.node import messages as m
 from fedrdma.node.holdings import Holdings, NodeError
 from fedrdma.node.shm import SharedPool
 from fedrdma.transport import fabric, wire
-from fedrdma.transport.agent import Agent
+from fedrdma.transport.agent import Agent, Pool
 from fedrdma.transport.channel import Channel, Listener, dial
 from fedrdma.transport.session import REFUSE_LINGER_S, Session
 from fedrdma.transport.streams import DataListener
@@ -57,6 +58,7 @@ class Peers:
         self.listener: Listener | None = None
         self.streams: DataListener | None = None
         self.address = ""
+        self.registrations = Registrations(self.agent, holdings) if self.agent is not None else None
 
     def listen(self, stop: threading.Event) -> threading.Thread:
         self.listener = Listener(self.cfg.listen, self.credentials, max_streams=MAX_PEERS)
@@ -94,7 +96,7 @@ class Peers:
         channel = dial(address, CONNECT_TIMEOUT_S, self.credentials)
         channel.send(m.Want(kind=m.FETCH if fetch else m.DELIVER, site=self.cfg.site, round=d.round,
                             layout_id=d.layout_id, token=d.token))
-        return _run(self._session(pool, channel, Role.RECEIVER if fetch else Role.SENDER, None), fetch)
+        return self._move(pool, channel, Role.RECEIVER if fetch else Role.SENDER, None)
 
     def _peer_address(self, announced: str) -> str:
         """Where to dial the node a descriptor names: its host, or this node's --peer-host."""
@@ -107,12 +109,19 @@ class Peers:
                             "node at")
         return announced
 
-    def _session(self, pool: SharedPool, channel: Channel, role: Role, streams: DataListener | None) -> Session:
-        cfg = self.cfg
-        chunk_size = min(cfg.chunk_size, pool.layout.nbytes)  # a state smaller than a chunk is one chunk
-        return Session(self.agent, pool.state, channel, self.mode, role, chunk_size, cfg.window,
-                       streams=streams, data_streams=cfg.data_streams,
-                       trusted_fabric=cfg.trusted_fabric, verify=cfg.verify != fabric.VERIFY_FABRIC)
+    def _move(self, pool: SharedPool, channel: Channel, role: Role, streams: DataListener | None) -> m.Done:
+        """One session moving `pool` whole, with the registration `Registrations` leases it."""
+        leased = self.registrations.lease(pool, role) if self.registrations is not None else None  # may refuse
+        try:
+            cfg = self.cfg
+            chunk_size = min(cfg.chunk_size, pool.layout.nbytes)  # a state smaller than a chunk is one chunk
+            session = Session(self.agent, pool.state, channel, self.mode, role, chunk_size, cfg.window, pool=leased,
+                              streams=streams, data_streams=cfg.data_streams,
+                              trusted_fabric=cfg.trusted_fabric, verify=cfg.verify != fabric.VERIFY_FABRIC)
+            return _run(session, role is Role.RECEIVER)
+        finally:
+            if self.registrations is not None:
+                self.registrations.end(pool, role)
 
     # -- peers dial this node -------------------------------------------------------------
     def _accept(self, stop: threading.Event) -> None:
@@ -132,7 +141,7 @@ class Peers:
             if channel.identity is not None and channel.identity != want.site:
                 raise NodeError(f"the peer's certificate names site {channel.identity!r}, not {want.site!r}")
             if want.kind == m.FETCH:
-                _run(self._session(self.holdings.offered(want), channel, Role.SENDER, self.streams), False)
+                self._move(self.holdings.offered(want), channel, Role.SENDER, self.streams)
             else:
                 self._land(want, channel)
         except (FedRDMAError, TimeoutError, ValueError) as exc:
@@ -147,7 +156,7 @@ class Peers:
         kept = None
         try:
             started = time.monotonic()
-            _run(self._session(inbox, channel, Role.RECEIVER, self.streams), True)
+            self._move(inbox, channel, Role.RECEIVER, self.streams)
             log.info("round %d: %s delivered %d bytes in %.2f s", want.round, want.site, inbox.layout.nbytes,
                      time.monotonic() - started)
             kept = inbox
@@ -155,6 +164,61 @@ class Peers:
             if kept is None:
                 inbox.close()
             self.holdings.landed(collection, want.site, kept)
+
+
+class Registrations:
+    """Which of a node's named pools are registered with its agent, and who is moving them.
+
+    A pool a sender reads from is registered on its first send and kept while the node lives:
+    registering is what an RDMA NIC charges most for (pinning the pages, making keys), and an
+    initiating sender hands the peer no key to it, so keeping it widens nobody's reach; every
+    send from the pool shares it. A pool a peer WRITEs into is registered by its session for
+    that transfer alone, and a kept registration of it is let go of first: one buffer is never
+    registered twice (a node segfaulted in NIXL's transfer when a pool was received into under
+    a second registration beside its kept one). So a pool is not received into while it is
+    sent from, nor sent from while it is received into: either would move half a model.
+    Inboxes, and every pool over tcp-e, are the sessions' own business.
+    """
+
+    def __init__(self, agent: Agent, holdings: Holdings) -> None:
+        self.agent = agent
+        self.holdings = holdings
+        self.kept: dict[str, Pool] = {}
+        self.senders: dict[str, int] = {}
+        self.receiving: set[str] = set()
+        self._lock = threading.Lock()
+
+    def lease(self, pool: SharedPool, role: Role) -> Pool | None:
+        """The registration a session over `pool` runs on (None: the session registers its own)."""
+        name = pool.name
+        if self.holdings.pools.get(name) is not pool:
+            return None  # an inbox: its one session registers it
+        with self._lock:
+            if name in self.receiving or (role is Role.RECEIVER and self.senders.get(name)):
+                raise NodeError(f"pool {name!r} is being {'received into' if name in self.receiving else 'sent from'}: "
+                                "move it again once that transfer is done")
+            if role is Role.RECEIVER:
+                self.receiving.add(name)
+                kept = self.kept.pop(name, None)
+                if kept is not None:
+                    kept.close()
+                return None
+            kept = self.kept.get(name)
+            if kept is None:
+                kept = self.kept[name] = self.agent.register(pool.state.buffer)
+                log.info("pool %r registered for sending, and kept", name)
+            self.senders[name] = self.senders.get(name, 0) + 1
+            return kept
+
+    def end(self, pool: SharedPool, role: Role) -> None:
+        """The session `lease` let run is over (or never began)."""
+        if self.holdings.pools.get(pool.name) is not pool:
+            return
+        with self._lock:
+            if role is Role.RECEIVER:
+                self.receiving.discard(pool.name)
+            elif self.senders.get(pool.name):
+                self.senders[pool.name] -= 1
 
 
 def _run(session: Session, receive: bool) -> m.Done:
