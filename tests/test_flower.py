@@ -318,3 +318,36 @@ def test_a_strategy_that_aggregates_its_own_way_is_refused_by_name() -> None:
         FedRDMA(FedAdam(), site="agg")
     for fine in (FedAvg(), FedProx(proximal_mu=0.1)):
         assert FedRDMA(fine, site="agg").inner is fine
+
+
+def test_a_record_the_app_changed_in_place_is_published_again(site_nodes: dict[str, NodeProcess]) -> None:
+    """The strategy writes the global pool once per record; a record whose Array the app
+    replaced between steps (the same record object) is written again, not served stale."""
+    from flwr.app import Array, ArrayRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedrdma.flower import records
+    from fedrdma.flower.strategy import POOLS, FedRDMA
+
+    rng = np.random.default_rng(5)
+    arrays = ArrayRecord({"w": Array(rng.standard_normal((64, 100)).astype(np.float32)),
+                          "b": Array(np.zeros(100, np.float32))})
+    strategy = FedRDMA(FedAvg(), site="agg", runtime_dir=site_nodes["agg"].runtime_dir)
+
+    def published() -> dict[str, np.ndarray]:
+        node = strategy._node
+        assert node is not None
+        return {k: a.numpy() for k, a in records.read(node.pools[POOLS[0]].state).items()}
+
+    try:
+        strategy._offer(1, arrays)
+        assert np.array_equal(published()["w"], arrays["w"].numpy())
+        strategy._offer(2, arrays)  # unchanged: nothing to write
+        assert np.array_equal(published()["w"], arrays["w"].numpy())
+        changed = rng.standard_normal((64, 100)).astype(np.float32)
+        arrays["w"] = Array(changed)  # the same record, one Array replaced
+        strategy._offer(3, arrays)
+        assert np.array_equal(published()["w"], changed) and not published()["b"].any()
+    finally:
+        if strategy._node is not None:
+            strategy._node.close()

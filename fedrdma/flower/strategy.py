@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
@@ -76,6 +76,8 @@ class FedRDMA(Strategy):
         """Which of POOLS holds the global."""
         self._held: ArrayRecord | None = None
         """The ArrayRecord the global pool holds, so it is not written again."""
+        self._marks: list[tuple[str, Array, bytes]] = []
+        """What `_held` held then (see `_marks_of`)."""
         self._made: ArrayRecord | None = None
         """The record the last aggregate step returned: the next global may refill it."""
         self._seq = 0
@@ -138,7 +140,9 @@ class FedRDMA(Strategy):
             log.warning("round %d: site %s rejected: %s", server_round, site, reason)
         self._current = 1 - self._current
         into = self._held if self.in_place and self._held is self._made else None  # never the app's own
+        self._marks = []  # they hold the old arrays: the refill frees each before it makes the next
         self._held = self._made = records.read(node.pools[spare].state, node.pools[spare].release, into)
+        self._marks = _marks_of(self._held)
         metrics = self.inner.train_metrics_aggr_fn([contents[s] for s in result.accepted], key)
         return self._held, metrics
 
@@ -160,9 +164,10 @@ class FedRDMA(Strategy):
             for name in POOLS:
                 node.pool(name, self._layout)
         glob = POOLS[self._current]
-        if arrays is not self._held:  # the initial arrays, or ones the app changed between steps
+        if arrays is not self._held or not _unchanged(arrays, self._marks):  # the initial arrays, or changed ones
+            self._marks = []
             records.write(arrays, node.pools[glob].state, node.pools[glob].release)
-            self._held = arrays
+            self._held, self._marks = arrays, _marks_of(arrays)
         self._seq += 1
         token = secrets.token_hex(TOKEN_BYTES)
         fetch = node.publish(glob, self._seq, token)
@@ -196,3 +201,15 @@ class FedRDMA(Strategy):
             raise FedRDMAError(f"its {key!r} is {weight!r}, not a positive whole number")
         return receipt.site, int(weight)
 
+
+def _marks_of(record: ArrayRecord) -> list[tuple[str, Array, bytes]]:
+    """What a record holds as the global pool is written from it or read into it, so that a
+    record the app changed in place (an Array replaced, added, dropped, or its bytes swapped)
+    is written again. The objects themselves, not their ids: an id is reused once its object
+    is freed."""
+    return [(key, array, array.data) for key, array in record.items()]
+
+
+def _unchanged(record: ArrayRecord, marks: list[tuple[str, Array, bytes]]) -> bool:
+    return len(record) == len(marks) and all(record.get(key) is array and array.data is data
+                                             for key, array, data in marks)
