@@ -51,7 +51,8 @@ def test_both_ways_end_on_the_same_model_with_a_clientapp_killed_in_the_last_rou
     last round, because a SuperNode whose ClientApp was killed takes 10-15 s, and longer under
     load, before it runs the next one: a round after the kill could time out too."""
     result = run_flower_bench(APP, "numpy", 2, tmp_path, parallel=True,
-                              extra={"kill-partition": 1, "kill-round": 2, "round-timeout": KILL_ROUND_TIMEOUT_S})
+                              extra={"kill-partition": 1, "kill-round": 2, "round-timeout": KILL_ROUND_TIMEOUT_S,
+                                     "fedrdma-refill-initial": True})
     for way in (result.flower, result.fedrdma):
         assert [(r.round, r.replies) for r in way.rounds] == [(1, 2), (2, 1)]
         assert all(0 < r.comm_seconds <= r.seconds for r in way.rounds)
@@ -69,6 +70,9 @@ def test_both_ways_end_on_the_same_model_with_a_clientapp_killed_in_the_last_rou
             assert np.abs(saved["w"] - expected).max() <= 1e-5, label
     assert result.max_abs_diff == 0.0, "the node wrote the mean with FedAvg's own arithmetic: the same bits"
     assert FlowerResult.model_validate_json(result.model_dump_json()) == result
+    refilled = {label: json.loads((tmp_path / f"final-{label}.json").read_text())["refilled"]
+                for label in ("flower", "fedrdma")}
+    assert refilled == {"flower": False, "fedrdma": True}, "refill_initial: the global lived in start's record"
 
 
 @LAB_GROUP
@@ -91,6 +95,7 @@ def test_both_ways_cross_a_lab_path_per_site_under_tls(tmp_path: Path, monkeypat
     expected = ((10 * trained(start, 0).astype(np.float64) + 20 * trained(start, 1)) / 30).astype(np.float32)
     with np.load(out / "final-fedrdma.npz") as saved:
         assert np.abs(saved["w"] - expected).max() <= 1e-5
+    assert json.loads((out / "final-fedrdma.json").read_text()) == {"refilled": False}  # the default
     for label in ("flower", "fedrdma"):  # Flower warns of --insecure in its log; under TLS it may not
         log = (out / f"flwr-home-{label}" / "superlink.log").read_text()
         assert "insecure" not in log.lower(), log[-2000:]

@@ -57,9 +57,16 @@ class FedRDMA(Strategy):
     """`FedRDMA(FedAvg(...), site="agg")`: the wrapped strategy, its arrays moved by `fedrdma node`."""
 
     def __init__(self, strategy: FedAvg, site: str, runtime_dir: Path | str | None = None,
-                 min_sites: int = 1, in_place: bool = True) -> None:
+                 min_sites: int = 1, in_place: bool = True, refill_initial: bool = False) -> None:
         """`in_place=False` gives each round's global a new ArrayRecord, for an app that keeps a
-        round's record (from `evaluate_fn`, say) past the next round's aggregate step."""
+        round's record (from `evaluate_fn`, say) past the next round's aggregate step.
+
+        `refill_initial=True` refills the record handed to the first step (`start`'s
+        `initial_arrays`) as well: `start` holds it for the whole run beside the current
+        record, a state's worth of the ServerApp's memory, and with this the two are one. For
+        an app that does not read its initial arrays again once the run began."""
+        if refill_initial and not in_place:
+            raise ValueError("refill_initial=True refills records in place: it needs in_place=True")
         if not isinstance(strategy, FedAvg) or type(strategy).aggregate_train is not FedAvg.aggregate_train:
             raise AggregationError(
                 f"FedRDMA wraps strategies that average as FedAvg does; {type(strategy).__name__} aggregates its "
@@ -70,6 +77,9 @@ class FedRDMA(Strategy):
         self.runtime_dir = Path(runtime_dir) if runtime_dir else None
         self.min_sites = min_sites
         self.in_place = in_place
+        self.refill_initial = refill_initial
+        self._initial: ArrayRecord | None = None
+        """The record handed to the first step."""
         self._node: NodeClient | None = None
         self._layout: Layout | None = None
         self._current = 0
@@ -139,7 +149,8 @@ class FedRDMA(Strategy):
         for site, reason in result.rejected.items():
             log.warning("round %d: site %s rejected: %s", server_round, site, reason)
         self._current = 1 - self._current
-        into = self._held if self.in_place and self._held is self._made else None  # never the app's own
+        ours = self._held is self._made or (self.refill_initial and self._held is self._initial)
+        into = self._held if self.in_place and ours else None  # never a record of the app's, unless told
         self._marks = []  # they hold the old arrays: the refill frees each before it makes the next
         self._held = self._made = records.read(node.pools[spare].state, node.pools[spare].release, into)
         self._marks = _marks_of(self._held)
@@ -160,7 +171,7 @@ class FedRDMA(Strategy):
         """Publish `arrays` for this step; with `upload_sites`, collect that many sites' updates too."""
         node = self._attach()
         if self._layout is None:
-            self._layout = records.layout_of(arrays)
+            self._layout, self._initial = records.layout_of(arrays), arrays
             for name in POOLS:
                 node.pool(name, self._layout)
         glob = POOLS[self._current]

@@ -22,7 +22,8 @@ def main(grid: Grid, context: Context) -> None:
     if rc["fedrdma"]:
         from fedrdma.flower.strategy import FedRDMA
 
-        strategy = FedRDMA(strategy, site=str(rc["fedrdma-site"]), runtime_dir=str(rc["fedrdma-runtime-dir"]) or None)
+        strategy = FedRDMA(strategy, site=str(rc["fedrdma-site"]), runtime_dir=str(rc["fedrdma-runtime-dir"]) or None,
+                           refill_initial=bool(rc["fedrdma-refill-initial"]))
     if rc["timings-path"]:
         from fedrdma.flower.timing import Timed
 

@@ -1,5 +1,8 @@
 """FedAvg over a 1.2 MB numpy model; with `fedrdma = true` the one-line change wraps the strategy."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -17,11 +20,15 @@ def main(grid: Grid, context: Context) -> None:
     if rc["fedrdma"]:
         from fedrdma.flower.strategy import FedRDMA
 
-        strategy = FedRDMA(strategy, site=str(rc["fedrdma-site"]), runtime_dir=str(rc["fedrdma-runtime-dir"]) or None)
+        strategy = FedRDMA(strategy, site=str(rc["fedrdma-site"]), runtime_dir=str(rc["fedrdma-runtime-dir"]) or None,
+                           refill_initial=bool(rc["fedrdma-refill-initial"]))
     if rc["timings-path"]:
         from fedrdma.flower.timing import Timed
 
         strategy = Timed(strategy, str(rc["timings-path"]))
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in init.items()}),
-                            num_rounds=int(rc["num-server-rounds"]), timeout=float(rc["round-timeout"]))
+    initial = ArrayRecord({k: Array(v) for k, v in init.items()})
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=int(rc["num-server-rounds"]),
+                            timeout=float(rc["round-timeout"]))
     np.savez(str(rc["out-path"]), **{k: v.numpy() for k, v in result.arrays.items()})
+    # tests: whether the global lived in the initial record
+    Path(str(rc["out-path"])).with_suffix(".json").write_text(json.dumps({"refilled": result.arrays is initial}))
