@@ -118,7 +118,7 @@ class Peers:
             session = Session(self.agent, pool.state, channel, self.mode, role, chunk_size, cfg.window, pool=leased,
                               streams=streams, data_streams=cfg.data_streams,
                               trusted_fabric=cfg.trusted_fabric, verify=cfg.verify != fabric.VERIFY_FABRIC)
-            return _run(session, role is Role.RECEIVER)
+            return _run(session)
         finally:
             if self.registrations is not None:
                 self.registrations.end(pool, role)
@@ -191,7 +191,7 @@ class Registrations:
     def lease(self, pool: SharedPool, role: Role) -> Pool | None:
         """The registration a session over `pool` runs on (None: the session registers its own)."""
         name = pool.name
-        if self.holdings.pools.get(name) is not pool:
+        if not self._named(pool):
             return None  # an inbox: its one session registers it
         with self._lock:
             if name in self.receiving or (role is Role.RECEIVER and self.senders.get(name)):
@@ -212,7 +212,7 @@ class Registrations:
 
     def end(self, pool: SharedPool, role: Role) -> None:
         """The session `lease` let run is over (or never began)."""
-        if self.holdings.pools.get(pool.name) is not pool:
+        if not self._named(pool):
             return
         with self._lock:
             if role is Role.RECEIVER:
@@ -220,11 +220,15 @@ class Registrations:
             elif self.senders.get(pool.name):
                 self.senders[pool.name] -= 1
 
+    def _named(self, pool: SharedPool) -> bool:
+        """Whether `pool` is one of the node's named pools (not an inbox that shares a name)."""
+        return self.holdings.pools.get(pool.name) is pool
 
-def _run(session: Session, receive: bool) -> m.Done:
+
+def _run(session: Session) -> m.Done:
     try:
         session.open()
-        stats = session.receive() if receive else session.send()
+        stats = session.receive() if session.role is Role.RECEIVER else session.send()
     except BaseException:
         session.abort()
         raise
