@@ -86,7 +86,7 @@ def test_a_rejected_silo_is_taken_out_exactly_by_reading_updates_again(tmp_path,
 def test_a_silo_dead_mid_upload_makes_the_others_resend_and_the_sum_is_rebuilt(tmp_path):
     victim, *honest = DEMO_SILOS[:3]
     codes, record = federation(tmp_path, {victim: "exit-mid-upload:1"})
-    assert codes[0] == EXIT_CODE and codes[1:] == [0, 0]
+    assert codes[0] == EXIT_CODE and codes[1:] == [0, 0], (codes, (tmp_path / f"{victim}.log").read_text()[-3000:])
     assert sorted(record["accepted"]) == sorted(honest)
     assert all(resent(tmp_path, s) == 1 for s in honest), "the others were read again to rebuild the sum"
     assert_mean_of_recorded(tmp_path, honest)
