@@ -63,6 +63,7 @@ class Agent:
         self._lock = threading.Lock()
         self._notes: dict[str, list[bytes]] = {}
         self._pools: list[Pool] = []
+        self._stagings: list[Staging] = []
 
     def metadata(self) -> bytes:
         return bytes(self.nixl.get_agent_metadata())
@@ -87,13 +88,40 @@ class Agent:
             log.debug("remove_remote_agent(%s): %s", name, exc)
 
     def register(self, buffer: torch.Tensor) -> Pool:
+        self._claim([_region_of(buffer)])
         pool = Pool(self, buffer)
-        self._pools.append(pool)
+        with self._lock:
+            self._pools.append(pool)
         return pool
 
     def stage(self, tensors: Sequence[torch.Tensor]) -> Staging:
         """Register one buffer per chunk for one transfer (FedRDMA without pools)."""
-        return Staging(self, tensors)
+        self._claim([_region_of(t) for t in tensors])
+        staging = Staging(self, tensors)
+        with self._lock:
+            self._stagings.append(staging)
+        return staging
+
+    def _claim(self, regions: Sequence[Region]) -> None:
+        """Refuse to register bytes this agent holds registered already.
+
+        NIXL takes a second registration of the same memory without a word, and a transfer
+        over one of them may then crash the process (a node's push did, after a fetch had
+        registered and let go of a pool its sends kept registered: why `node.peers.Registrations`
+        shares one). A named error here, before NIXL is called, is what any caller gets
+        instead: share the live registration, or close it first.
+        """
+        with self._lock:
+            live = [p.region for p in self._pools if p.registered]
+            live += [r for s in self._stagings for r in s.regions()]
+        for index, region in enumerate(regions):
+            for other in [*live, *regions[:index]]:
+                if region.address < other.address + other.length and other.address < region.address + region.length:
+                    raise TransferError(
+                        f"{region.length} bytes at {region.digest()} overlap {other.length} bytes this agent has "
+                        f"registered already ({other.digest()}); one buffer is registered once per agent: "
+                        "share the live pool, or close it before registering again"
+                    )
 
     def post(self, op: str, local: object, remote: object, index: int, notif: bytes, place: int | None = None,
              far: int | None = None) -> Operation:
@@ -145,16 +173,22 @@ class Agent:
         for pool in list(self._pools):
             pool.close()
 
-    def _forget(self, pool: Pool) -> None:
-        """A closed pool leaves the agent's list: a long-lived agent that registers per
-        transfer (a node's) would otherwise keep every buffer it ever registered alive."""
+    def _forget(self, registration: Pool | Staging) -> None:
+        """A closed pool or staging leaves the agent's lists: a long-lived agent that registers
+        per transfer (a node's) would otherwise keep every buffer it ever registered alive."""
         with self._lock:
-            if pool in self._pools:
-                self._pools.remove(pool)
+            for kept in (self._pools, self._stagings):
+                if registration in kept:
+                    kept.remove(registration)  # type: ignore[arg-type]
 
     @property
     def registered_pools(self) -> int:
         return sum(1 for p in self._pools if p.registered)
+
+
+def _region_of(buffer: torch.Tensor) -> Region:
+    """The bytes a tensor's registration would cover."""
+    return Region(int(buffer.data_ptr()), int(buffer.numel() * buffer.element_size()))
 
 
 class Pool:
@@ -224,7 +258,7 @@ class Staging:
         self._local: object | None = None
 
     def regions(self) -> list[Region]:
-        return [Region(int(t.data_ptr()), int(t.numel())) for t in self.tensors]
+        return [_region_of(t) for t in self.tensors]
 
     def partial_metadata(self) -> bytes:
         """Connection info plus keys to these buffers alone, for the peer that WRITEs into them."""
@@ -242,6 +276,7 @@ class Staging:
         if self._reg is not None:
             self.agent.nixl.deregister_memory(self._reg)
             self._reg = None
+        self.agent._forget(self)
 
 
 class RemotePeer:
