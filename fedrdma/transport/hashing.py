@@ -6,7 +6,8 @@ whose polls move UCX.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from fedrdma.core.chunks import ChunkPlan, chunk_checksum
 from fedrdma.core.layout import FlatState
@@ -55,8 +56,18 @@ class LandedHashes:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-verify")
         self._running: dict[tuple[int, int], Future[int]] = {}
 
-    def submit(self, index: int, generation: int, view: memoryview) -> None:
-        self._running[(index, generation)] = self._pool.submit(chunk_checksum, view)
+    def submit(self, index: int, generation: int, view: memoryview, first: Callable[[], None] | None = None) -> None:
+        """Hash `view` on the worker; `first` runs there just before (a push's copy out of its
+        landing slot into `view`: the hash then reads bytes still in cache)."""
+        if first is None:
+            job = self._pool.submit(chunk_checksum, view)
+        else:
+            job = self._pool.submit(_after, first, view)
+        self._running[(index, generation)] = job
+
+    def settle(self) -> None:
+        """Wait for the jobs under way: what they copy into may be given back next."""
+        wait(list(self._running.values()))
 
     def finished(self) -> list[tuple[int, int, int]]:
         """(index, generation, checksum) of every hash done since the last call."""
@@ -66,3 +77,8 @@ class LandedHashes:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._running.clear()
+
+
+def _after(first: Callable[[], None], view: memoryview) -> int:
+    first()
+    return chunk_checksum(view)

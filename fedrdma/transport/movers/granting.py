@@ -3,9 +3,13 @@
 A push's sender WRITEs where it was told, so the receiver registers a small landing area
 per session, a few chunk-sized slots (`LandingArea`), and hands the sender keys to it
 alone. The sender WRITEs one chunk into each slot granted to it (`core.grants`); each
-notice names its slot. The receiver copies the landed chunk at once into a slot of its
-shared bounded inbox (`transport.slots`), grants the landing slot again, and hashes and
-folds the copy, as it does a tcp-e or pull chunk.
+notice names its slot. The receiver takes a slot of its shared bounded inbox
+(`transport.slots`) for the landed chunk, copies the chunk into it, grants the landing
+slot again, and hashes and folds the copy, as it does a tcp-e or pull chunk.
+
+The copy runs on the hash worker, just before the copy's hash (`fill`, then `filled` back on
+the receiver's loop), not on the loop itself: there it held the thread that drives UCX for
+a quarter of its time, and the hash reads the copy while it is still in cache.
 
 Why copy rather than hash and fold where the chunk landed: the sender keeps its key to the
 landing area for the whole session, so it could rewrite a chunk between its hash and its
@@ -17,6 +21,9 @@ shared inbox, whatever the state's size.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
+
+import torch
 
 from fedrdma.core.chunks import ChunkPlan, Region
 from fedrdma.core.errors import ProtocolError
@@ -44,10 +51,10 @@ class LandingArea:
     def region(self) -> Region:
         return self.pool.region
 
-    def chunk(self, slot: int, length: int) -> memoryview:
+    def chunk(self, slot: int, length: int) -> torch.Tensor:
         """What landed in `slot`: the first `length` bytes."""
         start = slot * self.size
-        return memoryview(self._slots.buffer[start : start + length].numpy()).cast("B")
+        return self._slots.buffer[start : start + length]
 
     def close(self) -> None:
         self.pool.close()
@@ -62,7 +69,10 @@ class Landing:
         self._pending: deque[wire.Notice] = deque()
         """Notices of chunks still in their landing slots, waiting for a slot of the inbox."""
         self._copies: dict[int, Slot] = {}
-        """Chunk index -> the inbox slot holding its copy, from the copy to its verdict."""
+        """Chunk index -> the inbox slot for its copy, from its admission to its verdict."""
+        self._unfilled: dict[int, tuple[int, int]] = {}
+        """Chunk index -> (landing slot, generation) of an admitted chunk not yet copied out:
+        its landing slot is held until `filled`."""
         self._pool_moved = slots.pool.moved
 
     def grant(self) -> list[int]:
@@ -79,8 +89,9 @@ class Landing:
             self._pending.append(notice)
 
     def admit(self) -> list[wire.Notice]:
-        """Copy out what the inbox has room for, oldest first; their landing slots are granted
-        again. The notices returned go to the receiver; each one's actions to `settle`."""
+        """Take inbox slots for what the inbox has room for, oldest first. The notices returned
+        go to the receiver, each one's actions to `settle`; a chunk is copied out by the job
+        that hashes it (`fill`) or, unhashed, by `settle`."""
         admitted = []
         while self._pending:
             notice = self._pending[0]
@@ -92,16 +103,42 @@ class Landing:
                 break  # the sender waits for grants meanwhile: back-pressure, not loss
             self._pending.popleft()
             assert notice.slot is not None
-            length = self.plan.chunks[notice.index].length
-            copy.view(length)[:] = self.area.chunk(notice.slot, length)
-            self.grants.release(notice.slot)
             self._copies[notice.index] = copy
+            self._unfilled[notice.index] = (notice.slot, notice.generation)
             admitted.append(notice)
         return admitted
 
+    def fill(self, index: int) -> Callable[[], None]:
+        """The copy of chunk `index` out of its landing slot, to run before its hash, off the
+        receiver's loop. It names its two buffers now: neither is lent to anyone else until
+        `filled` (the landing slot) or the chunk's verdict (the inbox slot)."""
+        if index not in self._unfilled:
+            return lambda: None  # copied out already
+        length = self.plan.chunks[index].length
+        landed = self.area.chunk(self._unfilled[index][0], length)
+        copy = self._copies[index].buffer[:length]
+
+        def run() -> None:
+            copy.copy_(landed)  # torch lets go of the GIL for the copy
+
+        return run
+
+    def filled(self, index: int, generation: int) -> None:
+        """Chunk `index`'s copy of `generation` is done: its landing slot may be granted again."""
+        held = self._unfilled.get(index)
+        if held is not None and held[1] == generation:
+            del self._unfilled[index]
+            self.grants.release(held[0])
+
     def settle(self, index: int, actions: list[Action]) -> None:
-        """The receiver's answer to an admitted notice: a copy it will not check goes back."""
-        if not any(isinstance(a, (Hash, Verified, Corrupt)) and a.index == index for a in actions):
+        """The receiver's answer to an admitted notice: a chunk verified unhashed is copied out
+        now, one it will not check goes back."""
+        if any(isinstance(a, Hash) and a.index == index for a in actions):
+            return  # copied out by its hash's job
+        if any(isinstance(a, Verified) and a.index == index for a in actions):
+            self.fill(index)()
+            self.filled(index, self._unfilled[index][1])
+        elif not any(isinstance(a, Corrupt) and a.index == index for a in actions):
             self.drop(index)
 
     def view(self, index: int) -> memoryview:
@@ -112,10 +149,14 @@ class Landing:
         return self._copies[index]
 
     def drop(self, index: int) -> None:
-        """Chunk `index`'s copy is folded or refused: its inbox slot goes back."""
+        """Chunk `index`'s copy is folded or refused: its inbox slot goes back, and its landing
+        slot if it was never copied out. No job may be copying it (`LandedHashes.settle`)."""
         copy = self._copies.pop(index, None)
         if copy is not None:
             self.slots.give(copy)
+        held = self._unfilled.pop(index, None)
+        if held is not None:
+            self.grants.release(held[0])
 
     def reconnected(self, generation: int) -> None:
         """The sender resumed as `generation`: chunks not yet verified come again, so their

@@ -49,7 +49,8 @@ def land(
     def execute(actions: list[Action], now: float) -> None:
         for action in actions:
             if isinstance(action, Hash):
-                hashes.submit(action.index, action.generation, view(action.index))
+                fill = landing.fill(action.index) if landing is not None else None
+                hashes.submit(action.index, action.generation, view(action.index), fill)
             elif isinstance(action, Verified):
                 pacer.moved(plan.chunks[action.index].length, now)
                 on_verified(action.index)
@@ -92,6 +93,8 @@ def land(
                     receiver.heard(now)
             for index, generation, value in hashes.finished():
                 progressed = True
+                if landing is not None:
+                    landing.filled(index, generation)
                 execute(receiver.hashed(index, generation, value, now), now)
             for msg in mover.drain():
                 progressed = True
@@ -99,6 +102,7 @@ def land(
                     execute(receiver.resume(msg.transfer, msg.generation, now), now)
                     ctx.generation = receiver.generation
                     if landing is not None:
+                        hashes.settle()  # no copy may still run into what the reconnect gives back
                         landing.reconnected(receiver.generation)
                 else:
                     receiver.heard(now)
