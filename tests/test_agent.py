@@ -14,17 +14,15 @@ import torch
 
 from fedrdma.core.chunks import state_digest
 from fedrdma.core.errors import TransferError
-from fedrdma.transport.agent import Agent
+from fedrdma.transport.agent import Agent, Pool
 
 SIZE = 1 << 20
 DEADLINE_S = 30.0
 """Bounds a WRITE of 1 MiB between two agents of this process (milliseconds when it works)."""
 
 
-def _write(initiator: Agent, target: Agent, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """One raw WRITE of `src` into `dst`, both already registered with their agents."""
-    local = next(p for p in initiator._pools if p.buffer.data_ptr() == src.data_ptr())
-    remote = next(p for p in target._pools if p.buffer.data_ptr() == dst.data_ptr())
+def _write(initiator: Agent, target: Agent, local: Pool, remote: Pool) -> None:
+    """One raw WRITE of pool `local` into pool `remote`, registered with their agents."""
     operation = initiator.post_whole("WRITE", local.region, remote.region, initiator.add_peer(target.metadata()))
     deadline = time.monotonic() + DEADLINE_S
     while (status := operation.state()) == "PROC" and time.monotonic() < deadline:
@@ -47,8 +45,7 @@ def test_a_buffer_is_registered_once_and_the_live_registration_keeps_working():
         assert agent.registered_pools == 1
 
         src = torch.arange(SIZE, dtype=torch.int64).to(torch.uint8)
-        other.register(src)
-        _write(other, agent, src, buffer)
+        _write(other, agent, other.register(src), pool)
         assert state_digest(memoryview(buffer.numpy())) == state_digest(memoryview(src.numpy()))
 
         pool.close()

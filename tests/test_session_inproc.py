@@ -381,6 +381,18 @@ def test_a_cut_endpoint_under_a_bounded_inbox_resumes_and_gives_every_slot_back(
     assert_folded_once(slots, src, dst)
 
 
+@pytest.mark.parametrize("mode", BOUNDED)
+def test_a_bounded_inbox_without_verification_still_folds_every_chunk_once(mode):
+    """`verify = fabric` into slots: a push's chunk is copied out of its landing slot at its
+    notice (no hash job to copy it), and the landing slot comes back all the same."""
+    src, dst = states()
+    slots = slotted(Agent() if mode is Mode.RDMA_E_PULL else None, WINDOW - 1, SIZE)
+    agent = slots.pool.registration.agent if slots.pool.registration is not None else None
+    sent, got, errors = pair(mode, src, dst, 2, receiver_agent=agent, slots=slots, verify=False)
+    assert errors == []
+    assert_folded_once(slots, src, dst, transfers=2)
+
+
 @pytest.mark.parametrize("lie,refusal", [
     ("slot", f"landing slot {WINDOW + 2 + 1}, outside the {WINDOW + 2}"),  # past the slots it was granted
     ("index", f"chunk {SIZE // CHUNK + 3}, outside the plan"),  # a chunk the plan does not have

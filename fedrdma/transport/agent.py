@@ -64,6 +64,8 @@ class Agent:
         self._notes: dict[str, list[bytes]] = {}
         self._pools: list[Pool] = []
         self._stagings: list[Staging] = []
+        self._registering = threading.Lock()
+        """Held from the overlap check to the registration: sessions register on their own threads."""
 
     def metadata(self) -> bytes:
         return bytes(self.nixl.get_agent_metadata())
@@ -88,18 +90,20 @@ class Agent:
             log.debug("remove_remote_agent(%s): %s", name, exc)
 
     def register(self, buffer: torch.Tensor) -> Pool:
-        self._claim([_region_of(buffer)])
-        pool = Pool(self, buffer)
-        with self._lock:
-            self._pools.append(pool)
+        with self._registering:
+            self._claim([_region_of(buffer)])
+            pool = Pool(self, buffer)
+            with self._lock:
+                self._pools.append(pool)
         return pool
 
     def stage(self, tensors: Sequence[torch.Tensor]) -> Staging:
         """Register one buffer per chunk for one transfer (FedRDMA without pools)."""
-        self._claim([_region_of(t) for t in tensors])
-        staging = Staging(self, tensors)
-        with self._lock:
-            self._stagings.append(staging)
+        with self._registering:
+            self._claim([_region_of(t) for t in tensors])
+            staging = Staging(self, tensors)
+            with self._lock:
+                self._stagings.append(staging)
         return staging
 
     def _claim(self, regions: Sequence[Region]) -> None:
