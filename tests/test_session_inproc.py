@@ -386,8 +386,8 @@ def test_a_bounded_inbox_without_verification_still_folds_every_chunk_once(mode)
     """`verify = fabric` into slots: a push's chunk is copied out of its landing slot at its
     notice (no hash job to copy it), and the landing slot comes back all the same."""
     src, dst = states()
-    slots = slotted(Agent() if mode is Mode.RDMA_E_PULL else None, WINDOW - 1, SIZE)
-    agent = slots.pool.registration.agent if slots.pool.registration is not None else None
+    agent = Agent() if mode is Mode.RDMA_E_PULL else None  # a pull READs into its slots
+    slots = slotted(agent, WINDOW - 1, SIZE)
     sent, got, errors = pair(mode, src, dst, 2, receiver_agent=agent, slots=slots, verify=False)
     assert errors == []
     assert_folded_once(slots, src, dst, transfers=2)

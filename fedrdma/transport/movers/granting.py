@@ -136,9 +136,8 @@ class Landing:
         if any(isinstance(a, Hash) and a.index == index for a in actions):
             return  # copied out by its hash's job
         if any(isinstance(a, Verified) and a.index == index for a in actions):
-            held = self._unfilled.get(index)
-            self.fill(index)()
-            if held is not None:
+            if (held := self._unfilled.get(index)) is not None:
+                self.fill(index)()
                 self.filled(index, held[1])
         elif not any(isinstance(a, Corrupt) and a.index == index for a in actions):
             self.drop(index)
